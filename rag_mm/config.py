@@ -1,0 +1,155 @@
+"""Model configurations: one keyword-only dataclass per concern, and the named sizes.
+
+`model_config("tiny" | "demo" | "1b")` returns a fresh `ModelConfig`; override fields with
+`dataclasses.replace` or the `overrides` keyword.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+MODES = ("rag", "closed_book", "random", "gold")
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """A ViT-style tower: non-overlapping patches, pre-norm encoder blocks."""
+
+    image_size: int = 32  # square input images, pixels per side
+    patch_size: int = 8  # pixels per patch side
+    num_channels: int = 3
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"vision image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"vision hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(kw_only=True)
+class GeneratorConfig:
+    """The fused decoder-only stack that reads [document | image patches | prompt | target]."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    mlp_ratio: float = 4.0
+    vocab_size: int = 30522  # the MiniLM / BERT WordPiece vocabulary
+    tie_embeddings: bool = False  # ties the LM head to the token embedding (forces one stage)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"generator hidden_size={self.hidden_size} is not divisible by "
+                f"num_heads={self.num_heads}"
+            )
+        if self.num_layers < 1:
+            raise ValueError(f"generator num_layers must be >= 1, got {self.num_layers}")
+
+
+@dataclass(kw_only=True)
+class RetrieverConfig:
+    """The query encoder (prompt + image) and how documents are scored and used."""
+
+    text_encoder: str | None = None  # local HF encoder folder; None = the bundled MiniLM
+    train_text_encoder: bool = False  # fine-tune the text tower of the query encoder
+    top_k: int = 4  # documents marginalised over by the generator
+    num_candidates: int = 16  # over-retrieved list; its non-gold members are hard negatives
+    temperature: float = 0.05  # document score = <q, d> / temperature
+    contrastive_weight: float = 1.0  # weight of the in-batch + hard-negative loss on (q, gold)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"retriever top_k must be >= 1, got {self.top_k}")
+        if self.num_candidates < self.top_k:
+            raise ValueError(
+                f"retriever num_candidates={self.num_candidates} must be >= top_k={self.top_k}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"retriever temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Everything needed to build a `RAGModel`."""
+
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    mode: str = "rag"  # rag | closed_book | random | gold (baselines)
+    max_doc_tokens: int = 24  # tokens kept per retrieved document
+    max_prompt_tokens: int = 16
+    max_target_tokens: int = 4  # answer tokens incl. the closing [SEP]
+    use_doc_images: bool = False  # give image documents' patches to the generator
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
+        for name in ("max_doc_tokens", "max_prompt_tokens", "max_target_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def docs_per_query(self) -> int:
+        """Documents the generator reads per example under the configured mode."""
+        return self.retriever.top_k if self.mode in ("rag", "random") else 1
+
+    @property
+    def seq_len(self) -> int:
+        """Fused sequence: [doc tokens | doc image patches | image patches | prompt | target]."""
+        patches = self.vision.num_patches * (2 if self.use_doc_images else 1)
+        return self.max_doc_tokens + patches + self.max_prompt_tokens + self.max_target_tokens
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        name="tiny",
+        vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=2),
+        generator=GeneratorConfig(hidden_size=64, num_layers=2, num_heads=2),
+        retriever=RetrieverConfig(top_k=2, num_candidates=8),
+    )
+
+
+def _demo() -> ModelConfig:
+    return ModelConfig(
+        name="demo",
+        vision=VisionConfig(hidden_size=96, num_layers=2, num_heads=4),
+        generator=GeneratorConfig(hidden_size=192, num_layers=4, num_heads=4),
+        retriever=RetrieverConfig(top_k=4, num_candidates=16),
+    )
+
+
+def _one_billion() -> ModelConfig:
+    return ModelConfig(
+        name="1b",
+        vision=VisionConfig(image_size=224, patch_size=14, hidden_size=768, num_layers=12,
+                            num_heads=12),
+        generator=GeneratorConfig(hidden_size=2048, num_layers=20, num_heads=16),
+        retriever=RetrieverConfig(top_k=4, num_candidates=32),
+        max_doc_tokens=128,
+        max_prompt_tokens=32,
+        max_target_tokens=16,
+    )
+
+
+NAMED_CONFIGS = {"tiny": _tiny, "demo": _demo, "1b": _one_billion}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """A named size (`tiny`, `demo`, `1b`) with top-level fields replaced by `overrides`."""
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(NAMED_CONFIGS)}")
+    return replace(NAMED_CONFIGS[name](), **overrides)

@@ -1,0 +1,351 @@
+"""The retrieval-augmented vision-language model, built as an ordered chain of units.
+
+    retrieval  ->  blocks.0 ... blocks.{L-1}  ->  head
+
+`retrieval` is the whole retrieval sub-graph (query encoder, index search, document
+scoring, context assembly, input embeddings) and stays in one pipeline stage. Every unit
+passes the same tuple of tensors, the `Carry`:
+
+    hidden (B*k, T, H)   fused sequences, one per (example, document)
+    key_valid (B*k, T)   which positions are real tokens
+    labels (B*k, T)      next-token targets, -100 where none
+    doc_logits (B, k)    document scores <q, d> / temperature, differentiable in q
+    contrastive (B,)     per-example retriever loss, computed where q is
+
+so the document scores reach the last stage with the activations, and the head returns the
+per-example losses. Parallelism is applied from outside; nothing here knows about it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rag_mm.config import ModelConfig
+from rag_mm.layers import Block, VisionTower, causal_mask, init_weights
+from rag_mm.retriever import (
+    InMemoryBackend,
+    QueryEncoder,
+    RetrievalBackend,
+    build_text_encoder,
+    contrastive_loss,
+)
+from rag_mm.tokenizer import load_tokenizer
+
+Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+IGNORE = -100
+
+
+class Retrieved:
+    """What one search produced for a batch: keys (B, k), candidates (B, C) and scores."""
+
+    def __init__(self, keys: np.ndarray, candidates: np.ndarray, doc_logits: torch.Tensor,
+                 contrastive: torch.Tensor) -> None:
+        self.keys = keys
+        self.candidates = candidates
+        self.doc_logits = doc_logits
+        self.contrastive = contrastive
+
+
+class RetrievalUnit(nn.Module):
+    """Query encoder + search + scoring + context assembly + the generator's input embeddings."""
+
+    def __init__(self, config: ModelConfig, *, pretrained_text: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        text = build_text_encoder(config.retriever.text_encoder, pretrained=pretrained_text)
+        self.query_encoder = QueryEncoder(
+            text, config.vision, train_text=config.retriever.train_text_encoder
+        )
+        gen = config.generator
+        self.vision = VisionTower(config.vision)
+        self.image_proj = nn.Linear(config.vision.hidden_size, gen.hidden_size)
+        self.tok_embed = nn.Embedding(gen.vocab_size, gen.hidden_size)
+        self.pos_embed = nn.Embedding(config.seq_len, gen.hidden_size)
+        self.tokenizer = load_tokenizer(config.retriever.text_encoder)
+        self.backend: RetrievalBackend | None = None
+        self._doc_tokens: dict[int, list[int]] = {}
+
+    # -- retrieval -------------------------------------------------------------------------
+    def attach(self, backend: RetrievalBackend | None) -> None:
+        """Use `backend` for search and document lookup (not a parameter, not saved)."""
+        self.backend = backend
+        self._doc_tokens.clear()
+
+    def _require_backend(self) -> RetrievalBackend:
+        if self.backend is None:
+            raise ValueError(
+                f"mode={self.config.mode!r} needs an index: call model.attach(retrieval_index.load(DIR))"
+            )
+        return self.backend
+
+    def _vectors(self, keys: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        vectors = self._require_backend().vectors(np.maximum(keys, 0))
+        return torch.as_tensor(vectors, device=like.device, dtype=like.dtype)
+
+    def retrieve(self, batch: dict[str, torch.Tensor]) -> Retrieved:
+        """Encode the queries and pick the documents each example reads."""
+        cfg, mode = self.config.retriever, self.config.mode
+        batch_size = len(batch["images"])
+        if mode == "closed_book":
+            zeros = torch.zeros(batch_size, device=batch["images"].device)
+            keys = np.full((batch_size, 1), -1, dtype=np.int64)
+            return Retrieved(keys, keys, zeros[:, None], zeros)
+        q = self.query_encoder(batch["images"], batch["prompt_ids"], batch["prompt_mask"])
+        gold_keys = batch["gold_keys"]
+        if mode == "gold":
+            missing = (gold_keys < 0).nonzero().flatten().tolist()
+            if missing:
+                raise ValueError(f"mode='gold' needs a gold_id for every example; rows {missing} have none")
+            keys = gold_keys.cpu().numpy()[:, None]
+            candidates = keys
+        elif mode == "random":
+            keys = np.random.randint(0, len(self._require_backend()), (batch_size, cfg.top_k))
+            candidates = keys
+        else:
+            _, candidates = self._require_backend().search(
+                q.detach().float().cpu().numpy(), cfg.num_candidates
+            )
+            keys = candidates[:, : cfg.top_k]
+        doc_logits = torch.einsum("bd,bkd->bk", q, self._vectors(keys, q)) / cfg.temperature
+        doc_logits = doc_logits.masked_fill(torch.as_tensor(keys < 0, device=q.device), -torch.inf)
+        contrastive = contrastive_loss(
+            q,
+            self._vectors(gold_keys.cpu().numpy(), q),
+            gold_keys,
+            self._vectors(candidates, q),
+            torch.as_tensor(candidates, device=q.device),
+            cfg.temperature,
+        )
+        return Retrieved(keys, candidates, doc_logits, contrastive)
+
+    # -- context assembly ------------------------------------------------------------------
+    def _document_tokens(self, keys: np.ndarray, device: torch.device):
+        """Token ids (N, max_doc_tokens), their mask, and the documents (None for key -1)."""
+        flat = [int(k) for k in keys.reshape(-1)]
+        wanted = sorted({k for k in flat if k >= 0})
+        docs = dict(zip(wanted, self._require_backend().documents(np.array(wanted)))) if wanted else {}
+        self._tokenize_missing(wanted, docs)
+        ids = torch.zeros(len(flat), self.config.max_doc_tokens, dtype=torch.long)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for row, key in enumerate(flat):
+            tokens = self._doc_tokens.get(key, [])
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = True
+        return ids.to(device), mask.to(device), [docs.get(k) for k in flat]
+
+    def _tokenize_missing(self, keys: list[int], docs: dict[int, dict]) -> None:
+        missing = [k for k in keys if k not in self._doc_tokens]
+        if not missing:
+            return
+        if len(self._doc_tokens) > 200_000:
+            self._doc_tokens.clear()
+        encoded = self.tokenizer(
+            [docs[k]["text"] for k in missing],
+            add_special_tokens=False,
+            truncation=True,
+            max_length=self.config.max_doc_tokens,
+        )["input_ids"]
+        self._doc_tokens.update(zip(missing, encoded))
+
+    def _image_patches(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(self.vision(images))
+
+    def _doc_image_patches(self, documents: list, like: torch.Tensor):
+        """(N, P, H) patches of image documents and a (N, P) mask; zeros where no image."""
+        from rag_mm.images import to_tensor
+
+        num_patches = self.config.vision.num_patches
+        has_image = [d is not None and d.get("image") is not None for d in documents]
+        patches = like.new_zeros(len(documents), num_patches, like.shape[-1])
+        if any(has_image):
+            rows = [i for i, h in enumerate(has_image) if h]
+            images = torch.stack([to_tensor(documents[i]["image"], self.config.vision.image_size)
+                                  for i in rows]).to(like.device, like.dtype)
+            patches[rows] = self._image_patches(images)
+        mask = torch.tensor(has_image, device=like.device)[:, None].expand(-1, num_patches)
+        return patches, mask
+
+    def assemble(self, batch: dict[str, torch.Tensor], retrieved: Retrieved) -> Carry:
+        """Embed [doc tokens | doc image | image | prompt | target] per (example, document)."""
+        cfg = self.config
+        k = retrieved.keys.shape[1]
+        device = batch["images"].device
+        doc_ids, doc_mask, documents = self._document_tokens(retrieved.keys, device)
+        image = self._image_patches(batch["images"]).repeat_interleave(k, dim=0)
+        segments = [self.tok_embed(doc_ids)]
+        masks = [doc_mask]
+        if cfg.use_doc_images:
+            doc_patches, doc_image_mask = self._doc_image_patches(documents, image)
+            segments.append(doc_patches)
+            masks.append(doc_image_mask)
+        prompt_ids = batch["prompt_ids"][:, : cfg.max_prompt_tokens]
+        prompt_mask = batch["prompt_mask"][:, : cfg.max_prompt_tokens].bool()
+        prompt_ids = F.pad(prompt_ids, (0, cfg.max_prompt_tokens - prompt_ids.shape[1]))
+        prompt_mask = F.pad(prompt_mask, (0, cfg.max_prompt_tokens - prompt_mask.shape[1]))
+        targets, target_mask = batch["target_ids"], batch["target_mask"].bool()
+        segments += [image, self.tok_embed(prompt_ids).repeat_interleave(k, dim=0),
+                     self.tok_embed(targets).repeat_interleave(k, dim=0)]
+        masks += [torch.ones(image.shape[:2], dtype=torch.bool, device=device),
+                  prompt_mask.repeat_interleave(k, dim=0), target_mask.repeat_interleave(k, dim=0)]
+        hidden = torch.cat(segments, dim=1)
+        hidden = hidden + self.pos_embed.weight[: hidden.shape[1]]
+        key_valid = torch.cat(masks, dim=1)
+        labels = torch.full(key_valid.shape, IGNORE, dtype=torch.long, device=device)
+        start = hidden.shape[1] - cfg.max_target_tokens
+        labels[:, start - 1 : -1] = torch.where(target_mask, targets, IGNORE).repeat_interleave(k, 0)
+        return hidden, key_valid, labels, retrieved.doc_logits, retrieved.contrastive
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Carry:
+        return self.assemble(batch, self.retrieve(batch))
+
+
+class DecoderBlock(Block):
+    """A causal pre-norm block that passes the rest of the carry through untouched."""
+
+    def forward(self, hidden, key_valid, labels, doc_logits, contrastive) -> Carry:  # noqa: D102
+        hidden = super().forward(hidden, causal_mask(key_valid))
+        return hidden, key_valid, labels, doc_logits, contrastive
+
+
+class Head(nn.Module):
+    """Final norm + LM head + RAG marginal likelihood -> per-example (generative, retriever) losses."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.contrastive_weight = config.retriever.contrastive_weight
+        self.norm = nn.LayerNorm(config.generator.hidden_size)
+        self.lm_head = nn.Linear(config.generator.hidden_size, config.generator.vocab_size, bias=False)
+
+    def sequence_logprob(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum over labelled positions of log p(label), per sequence: (B*k,)."""
+        where = labels != IGNORE
+        logits = self.lm_head(self.norm(hidden[where])).float()
+        token_logp = -F.cross_entropy(logits, labels[where], reduction="none")
+        per_seq = torch.zeros(labels.shape, dtype=token_logp.dtype, device=labels.device)
+        return per_seq.masked_scatter(where, token_logp).sum(dim=1)
+
+    def forward(self, hidden, key_valid, labels, doc_logits, contrastive) -> torch.Tensor:
+        """(B, 2): -log sum_k softmax(s)_k p(y | doc_k), and the weighted retriever loss."""
+        batch_size, k = doc_logits.shape
+        seq_logp = self.sequence_logprob(hidden, labels).view(batch_size, k)
+        marginal = torch.logsumexp(F.log_softmax(doc_logits.float(), dim=-1) + seq_logp, dim=-1)
+        return torch.stack([-marginal, self.contrastive_weight * contrastive.float()], dim=-1)
+
+
+class RAGModel(nn.Module):
+    """Retrieval unit, decoder blocks and head; `forward(batch)` returns the losses."""
+
+    def __init__(self, config: ModelConfig, *, pretrained_text: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        gen = config.generator
+        self.retrieval = RetrievalUnit(config, pretrained_text=pretrained_text)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(gen.hidden_size, gen.num_heads, gen.mlp_ratio) for _ in range(gen.num_layers)
+        )
+        self.head = Head(config)
+        if gen.tie_embeddings:
+            self.head.lm_head.weight = self.retrieval.tok_embed.weight
+
+    # -- the chain a partitioner cuts -------------------------------------------------------
+    def units(self) -> list[tuple[str, nn.Module]]:
+        blocks = [(f"blocks.{i}", block) for i, block in enumerate(self.blocks)]
+        return [("retrieval", self.retrieval), *blocks, ("head", self.head)]
+
+    def colocation_groups(self) -> list[list[str]]:
+        """Units that must share a stage: the retrieval sub-graph (one unit), tied weights."""
+        groups = [["retrieval"]]
+        if self.config.generator.tie_embeddings:
+            groups.append(["retrieval", "head"])
+        return groups
+
+    def attach(self, backend: RetrievalBackend | None) -> None:
+        self.retrieval.attach(backend)
+
+    def init_weights(self) -> None:
+        """Random init of everything but the pretrained text tower (see `layers.init_weights`);
+        the query encoder's projections start as identity / small (`QueryEncoder.init_weights`)."""
+        depth = self.config.generator.num_layers
+        for module in [self.retrieval.vision, self.retrieval.image_proj, self.retrieval.tok_embed,
+                       self.retrieval.pos_embed, self.retrieval.query_encoder.vision, *self.blocks,
+                       self.head]:
+            init_weights(module, residual_layers=depth)
+        self.retrieval.query_encoder.init_weights()
+
+    # -- training and inference -------------------------------------------------------------
+    def run_chain(self, carry: Carry) -> Carry:
+        for block in self.blocks:
+            carry = block(*carry)
+        return carry
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        losses = self.head(*self.run_chain(self.retrieval(batch))).mean(dim=0)
+        return {"loss": losses.sum(), "generator_loss": losses[0], "retriever_loss": losses[1]}
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Retrieved]:
+        """Greedy answer tokens (B, max_target_tokens), mixing documents at every step:
+        next = argmax_y sum_k softmax(s)_k p(y | doc_k, image, prompt, y_<t)."""
+        cfg = self.config
+        retrieved = self.retrieval.retrieve(batch)
+        batch_size = len(batch["images"])
+        tokens = torch.zeros(batch_size, cfg.max_target_tokens, dtype=torch.long,
+                             device=batch["images"].device)
+        done = torch.zeros(batch_size, dtype=torch.bool, device=tokens.device)
+        doc_logp = F.log_softmax(retrieved.doc_logits.float(), dim=-1)
+        sep = self.retrieval.tokenizer.sep_token_id
+        start = cfg.seq_len - cfg.max_target_tokens
+        for step in range(cfg.max_target_tokens):
+            mask = torch.zeros_like(tokens, dtype=torch.bool)
+            mask[:, :step] = True
+            carry = self.retrieval.assemble(
+                {**batch, "target_ids": tokens, "target_mask": mask}, retrieved
+            )
+            hidden = self.run_chain(carry)[0][:, start + step - 1]
+            logp = F.log_softmax(self.head.lm_head(self.head.norm(hidden)).float(), dim=-1)
+            mixed = torch.logsumexp(doc_logp[..., None] + logp.view(batch_size, -1, logp.shape[-1]), 1)
+            next_token = torch.where(done, torch.zeros_like(done, dtype=torch.long), mixed.argmax(-1))
+            tokens[:, step] = next_token
+            done |= next_token == sep
+            if done.all():
+                break
+        return tokens, retrieved
+
+
+def build_model(config: ModelConfig, *, backend: RetrievalBackend | None = None) -> RAGModel:
+    """Build and initialise a model. Under `torch.device("meta")` nothing is loaded or
+    initialised (the text tower is built from its config), for costing large sizes."""
+    on_meta = torch.empty(0).device.type == "meta"
+    model = RAGModel(config, pretrained_text=not on_meta)
+    if not on_meta:
+        model.init_weights()
+    model.attach(backend)
+    return model
+
+
+def synthetic_batch(config: ModelConfig, batch_size: int, *, seed: int = 0,
+                    num_docs: int | None = None) -> dict[str, torch.Tensor]:
+    """A random but well-formed batch (gold keys < num_docs), for profiling and tests."""
+    g = torch.Generator().manual_seed(seed)
+    vision = config.vision
+    prompt_len, target_len = config.max_prompt_tokens, config.max_target_tokens
+    prompt_ids = torch.randint(1000, 5000, (batch_size, prompt_len), generator=g)
+    prompt_ids[:, 0] = 101  # [CLS]
+    target_ids = torch.randint(1000, 5000, (batch_size, target_len), generator=g)
+    target_ids[:, -1] = 102  # [SEP]
+    gold = torch.randint(0, num_docs or 1, (batch_size,), generator=g)
+    return {
+        "images": torch.rand(batch_size, vision.num_channels, vision.image_size, vision.image_size,
+                             generator=g) * 2 - 1,
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones_like(prompt_ids),
+        "target_ids": target_ids,
+        "target_mask": torch.ones_like(target_ids),
+        "gold_keys": gold if num_docs else torch.full((batch_size,), -1),
+    }
+
+
+__all__ = ["RAGModel", "build_model", "synthetic_batch", "InMemoryBackend", "Carry"]

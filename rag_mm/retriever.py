@@ -1,0 +1,150 @@
+"""The retriever: a query encoder over (prompt, image), and the backend it searches.
+
+The model never imports FAISS: it talks to any object with the `RetrievalBackend` shape
+(`retrieval_index.load(DIR)` returns one; `InMemoryBackend` is an exact, in-memory one for
+tests and profiling).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rag_mm.config import VisionConfig
+from rag_mm.layers import VisionTower
+from rag_mm.text_encoder import TextEncoder, default_encoder_path, read_pooling_config
+
+
+class RetrievalBackend(Protocol):
+    """What the retrieval unit needs from an index. Keys are int64 row numbers."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(num_queries, dim) float32 -> (scores, keys), each (num_queries, k); -1 = none."""
+
+    def vectors(self, keys: np.ndarray) -> np.ndarray:
+        """The stored (fixed) document embeddings for `keys`, shape keys.shape + (dim,)."""
+
+    def documents(self, keys: np.ndarray) -> list[dict]:
+        """Rows with at least `text` and `image` (PIL image or None)."""
+
+    def __len__(self) -> int: ...
+
+
+class InMemoryBackend:
+    """Exact inner-product search over vectors held in memory."""
+
+    def __init__(self, vectors: np.ndarray, texts: list[str], images: list | None = None) -> None:
+        if len(vectors) != len(texts):
+            raise ValueError(f"{len(vectors)} vectors but {len(texts)} texts")
+        self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._texts = list(texts)
+        self._images = list(images) if images is not None else [None] * len(texts)
+
+    @classmethod
+    def random(cls, num_docs: int, *, dim: int = 384, seed: int = 0) -> InMemoryBackend:
+        """Unit vectors and short word-salad texts: enough to run the model for real."""
+        rng = np.random.default_rng(seed)
+        vectors = rng.standard_normal((num_docs, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        words = ["red", "blue", "circle", "star", "lives", "in", "paris", "eats", "rice", "the"]
+        texts = [" ".join(rng.choice(words, size=8)) for _ in range(num_docs)]
+        return cls(vectors, texts)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k_found = min(k, len(self))
+        sims = queries.astype(np.float32) @ self._vectors.T
+        keys = np.argsort(-sims, axis=1, kind="stable")[:, :k_found]
+        scores = np.take_along_axis(sims, keys, axis=1)
+        if k_found < k:
+            pad = k - k_found
+            keys = np.pad(keys, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return scores.astype(np.float32), keys.astype(np.int64)
+
+    def vectors(self, keys: np.ndarray) -> np.ndarray:
+        return self._vectors[np.asarray(keys)]
+
+    def documents(self, keys: np.ndarray) -> list[dict]:
+        return [{"text": self._texts[k], "image": self._images[k]} for k in np.asarray(keys)]
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+
+def build_text_encoder(path: str | Path | None, *, pretrained: bool) -> TextEncoder:
+    """The text tower from a local HF folder: its weights, or only its config (meta builds)."""
+    path = Path(path) if path is not None else default_encoder_path()
+    if pretrained:
+        return TextEncoder.from_pretrained(path)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return TextEncoder.from_config(config, pooling=read_pooling_config(path))
+
+
+class QueryEncoder(nn.Module):
+    """q = normalize(text_proj(text(prompt)) + image_proj(mean(vision(image)))).
+
+    The text tower is the document encoder's (MiniLM by default), so at initialisation
+    (`text_proj` = identity) a query is its prompt's sentence embedding, in the index's
+    space; training teaches the vision path to add what the picture shows.
+    """
+
+    def __init__(self, text: TextEncoder, vision: VisionConfig, *, train_text: bool) -> None:
+        super().__init__()
+        self.text = text
+        self.train_text = train_text
+        self.text.requires_grad_(train_text)
+        self.vision = VisionTower(vision)
+        self.text_proj = nn.Linear(text.dim, text.dim, bias=False)
+        self.image_proj = nn.Linear(vision.hidden_size, text.dim, bias=False)
+
+    @property
+    def dim(self) -> int:
+        return self.text.dim
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(self.vision(images).mean(dim=1))
+
+    def forward(
+        self, images: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            text = self.text(prompt_ids, prompt_mask)
+        return F.normalize(self.text_proj(text) + self.embed_image(images), dim=-1)
+
+    def init_weights(self) -> None:
+        """text_proj = identity; image_proj normal(0, 0.02); the text tower keeps its weights."""
+        nn.init.eye_(self.text_proj.weight)
+        nn.init.normal_(self.image_proj.weight, 0.0, 0.02)
+
+
+def contrastive_loss(
+    q: torch.Tensor,
+    gold_vectors: torch.Tensor,
+    gold_keys: torch.Tensor,
+    negative_vectors: torch.Tensor,
+    negative_keys: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-example InfoNCE of q against its gold document, with in-batch and hard negatives.
+
+    q, gold_vectors: (B, D); gold_keys: (B,) with -1 for "no gold" (such rows give 0);
+    negative_vectors: (B, C, D) and negative_keys: (B, C) from over-retrieval. Candidates
+    that are the example's own gold (or missing, -1) are masked out of the negatives.
+    """
+    has_gold = gold_keys >= 0
+    same_doc = gold_keys[None, :] == gold_keys[:, None]
+    eye = torch.eye(len(q), dtype=torch.bool, device=q.device)
+    in_batch = (q @ gold_vectors.T).masked_fill((same_doc & ~eye) | ~has_gold[None, :], -torch.inf)
+    hard = torch.einsum("bd,bcd->bc", q, negative_vectors)
+    hard = hard.masked_fill((negative_keys == gold_keys[:, None]) | (negative_keys < 0), -torch.inf)
+    logits = torch.cat([in_batch, hard], dim=1) / temperature
+    safe_target = torch.arange(len(q), device=q.device)
+    loss = F.cross_entropy(logits, safe_target, reduction="none")
+    return torch.where(has_gold, loss, torch.zeros_like(loss))
