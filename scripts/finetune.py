@@ -1,0 +1,11 @@
+"""Fine-tune with Lightning's CLI and a YAML recipe from configs/.
+
+    python scripts/finetune.py fit --config configs/demo_rag.yaml
+    python scripts/finetune.py fit --config configs/demo_rag.yaml --print_config
+    python scripts/finetune.py test --config configs/demo_rag.yaml --ckpt_path PATH
+"""
+
+from trainers.cli import cli_main
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,94 @@
+"""Joint retriever-generator training, top to bottom.
+
+    python scripts/pretrain.py --data demo_out/data --index demo_out/index --size demo \
+        --max-steps 600 --out runs/rag
+
+Writes checkpoints (`OUT/checkpoints/last.ckpt`), CSV and TensorBoard logs under OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from rag_mm.config import MODES, NAMED_CONFIGS
+from trainers.data import RAGDataModule
+from trainers.module import RAGModule
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="folder with train/val/test.parquet")
+    p.add_argument("--index", help="index folder from scripts/build_index.py (not for closed_book)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints and logs")
+    p.add_argument("--size", default="demo", choices=sorted(NAMED_CONFIGS))
+    p.add_argument("--mode", default="rag", choices=MODES)
+    p.add_argument("--max-steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--val-every", type=int, default=200, help="validate every N steps")
+    p.add_argument("--precision", default="auto", help="auto | bf16-mixed | 32-true | 16-mixed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+    args = p.parse_args(argv)
+    if args.mode != "closed_book" and args.index is None:
+        p.error(f"--mode {args.mode} needs --index (build one with scripts/build_index.py)")
+    return args
+
+
+def auto_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    L.seed_everything(args.seed, workers=True)
+    out = Path(args.out)
+
+    # -- data and model ----------------------------------------------------------------------
+    data = RAGDataModule(args.data, index_dir=args.index, model_size=args.size,
+                         batch_size=args.batch_size)
+    module = RAGModule(size=args.size, mode=args.mode, index_dir=args.index, top_k=args.top_k,
+                       lr=args.lr, warmup_steps=args.warmup_steps)
+
+    # -- trainer -------------------------------------------------------------------------------
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True,
+                                  every_n_train_steps=args.val_every, save_top_k=0)
+    trainer = L.Trainer(
+        max_steps=args.max_steps,
+        precision=auto_precision(args.precision),
+        logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
+        callbacks=[checkpoints, LearningRateMonitor("step")],
+        val_check_interval=args.val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        gradient_clip_val=1.0,
+        default_root_dir=out,
+    )
+
+    # -- train -------------------------------------------------------------------------------
+    resume = out / "checkpoints" / "last.ckpt"
+    start = time.time()
+    trainer.fit(module, datamodule=data, ckpt_path=resume if args.resume and resume.exists() else None)
+    summary = {"mode": args.mode, "size": args.size, "steps": trainer.global_step,
+               "seconds": round(time.time() - start, 1),
+               "checkpoint": str(resume)}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return resume
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The LightningDataModule: validated example tables -> tokenised, batched tensors.
+
+A data directory holds `train.parquet`, `val.parquet` and `test.parquet` (as written by
+`scripts/make_demo_data.py`), or each split is given as its own path in any format
+`rag_mm.data.load_examples` reads. Gold document ids are turned into index keys once, at
+setup, so batches carry `gold_keys` (-1 where an example has no gold document).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from rag_mm.config import model_config
+from rag_mm.data import DataError, ExampleColumns, load_examples
+from rag_mm.images import to_tensor
+from rag_mm.tokenizer import load_tokenizer
+
+SPLITS = ("train", "val", "test")
+
+
+class Collator:
+    """Rows {image, prompt, target, gold_key} -> the batch dict `RAGModel` consumes."""
+
+    def __init__(self, tokenizer, *, image_size: int, max_prompt_tokens: int,
+                 max_target_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_target_tokens = max_target_tokens
+
+    def targets(self, texts: list[str]) -> list[list[int]]:
+        """Answer tokens + [SEP] (the generator's end-of-answer)."""
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [t + [self.tokenizer.sep_token_id] for t in ids]
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = self.tokenizer(
+            [r["prompt"] for r in rows], padding="max_length", truncation=True,
+            max_length=self.max_prompt_tokens, return_tensors="pt",
+        )
+        target_ids = torch.zeros(len(rows), self.max_target_tokens, dtype=torch.long)
+        for i, tokens in enumerate(self.targets([r["target"] for r in rows])):
+            target_ids[i, : len(tokens)] = torch.tensor(tokens[: self.max_target_tokens])
+        return {
+            "images": torch.stack([to_tensor(r["image"], self.image_size) for r in rows]),
+            "prompt_ids": prompts["input_ids"],
+            "prompt_mask": prompts["attention_mask"],
+            "target_ids": target_ids,
+            "target_mask": target_ids != 0,
+            "gold_keys": torch.tensor([r.get("gold_key", -1) for r in rows], dtype=torch.long),
+        }
+
+
+class RAGDataModule(L.LightningDataModule):
+    """Loads train/val/test examples, checks them against the model size and the index.
+
+    Args:
+        data_dir: folder with `train.parquet`, `val.parquet`, `test.parquet`.
+        train_path / val_path / test_path: explicit per-split paths (override `data_dir`).
+        index_dir: the index the model searches; gold ids are mapped to its keys.
+        model_size: named model size; gives image size and token budgets.
+        batch_size, num_workers: DataLoader settings.
+        on_bad: "error" (default) or "skip" bad rows (counted in the load report).
+        fix_images: convert images to RGB and resize them instead of refusing them.
+        columns: source column names of the example tables.
+    """
+
+    def __init__(self, data_dir: str | None = None, *, train_path: str | None = None,
+                 val_path: str | None = None, test_path: str | None = None,
+                 index_dir: str | None = None, model_size: str = "demo", batch_size: int = 32,
+                 num_workers: int = 0, on_bad: str = "error", fix_images: bool = False,
+                 columns: ExampleColumns = ExampleColumns()) -> None:
+        super().__init__()
+        self.paths = {s: self._split_path(s, data_dir, p)
+                      for s, p in zip(SPLITS, (train_path, val_path, test_path))}
+        self.index_dir = index_dir
+        self.config = model_config(model_size)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.on_bad, self.fix_images, self.columns = on_bad, fix_images, columns
+        self.tokenizer = load_tokenizer(self.config.retriever.text_encoder)
+        self.collate = Collator(
+            self.tokenizer, image_size=self.config.vision.image_size,
+            max_prompt_tokens=self.config.max_prompt_tokens,
+            max_target_tokens=self.config.max_target_tokens,
+        )
+        self.datasets: dict = {}
+        self.reports: dict = {}
+
+    @staticmethod
+    def _split_path(split: str, data_dir: str | None, path: str | None) -> Path | None:
+        if path is not None:
+            return Path(path)
+        if data_dir is None:
+            return None
+        return Path(data_dir) / f"{split}.parquet"
+
+    def setup(self, stage: str | None = None) -> None:
+        index = None
+        if self.index_dir is not None:
+            import retrieval_index
+
+            index = retrieval_index.load(self.index_dir, check_encoder=False)
+        for split, path in self.paths.items():
+            if path is None or split in self.datasets or not path.exists():
+                continue
+            result = load_examples(path, columns=self.columns, on_bad=self.on_bad,
+                                   image_size=self.config.vision.image_size,
+                                   fix_images=self.fix_images)
+            self.reports[split] = result.report
+            dataset = self._check_targets(result.dataset, path)
+            self.datasets[split] = self._add_gold_keys(dataset, index, path)
+        if "train" not in self.datasets and stage in ("fit", None):
+            raise DataError(f"no training examples: {self.paths['train']} does not exist")
+
+    def _check_targets(self, dataset, path: Path):
+        lengths = [len(t) for t in self.collate.targets(dataset["target"])]
+        too_long = [i for i, n in enumerate(lengths) if n > self.config.max_target_tokens]
+        if too_long:
+            row = too_long[0]
+            raise DataError(
+                f"{path}: row {row}: target {dataset[row]['target']!r} is {lengths[row]} tokens "
+                f"with [SEP]; model size {self.config.name!r} allows max_target_tokens="
+                f"{self.config.max_target_tokens} ({len(too_long)} rows too long)"
+            )
+        return dataset
+
+    @staticmethod
+    def _add_gold_keys(dataset, index, path: Path):
+        if "gold_id" not in dataset.column_names or index is None:
+            return dataset.add_column("gold_key", [-1] * len(dataset))
+        ids = dataset["gold_id"]
+        present = [i for i, g in enumerate(ids) if g is not None]
+        keys = np.full(len(ids), -1, dtype=np.int64)
+        try:
+            keys[present] = index.key_of([ids[i] for i in present])
+        except KeyError as err:
+            raise DataError(f"{path}: gold_id not in the index {index.path}: {err}") from None
+        return dataset.add_column("gold_key", keys.tolist())
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise DataError(f"no {split} examples: {self.paths[split]} does not exist")
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          collate_fn=self.collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

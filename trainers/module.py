@@ -1,0 +1,123 @@
+"""The LightningModule: joint retriever-generator training of a `RAGModel`.
+
+The module owns optimisation and metrics; the model (a plain `nn.Module` chain) owns the
+maths. The index is attached at setup and never saved in checkpoints: a checkpoint records
+the index directory and the encoder identity it was trained against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import lightning as L
+import numpy as np
+import torch
+
+from rag_mm.config import MODES, model_config
+from rag_mm.model import RAGModel, build_model
+
+
+class RAGModule(L.LightningModule):
+    """Train and evaluate a retrieval-augmented VLM.
+
+    Args:
+        size: named model size (`tiny`, `demo`, `1b`).
+        mode: `rag` (retrieve top-k), or a baseline: `closed_book`, `random`, `gold`.
+        index_dir: the index to search (needed for every mode but `closed_book`).
+        top_k: documents marginalised over (default: the size's).
+        contrastive_weight: weight of the retriever's (q, gold) loss (default: the size's).
+        train_text_encoder: also fine-tune the query encoder's text tower.
+        lr: peak AdamW learning rate; weight_decay: on matrices only.
+        warmup_steps: linear warm-up, then cosine decay to 10% over the trainer's max_steps.
+    """
+
+    def __init__(self, size: str = "demo", mode: str = "rag", index_dir: str | None = None,
+                 top_k: int | None = None, contrastive_weight: float | None = None,
+                 train_text_encoder: bool = False, lr: float = 1e-3, weight_decay: float = 0.01,
+                 warmup_steps: int = 50) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        base = model_config(size, mode=mode)
+        retriever = replace(
+            base.retriever,
+            top_k=top_k or base.retriever.top_k,
+            contrastive_weight=(base.retriever.contrastive_weight if contrastive_weight is None
+                                else contrastive_weight),
+            train_text_encoder=train_text_encoder,
+        )
+        self.config = replace(base, retriever=retriever)
+        self.model: RAGModel = build_model(self.config)
+
+    def setup(self, stage: str) -> None:
+        if self.model.retrieval.backend is None and self.hparams.index_dir is not None:
+            import retrieval_index
+
+            self.model.attach(retrieval_index.load(self.hparams.index_dir))
+
+    def set_mode(self, mode: str) -> None:
+        """Evaluate the same weights under another document source (baselines)."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+        self.config.mode = mode
+
+    # -- steps ---------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        out = self.model(batch)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True,
+                      batch_size=len(batch["images"]))
+        return out["loss"]
+
+    def _eval_step(self, batch, prefix: str) -> None:
+        out = self.model(batch)
+        metrics = {f"{prefix}/{k}": v for k, v in out.items()}
+        metrics.update({f"{prefix}/{k}": v for k, v in self.answer_metrics(batch).items()})
+        self.log_dict(metrics, prog_bar=prefix == "val", batch_size=len(batch["images"]))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    @torch.no_grad()
+    def answer_metrics(self, batch) -> dict[str, torch.Tensor]:
+        """Exact match of the greedy answer, and recall@k of the gold document."""
+        tokens, retrieved = self.model.generate(batch)
+        exact = exact_match(tokens, batch["target_ids"], batch["target_mask"])
+        metrics = {"exact_match": exact.float().mean()}
+        gold = batch["gold_keys"].cpu().numpy()
+        if self.config.mode == "rag" and (gold >= 0).any():
+            hit = (retrieved.keys == gold[:, None]).any(axis=1)[gold >= 0]
+            metrics[f"recall@{retrieved.keys.shape[1]}"] = torch.tensor(float(np.mean(hit)))
+        return metrics
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 and "embed" not in name else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=(0.9, 0.95),
+        )
+        total = max(self.trainer.max_steps, 1) if self.trainer else 1
+        warmup = self.hparams.warmup_steps
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def exact_match(predicted: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor
+                ) -> torch.Tensor:
+    """(B,) bool: the predicted tokens equal the target tokens up to and including [SEP]."""
+    predicted = predicted.masked_fill(~target_mask.bool(), 0)
+    return (predicted == target.masked_fill(~target_mask.bool(), 0)).all(dim=1)
