@@ -18,16 +18,15 @@ import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image as PILImage
-
-import datasets
 from datasets import Dataset, DatasetInfo, Features, Value
 from datasets import Image as ImageFeature
 from datasets.table import InMemoryTable
+from PIL import Image as PILImage
 
 ON_BAD = ("error", "skip")
 FORMATS_HELP = (
@@ -203,15 +202,16 @@ def check_gold_ids(
     problems = {}
     for row in bad:
         src = int(examples.source_rows[row])
-        problems[src] = (
-            "unknown_gold_id",
+        msg = (
             f"{examples.locator.where(src)}: gold_id {gold[int(row)].as_py()!r} is not an id "
-            f"in {corpus_name} ({len(corpus_ds)} ids); gold_id must name a corpus row or be null",
+            f"in {corpus_name} ({len(corpus_ds)} ids); gold_id must name a corpus row or be null"
         )
+        problems[src] = ("unknown_gold_id", msg)
     _raise_if_errors(problems, on_bad)
     keep = np.ones(len(ds), dtype=bool)
     keep[bad] = False
-    report = replace(examples.report, rows_kept=int(keep.sum()), skipped=dict(examples.report.skipped))
+    skipped = dict(examples.report.skipped)
+    report = replace(examples.report, rows_kept=int(keep.sum()), skipped=skipped)
     if len(bad):
         report.skipped["unknown_gold_id"] = report.skipped.get("unknown_gold_id", 0) + len(bad)
     return LoadResult(
@@ -259,13 +259,6 @@ def _read_source(path: Path) -> _Source:
     raise DataError(f"{path}: unknown data format; supported: {FORMATS_HELP}")
 
 
-def _features_of(table: pa.Table) -> Features:
-    try:
-        return Features.from_arrow_schema(table.schema)
-    except Exception:  # foreign schema metadata: fall back to plain arrow types
-        return Features.from_arrow_schema(table.schema.remove_metadata())
-
-
 def _read_parquet(path: Path, files: list[Path]) -> _Source:
     tables = []
     for f in files:
@@ -280,7 +273,8 @@ def _read_parquet(path: Path, files: list[Path]) -> _Source:
     starts = tuple(np.cumsum([0] + [t.num_rows for t in tables[:-1]]).tolist())
     locator = _Locator(tuple(str(f) for f in files), starts)
     base_dirs = tuple(f.parent for f in files)
-    return _Source(table, _features_of(tables[0]), "parquet", locator, base_dirs)
+    features = Features.from_arrow_schema(tables[0].schema)
+    return _Source(table, features, "parquet", locator, base_dirs)
 
 
 def _read_jsonl(path: Path) -> _Source:
@@ -299,7 +293,8 @@ def _read_jsonl(path: Path) -> _Source:
     names = list(dict.fromkeys(k for r in records for k in r))
     table = pa.table({n: _json_column([r.get(n) for r in records]) for n in names})
     locator = _Locator((str(path),), (0,))
-    return _Source(table, _features_of(table), "jsonl", locator, (path.parent,))
+    features = Features.from_arrow_schema(table.schema)
+    return _Source(table, features, "jsonl", locator, (path.parent,))
 
 
 def _json_column(values: list) -> pa.Array:
@@ -356,7 +351,9 @@ def _check_on_bad(on_bad: str) -> None:
 def _load(path, specs, columns, on_bad, image_size, fix_images) -> LoadResult:
     _check_on_bad(on_bad)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size (--image-size) must be a positive int or None, got {image_size!r}")
+        raise ValueError(
+            f"image_size (--image-size) must be a positive int or None, got {image_size!r}"
+        )
     path = Path(path)
     source = _read_source(path)
     table, specs = _select_columns(source, specs, columns)
@@ -365,7 +362,9 @@ def _load(path, specs, columns, on_bad, image_size, fix_images) -> LoadResult:
     images, fixed = None, set()
     if "image" in table.column_names:
         required = any(s.name == "image" and s.required for s in specs)
-        images, fixed = _check_images(table, source, ids, required, image_size, fix_images, problems)
+        images, fixed = _check_images(
+            table, source, ids, required, image_size, fix_images, problems
+        )
     if ids is not None:
         _duplicate_problems(ids, source.locator, problems)
     _raise_if_errors(problems, on_bad)
@@ -442,11 +441,12 @@ def _duplicate_problems(ids: list, locator: _Locator, problems: dict) -> None:
         if row in problems:
             continue
         if row_id in first:
-            problems[row] = (
-                "duplicate_id",
+            msg = (
                 f"{locator.where(row, row_id)}: duplicate id {row_id!r}, first at "
-                f"{locator.where(first[row_id])}; ids must be unique (on_bad='skip' keeps the first)",
+                f"{locator.where(first[row_id])}; ids must be unique "
+                f"(on_bad='skip' keeps the first)"
             )
+            problems[row] = ("duplicate_id", msg)
         else:
             first[row_id] = row
 
@@ -508,7 +508,7 @@ def _check_one_image(ref: dict, where: str, image_size: int | None, fix: bool):
         data = ref["bytes"] if ref["bytes"] is not None else Path(ref["path"]).read_bytes()
         img = PILImage.open(io.BytesIO(data))
         img.load()
-    except Exception as e:  # PIL raises many types for corrupt files
+    except Exception as e:  # noqa: BLE001 - PIL raises many exception types for corrupt files
         return ref, ("bad_image", f"{where}: cannot read image{shown} ({e})"), False
     wrong_mode = img.mode != "RGB"
     wrong_size = image_size is not None and img.size != (image_size, image_size)

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
-
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
+from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down (anti-aliasing)
@@ -59,10 +58,10 @@ RELATIONS = {
             "which city is the creature in the image from ?",
             "name the home city of the pictured creature .",
         ),
-        vocab=tuple(
-            "paris tokyo london berlin rome madrid cairo moscow sydney dublin vienna lima "
-            "oslo athens prague delhi seoul boston chicago toronto lisbon warsaw beijing "
-            "denver".split()
+        vocab=(
+            "paris", "tokyo", "london", "berlin", "rome", "madrid", "cairo", "moscow",
+            "sydney", "dublin", "vienna", "lima", "oslo", "athens", "prague", "delhi",
+            "seoul", "boston", "chicago", "toronto", "lisbon", "warsaw", "beijing", "denver",
         ),
     ),
     "eats": Relation(
@@ -73,9 +72,10 @@ RELATIONS = {
             "what is the favourite food of the pictured creature ?",
             "name the food that the creature in the image eats .",
         ),
-        vocab=tuple(
-            "rice bread cheese apples fish honey soup nuts eggs corn beans meat cake pasta "
-            "pizza bananas grapes potatoes berries salad milk butter seeds cookies".split()
+        vocab=(
+            "rice", "bread", "cheese", "apples", "fish", "honey", "soup", "nuts",
+            "eggs", "corn", "beans", "meat", "cake", "pasta", "pizza", "bananas",
+            "grapes", "potatoes", "berries", "salad", "milk", "butter", "seeds", "cookies",
         ),
     ),
     "fears": Relation(
@@ -86,9 +86,10 @@ RELATIONS = {
             "what scares the creature in the image ?",
             "name the animal that the pictured creature fears .",
         ),
-        vocab=tuple(
-            "wolves snakes spiders bees owls rats bats sharks bears lions tigers eagles "
-            "crows wasps dogs cats foxes frogs mice ants horses cows goats pigs".split()
+        vocab=(
+            "wolves", "snakes", "spiders", "bees", "owls", "rats", "bats", "sharks",
+            "bears", "lions", "tigers", "eagles", "crows", "wasps", "dogs", "cats",
+            "foxes", "frogs", "mice", "ants", "horses", "cows", "goats", "pigs",
         ),
     ),
 }
@@ -208,7 +209,7 @@ def make_entities(num_entities: int, rng: np.random.Generator) -> list[Entity]:
         )
     chosen = [combos[i] for i in sorted(rng.choice(len(combos), num_entities, replace=False))]
     splits = _split_labels(chosen, rng)
-    return [Entity(f"e{i:03d}", *combo, split) for i, (combo, split) in enumerate(zip(chosen, splits))]
+    return [Entity(f"e{i:03d}", *c, split) for i, (c, split) in enumerate(zip(chosen, splits))]
 
 
 def _split_labels(chosen: list[tuple[str, str, str]], rng: np.random.Generator) -> list[str]:
@@ -313,7 +314,8 @@ def make_demo_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = {"corpus": len(entities) * len(RELATIONS)}
-    _write_parquet(make_corpus(entities, answers, with_images=corpus_images), out / "corpus.parquet")
+    corpus = make_corpus(entities, answers, with_images=corpus_images)
+    _write_parquet(corpus, out / "corpus.parquet")
     for split in ("train", "val", "test"):
         members = [e for e in entities if e.split == split]
         per_fact = examples_per_fact if split == "train" else eval_examples_per_fact

@@ -265,7 +265,9 @@ def test_corrupt_embedded_image_in_corpus(tmp_path):
     ds = Dataset.from_dict(
         {"id": ["a", "b", "c"], "text": ["x", "y", "z"],
          "image": image_cells(png(), b"\x89PNG truncated", None)},
-        features=Features({"id": Value("string"), "text": Value("string"), "image": ImageFeature()}),
+        features=Features(
+            {"id": Value("string"), "text": Value("string"), "image": ImageFeature()}
+        ),
     )
     ds.to_parquet(str(tmp_path / "c.parquet"))
     with pytest.raises(DataError, match=r"c\.parquet, row 1 \(id 'b'\): cannot read image"):
