@@ -197,7 +197,8 @@ def check_gold_ids(
     corpus_ds = corpus.dataset if isinstance(corpus, LoadResult) else corpus
     corpus_name = corpus.report.path if isinstance(corpus, LoadResult) else "the corpus"
     gold = ds.data.table.column("gold_id")
-    known = pc.is_in(gold, value_set=pa.array(corpus_ds.data.table.column("id").to_pylist()))
+    corpus_ids = pc.cast(corpus_ds.data.table.column("id"), pa.string()).combine_chunks()
+    known = pc.is_in(gold, value_set=corpus_ids)
     bad = np.flatnonzero(~pc.fill_null(pc.or_(known, pc.is_null(gold)), True).to_numpy())
     problems = {}
     for row in bad:
@@ -227,6 +228,7 @@ def check_gold_ids(
 
 @dataclass(frozen=True)
 class _Source:
+    name: str  # the file (or folder of parquet files) named in whole-table errors
     table: pa.Table
     features: Features
     format: str
@@ -274,7 +276,7 @@ def _read_parquet(path: Path, files: list[Path]) -> _Source:
     locator = _Locator(tuple(str(f) for f in files), starts)
     base_dirs = tuple(f.parent for f in files)
     features = Features.from_arrow_schema(tables[0].schema)
-    return _Source(table, features, "parquet", locator, base_dirs)
+    return _Source(str(path), table, features, "parquet", locator, base_dirs)
 
 
 def _read_jsonl(path: Path) -> _Source:
@@ -294,7 +296,7 @@ def _read_jsonl(path: Path) -> _Source:
     table = pa.table({n: _json_column([r.get(n) for r in records]) for n in names})
     locator = _Locator((str(path),), (0,))
     features = Features.from_arrow_schema(table.schema)
-    return _Source(table, features, "jsonl", locator, (path.parent,))
+    return _Source(str(path), table, features, "jsonl", locator, (path.parent,))
 
 
 def _json_column(values: list) -> pa.Array:
@@ -312,7 +314,7 @@ def _read_saved(path: Path) -> _Source:
         raise DataError(f"{path}: cannot load a Dataset.save_to_disk folder ({e})") from e
     ds = ds.flatten_indices() if ds._indices is not None else ds
     locator = _Locator((str(path),), (0,))
-    return _Source(ds.data.table, ds.features, "save_to_disk", locator, (path,))
+    return _Source(str(path), ds.data.table, ds.features, "save_to_disk", locator, (path,))
 
 
 def _read_imagefolder(path: Path) -> _Source:
@@ -323,7 +325,7 @@ def _read_imagefolder(path: Path) -> _Source:
     except Exception as e:
         raise DataError(f"{path}: cannot load as imagefolder ({type(e).__name__}: {e})") from e
     locator = _Locator((str(meta),), (0,))
-    return _Source(ds.data.table, ds.features, "imagefolder", locator, (path,))
+    return _Source(str(meta), ds.data.table, ds.features, "imagefolder", locator, (path,))
 
 
 def _check_metadata_has_file_name(meta: Path) -> None:
@@ -374,7 +376,7 @@ def _load(path, specs, columns, on_bad, image_size, fix_images) -> LoadResult:
 def _select_columns(source: _Source, specs, columns) -> tuple[pa.Table, tuple[_Col, ...]]:
     """Rename source columns to canonical names (canonical first) and cast ids/texts to str."""
     table, present = source.table, []
-    file = source.locator.files[0] if len(source.locator.files) == 1 else source.locator.files
+    file = source.name
     for spec in specs:
         name = getattr(columns, spec.name)
         if name in table.column_names:
@@ -456,7 +458,7 @@ def _check_images(table, source, ids, required, image_size, fix, problems) -> tu
     col = table.column("image")
     if not _is_image_type(col.type):
         raise DataError(
-            f"{source.locator.files[0]}: column 'image' has type {col.type}; expected image "
+            f"{source.name}: column 'image' has type {col.type}; expected image "
             f"bytes, file paths or the datasets Image feature"
         )
     values, fixed_rows = [], set()

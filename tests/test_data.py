@@ -99,6 +99,8 @@ def test_parquet_folder_names_the_file_of_a_bad_row(tmp_path):
         load_corpus(folder, columns=CORPUS_RENAMED)
     result = load_corpus(folder, columns=CORPUS_RENAMED, on_bad="skip")
     assert result.dataset["id"] == ["a", "b", "c"]
+    with pytest.raises(DataError, match=rf"{folder}: missing column 'text'"):
+        load_corpus(folder, columns=CorpusColumns(id="pid"))
     assert result.report.skipped == {"empty_text": 1} and result.report.format == "parquet"
 
 
@@ -314,6 +316,8 @@ def test_gold_id_check(tmp_path):
     assert checked.dataset["gold_id"] == ["d0", None, "d2"]
     assert checked.report.skipped == {"unknown_gold_id": 1} and checked.report.rows_kept == 3
     assert check_gold_ids(examples, corpus.dataset, on_bad="skip").report.rows_kept == 3
+    empty = Dataset.from_dict({"id": [], "text": []})
+    assert check_gold_ids(examples, empty, on_bad="skip").dataset["gold_id"] == [None]
 
 
 def test_gold_id_error_names_the_source_row_after_skips(tmp_path):
