@@ -334,7 +334,10 @@ def _check_metadata_has_file_name(meta: Path) -> None:
             header = next(csv.reader(fh), [])
         else:
             first = next((line for line in fh if line.strip()), "{}")
-            header = list(json.loads(first))
+            try:
+                header = list(json.loads(first))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{meta}: first record is not valid JSON ({e.msg})") from e
     if "file_name" not in header:
         raise DataError(
             f"{meta}: imagefolder metadata needs a 'file_name' column with image paths "
