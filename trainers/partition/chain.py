@@ -1,0 +1,178 @@
+"""The input of the partitioner: an ordered chain of units with costs, and groups.
+
+A unit is the smallest piece the partitioner places: a module (or a run of modules) that
+stays whole. Costs are per micro-batch of ``CostChain.microbatch_size`` samples. Groups are
+sets of units that must share a stage; since stages are contiguous, a group forbids every
+cut between its first and last unit.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitCost:
+    """Costs of one unit for one micro-batch.
+
+    fwd_ms, bwd_ms: forward and backward compute time.
+    param_count, param_bytes: parameters owned (shared ones counted once, by the first user).
+    state_bytes: other fixed memory (buffers; or, for plain lists, all static memory).
+    act_bytes: activation bytes kept from forward until backward.
+    out_bytes: bytes of the output sent to the next unit (a stage boundary's transfer).
+    flops: forward + backward floating point operations, when known.
+    modules: names of the modules the unit covers.
+    is_layer: counts as a "layer" for the equal-layer-count baseline.
+    """
+
+    name: str
+    fwd_ms: float
+    bwd_ms: float
+    param_count: int = 0
+    param_bytes: float = 0.0
+    state_bytes: float = 0.0
+    act_bytes: float = 0.0
+    out_bytes: float = 0.0
+    flops: float = 0.0
+    modules: tuple[str, ...] = ()
+    is_layer: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("fwd_ms", "bwd_ms", "param_count", "param_bytes", "state_bytes",
+                    "act_bytes", "out_bytes", "flops"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"unit {self.name!r}: {key}={getattr(self, key)} must be >= 0")
+
+    @property
+    def compute_ms(self) -> float:
+        return self.fwd_ms + self.bwd_ms
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryModel:
+    """Bytes a stage holds besides activations.
+
+    grad_bytes_per_param: gradient bytes per parameter; None means the parameter's own dtype.
+    optimizer_bytes_per_param: optimizer state; Adam keeps two fp32 moments = 8.
+    master_bytes_per_param: an fp32 master copy under mixed precision (4), else 0.
+    """
+
+    grad_bytes_per_param: float | None = None
+    optimizer_bytes_per_param: float = 8.0
+    master_bytes_per_param: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("optimizer_bytes_per_param", "master_bytes_per_param"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        if self.grad_bytes_per_param is not None and self.grad_bytes_per_param < 0:
+            raise ValueError(f"grad_bytes_per_param={self.grad_bytes_per_param} must be >= 0")
+
+    def static_bytes(self, unit: UnitCost) -> float:
+        grads = (unit.param_bytes if self.grad_bytes_per_param is None
+                 else unit.param_count * self.grad_bytes_per_param)
+        per_param = self.optimizer_bytes_per_param + self.master_bytes_per_param
+        return unit.param_bytes + grads + unit.param_count * per_param + unit.state_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostChain:
+    """Ordered units plus groups of unit indices that must share a stage.
+
+    microbatch_size: samples per micro-batch the costs describe; None if unknown.
+    source: "measured", "analytic" or "given".
+    """
+
+    units: tuple[UnitCost, ...]
+    groups: tuple[tuple[int, ...], ...] = ()
+    microbatch_size: int | None = None
+    source: str = "given"
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            raise ValueError("the chain has no units")
+        names = [u.name for u in self.units]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"unit names must be unique; repeated: {dup}")
+        for group in self.groups:
+            bad = [i for i in group if not 0 <= i < len(self.units)]
+            if bad:
+                raise ValueError(f"group {group} has unit indices {bad} outside "
+                                 f"0..{len(self.units) - 1}")
+        if self.microbatch_size is not None and self.microbatch_size < 1:
+            raise ValueError(f"microbatch_size={self.microbatch_size} must be >= 1")
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def allowed_cuts(self) -> tuple[int, ...]:
+        """Positions k (1..n-1) where a stage may start: no group spans units k-1 and k."""
+        blocked = set()
+        for group in self.groups:
+            blocked.update(range(min(group) + 1, max(group) + 1))
+        return tuple(k for k in range(1, len(self.units)) if k not in blocked)
+
+    def num_segments(self) -> int:
+        """Most stages this chain can be cut into."""
+        return len(self.allowed_cuts()) + 1
+
+    def scaled(self, factor: float) -> CostChain:
+        """Costs for micro-batches ``factor`` times larger (time and activations linear)."""
+        units = tuple(replace(u, fwd_ms=u.fwd_ms * factor, bwd_ms=u.bwd_ms * factor,
+                              act_bytes=u.act_bytes * factor, out_bytes=u.out_bytes * factor,
+                              flops=u.flops * factor) for u in self.units)
+        size = None if self.microbatch_size is None else self.microbatch_size * factor
+        return replace(self, units=units,
+                       microbatch_size=None if size is None else max(1, round(size)))
+
+    def index_of(self, name: str) -> int:
+        """Index of the unit called ``name`` (ValueError naming close matches if absent)."""
+        for i, unit in enumerate(self.units):
+            if unit.name == name:
+                return i
+        raise ValueError(f"no unit named {name!r}; close: "
+                         f"{difflib.get_close_matches(name, [u.name for u in self.units])}")
+
+    @classmethod
+    def from_lists(cls, compute_ms, memory_bytes, *, act_bytes=None, out_bytes=None,
+                   params=None, groups=(), names=None, backward_share: float = 2 / 3,
+                   microbatch_size: int | None = None) -> CostChain:
+        """A chain from plain lists.
+
+        compute_ms: forward + backward time per unit, split by ``backward_share``.
+        memory_bytes: static bytes per unit (parameters, gradients, optimizer state).
+        params: parameter counts for the balanced-parameter baseline (default: memory).
+        groups: lists of unit indices or names that must share a stage.
+        """
+        n = len(compute_ms)
+        if len(memory_bytes) != n:
+            raise ValueError(f"memory_bytes has {len(memory_bytes)} entries; compute_ms has {n}")
+        for label, values in (("act_bytes", act_bytes), ("out_bytes", out_bytes),
+                              ("params", params), ("names", names)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"{label} has {len(values)} entries; compute_ms has {n}")
+        if not 0.0 <= backward_share <= 1.0:
+            raise ValueError(f"backward_share={backward_share} must be within [0, 1]")
+        names = list(names) if names is not None else [f"unit{i}" for i in range(n)]
+        units = tuple(
+            UnitCost(name=names[i], fwd_ms=compute_ms[i] * (1 - backward_share),
+                     bwd_ms=compute_ms[i] * backward_share,
+                     param_count=int(params[i]) if params is not None else 0,
+                     state_bytes=float(memory_bytes[i]),
+                     act_bytes=float(act_bytes[i]) if act_bytes is not None else 0.0,
+                     out_bytes=float(out_bytes[i]) if out_bytes is not None else 0.0,
+                     modules=(names[i],))
+            for i in range(n))
+        chain = cls(units=units, microbatch_size=microbatch_size)
+        resolved = tuple(tuple(g if isinstance(g, int) else chain.index_of(g) for g in group)
+                         for group in groups)
+        return replace(chain, groups=resolved)
+
+    def param_weights(self) -> list[float]:
+        """Weights for the balanced-parameter baseline: counts, else static bytes."""
+        if any(u.param_count for u in self.units):
+            return [float(u.param_count) for u in self.units]
+        return [u.state_bytes + u.param_bytes for u in self.units]

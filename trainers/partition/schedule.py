@@ -1,0 +1,219 @@
+"""Pipeline schedule simulator: GPipe, 1F1B and interleaved 1F1B.
+
+The chain is cut into ``num_ranks * virtual_stages`` chunks; chunk ``k`` lives on rank
+``k % num_ranks`` (round robin, as in Megatron's interleaved schedule). Each rank runs
+its operations in the fixed order of the schedule; an operation starts when its rank is
+free and its input has arrived (forward: the previous chunk's forward plus the boundary
+transfer; backward: the next chunk's backward plus the transfer). Transfers overlap
+compute. The result is the step time, the bubble, the activations each rank holds at its
+peak, and every operation's start and end for drawing a timeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleSpec:
+    """Which pipeline schedule to simulate.
+
+    name: one of ``SCHEDULES``.
+    num_microbatches: micro-batches per step (``m``).
+    virtual_stages: chunks per rank (``v``); > 1 only for ``interleaved_1f1b``.
+    """
+
+    name: str = "1f1b"
+    num_microbatches: int = 8
+    virtual_stages: int = 1
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule={self.name!r} is unknown; valid: {', '.join(SCHEDULES)}")
+        if self.num_microbatches < 1:
+            raise ValueError(f"num_microbatches={self.num_microbatches} must be >= 1")
+        if self.virtual_stages < 1:
+            raise ValueError(f"virtual_stages={self.virtual_stages} must be >= 1")
+        if self.name == "interleaved_1f1b" and self.virtual_stages < 2:
+            raise ValueError("schedule='interleaved_1f1b' needs virtual_stages >= 2; "
+                             "use schedule='1f1b' for one chunk per rank")
+        if self.name != "interleaved_1f1b" and self.virtual_stages != 1:
+            raise ValueError(f"virtual_stages={self.virtual_stages} needs "
+                             f"schedule='interleaved_1f1b', not {self.name!r}")
+
+    def check(self, num_ranks: int) -> None:
+        """Raise ValueError when this schedule cannot run on ``num_ranks`` ranks."""
+        m = self.num_microbatches
+        if self.name in ("1f1b", "interleaved_1f1b") and m < num_ranks:
+            raise ValueError(f"schedule={self.name!r} needs num_microbatches >= num_stages; got "
+                             f"num_microbatches={m} < num_stages={num_ranks}")
+        if self.name == "interleaved_1f1b" and m % num_ranks:
+            raise ValueError(f"schedule='interleaved_1f1b' needs num_microbatches divisible by "
+                             f"num_stages; got {m} % {num_ranks} = {m % num_ranks}")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One scheduled operation: forward ('F') or backward ('B') of a chunk on a micro-batch."""
+
+    rank: int
+    chunk: int
+    microbatch: int
+    kind: str
+    start_ms: float
+    end_ms: float
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """What a simulated step looks like."""
+
+    step_ms: float
+    bubble: float  # idle share of rank time: 1 - busy / (ranks * step)
+    busy_ms: tuple[float, ...]  # per rank
+    peak_inflight: tuple[int, ...]  # most micro-batch chunks whose activations a rank holds
+    peak_act_bytes: tuple[float, ...]  # those activations' bytes at the rank's peak
+    ops: tuple[Op, ...]
+
+
+def rank_order(spec: ScheduleSpec, num_ranks: int, rank: int) -> list[tuple[str, int, int]]:
+    """Operations of ``rank`` in execution order, as (kind, global chunk, micro-batch)."""
+    m, v, p = spec.num_microbatches, spec.virtual_stages, num_ranks
+    if spec.name == "gpipe":
+        return [("F", rank, i) for i in range(m)] + [("B", rank, i) for i in range(m)]
+    if spec.name == "1f1b":
+        warm = min(p - rank - 1, m)
+        fwd = [("F", rank, i) for i in range(m)]
+        bwd = [("B", rank, i) for i in range(m)]
+    else:
+        warm = min((p - rank - 1) * 2 + (v - 1) * p, m * v)
+        fwd = [("F", _interleaved_chunk(j, p, v, False) * p + rank, _interleaved_mb(j, p, v))
+               for j in range(m * v)]
+        bwd = [("B", _interleaved_chunk(j, p, v, True) * p + rank, _interleaved_mb(j, p, v))
+               for j in range(m * v)]
+    order = fwd[:warm]
+    for j in range(len(fwd) - warm):
+        order += [fwd[warm + j], bwd[j]]
+    return order + bwd[len(fwd) - warm:]
+
+
+def _interleaved_chunk(j: int, p: int, v: int, backward: bool) -> int:
+    local = (j // p) % v
+    return v - 1 - local if backward else local
+
+
+def _interleaved_mb(j: int, p: int, v: int) -> int:
+    return (j // (p * v)) * p + j % p
+
+
+def simulate(fwd_ms, bwd_ms, comm_ms, spec: ScheduleSpec, *, num_ranks: int,
+             act_bytes=None, keep_ops: bool = True) -> Simulation:
+    """Simulate one step.
+
+    fwd_ms, bwd_ms: per chunk (``num_ranks * virtual_stages`` entries), per micro-batch.
+    comm_ms: per boundary (one fewer entry than chunks): time to move the activation (and,
+    backwards, its gradient) from chunk k to chunk k+1 on another rank.
+    act_bytes: per chunk, activation bytes one micro-batch keeps until its backward.
+    """
+    assert len(fwd_ms) == num_ranks * spec.virtual_stages == len(bwd_ms)
+    assert len(comm_ms) == len(fwd_ms) - 1
+    spec.check(num_ranks)
+    plan = _compiled(spec, num_ranks)
+    end = [0.0] * len(plan)
+    free = [0.0] * num_ranks
+    busy = [0.0] * num_ranks
+    for j, (rank, is_fwd, chunk, _, dep, dep_comm, own) in enumerate(plan):
+        ready = 0.0 if dep < 0 else end[dep] + (comm_ms[dep_comm] if dep_comm >= 0 else 0.0)
+        if own >= 0 and end[own] > ready:
+            ready = end[own]
+        start = free[rank] if free[rank] > ready else ready
+        dur = fwd_ms[chunk] if is_fwd else bwd_ms[chunk]
+        end[j] = free[rank] = start + dur
+        busy[rank] += dur
+    step = max(free)
+    bubble = 1.0 - sum(busy) / (num_ranks * step) if step > 0 else 0.0
+    peaks = [_peak(vectors, act_bytes) for vectors in _inflight_vectors(spec, num_ranks)]
+    ops = tuple(Op(rank, chunk, mb, "F" if is_fwd else "B", end[j] - (
+        fwd_ms[chunk] if is_fwd else bwd_ms[chunk]), end[j])
+        for j, (rank, is_fwd, chunk, mb, *_) in enumerate(plan)) if keep_ops else ()
+    return Simulation(step, bubble, tuple(busy), tuple(c for c, _ in peaks),
+                      tuple(b for _, b in peaks), ops)
+
+
+@lru_cache(maxsize=256)
+def _orders(spec: ScheduleSpec, num_ranks: int):
+    return tuple(tuple(rank_order(spec, num_ranks, r)) for r in range(num_ranks))
+
+
+@lru_cache(maxsize=256)
+def _compiled(spec: ScheduleSpec, num_ranks: int):
+    """Operations in an order where each comes after the ones it waits for.
+
+    Each entry: (rank, is_forward, chunk, micro-batch, index of the op whose output it needs
+    or -1, boundary index of that transfer or -1, index of its own forward for a backward or
+    -1). Ranks keep their schedule order; the order does not depend on durations, so it is
+    computed once per schedule and pipeline size.
+    """
+    orders = _orders(spec, num_ranks)
+    num_chunks = num_ranks * spec.virtual_stages
+    index: dict[tuple[str, int, int], int] = {}
+    plan, pos = [], [0] * num_ranks
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for r in range(num_ranks):
+            while pos[r] < len(orders[r]):
+                kind, k, i = orders[r][pos[r]]
+                if kind == "F":
+                    dep, own = (("F", k - 1, i) if k else None), None
+                else:
+                    dep = ("B", k + 1, i) if k < num_chunks - 1 else None
+                    own = ("F", k, i)
+                if (dep is not None and dep not in index) or (own is not None and own not in index):
+                    break
+                comm = -1 if dep is None else (k - 1 if kind == "F" else k)
+                plan.append((r, kind == "F", k, i, -1 if dep is None else index[dep], comm,
+                             -1 if own is None else index[own]))
+                index[(kind, k, i)] = len(plan) - 1
+                pos[r] += 1
+                remaining -= 1
+                progressed = True
+        assert progressed, "schedule deadlocked"
+    return tuple(plan)
+
+
+@lru_cache(maxsize=256)
+def _inflight_vectors(spec: ScheduleSpec, num_ranks: int):
+    """Per rank: the undominated {chunk: micro-batches held} states along its order."""
+    result = []
+    for order in _orders(spec, num_ranks):
+        held: dict[int, int] = {}
+        states = []
+        for kind, k, _ in order:
+            held[k] = held.get(k, 0) + (1 if kind == "F" else -1)
+            if kind == "F":
+                states.append(tuple(sorted(held.items())))
+        keep = [a for a in set(states) if not any(
+            b != a and all(dict(b).get(k, 0) >= c for k, c in a) for b in states)]
+        result.append(tuple(sorted(keep)))
+    return tuple(result)
+
+
+def _peak(vectors, act_bytes) -> tuple[int, float]:
+    count = max(sum(c for _, c in vec) for vec in vectors)
+    if act_bytes is None:
+        return count, 0.0
+    return count, max(sum(c * act_bytes[k] for k, c in vec) for vec in vectors)
+
+
+def inflight_microbatches(spec: ScheduleSpec, num_ranks: int, rank: int) -> int:
+    """Micro-batches whose activations stage ``rank`` holds at its peak (v = 1 schedules)."""
+    m = spec.num_microbatches
+    if spec.name == "gpipe":
+        return m
+    if spec.name == "1f1b":
+        return min(num_ranks - rank, m)
+    raise ValueError("inflight_microbatches is per stage; interleaved peaks depend on chunks")
