@@ -1,0 +1,141 @@
+"""A built index directory, opened for search: FAISS + document store + stored vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retrieval_index.build import apply_search_params
+from retrieval_index.embed import DocumentEmbedder, TextDocumentEmbedder, load_embeddings
+from retrieval_index.manifest import (
+    EncoderMismatchError,
+    check_encoder,
+    describe,
+    identity_differences,
+    read_manifest,
+)
+from retrieval_index.store import DocumentStore
+
+INDEX_FILE = "index.faiss"
+
+
+class Index:
+    """Search by texts or vectors; fetch documents, stored vectors and keys. Keys are int64 rows."""
+
+    def __init__(self, path: Path, manifest: dict, *, embedder: DocumentEmbedder | None, check: bool):
+        self.path = path
+        self.manifest = manifest
+        self.faiss_index = faiss.read_index(str(path / INDEX_FILE))
+        apply_search_params(self.faiss_index, manifest["build"]["search_params"])
+        self.store = DocumentStore(path)
+        self._vectors = load_embeddings(path)
+        self._check = check
+        self._embedder = embedder
+        if embedder is not None and check:
+            check_encoder(manifest, embedder.identity(), index_dir=path)
+        assert len(self.store) == len(self._vectors) == self.faiss_index.ntotal == manifest["count"]
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.path)!r}, count={len(self)}, factory={self.manifest['index_factory']!r})"
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def embedder(self) -> DocumentEmbedder:
+        """The embedder for text queries: the one passed to `load`, else the manifest's encoder."""
+        if self._embedder is None:
+            self._embedder = self._manifest_embedder()
+        return self._embedder
+
+    def _manifest_embedder(self) -> DocumentEmbedder:
+        from rag_mm.text_encoder import default_encoder_path
+
+        built = self.manifest["encoder"]
+        if built.get("kind") != "text":
+            raise ValueError(
+                f"the index at {self.path} was built with a {built.get('kind')!r} embedder "
+                f"{describe(built)}; pass it as load(..., embedder=...) to search with texts"
+            )
+        candidates = [Path(built["path"]), default_encoder_path()]
+        for folder in candidates:
+            if not folder.is_dir():
+                continue
+            embedder = TextDocumentEmbedder.from_folder(folder, max_length=built["max_length"])
+            if not identity_differences(built, embedder.identity()) or not self._check:
+                return embedder
+        raise EncoderMismatchError(
+            f"the index at {self.path} was built with encoder {describe(built)}, which is not at "
+            f"{[str(c) for c in candidates]}; pass load(..., embedder=...) with that encoder"
+        )
+
+    def search(self, queries: Sequence[str] | np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k `(scores float32 (n, k), keys int64 (n, k))`; missing hits are key -1, score -inf.
+
+        `queries` is a list of texts (embedded with `self.embedder`) or a float array (n, dim).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if isinstance(queries, str):
+            raise ValueError("search takes a list of query texts (or an (n, dim) array), not one string")
+        if not isinstance(queries, np.ndarray) and all(isinstance(q, str) for q in queries):
+            vectors = self.embedder.embed(list(queries), [None] * len(queries))
+        else:
+            vectors = np.asarray(queries)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"query vectors must have shape (n, {self.dim}), got {vectors.shape}")
+        scores, keys = self.faiss_index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        scores[keys < 0] = -np.inf
+        return scores.astype(np.float32), keys.astype(np.int64)
+
+    def documents(self, keys: Iterable[int]) -> list[dict | None]:
+        """`{"key", "id", "text", "image"}` per key (PIL image or None); None for key -1."""
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        found = keys >= 0
+        rows = iter(self.store.get(keys[found]))
+        return [next(rows) if ok else None for ok in found]
+
+    def vectors(self, keys) -> np.ndarray:
+        """Stored float32 embeddings, shape keys.shape + (dim,); key -1 gives a zero vector."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if keys.size and (keys.max() >= len(self) or keys.min() < -1):
+            raise IndexError(f"keys out of range for an index of {len(self)} documents (-1 = none)")
+        flat = keys.reshape(-1)
+        out = np.zeros((flat.size, self.dim), dtype=np.float32)
+        found = flat >= 0
+        order = np.argsort(flat[found], kind="stable")  # sorted reads from the memory map
+        out_rows = np.flatnonzero(found)[order]
+        out[out_rows] = self._vectors[flat[found][order]]
+        return out.reshape(keys.shape + (self.dim,))
+
+    def key_of(self, ids: Iterable[str]) -> np.ndarray:
+        """int64 keys of document ids; `KeyError` names the unknown ones."""
+        return self.store.key_of(ids)
+
+    def ids_of(self, keys: Iterable[int]) -> list[str]:
+        return self.store.ids(keys)
+
+    def set_search_params(self, **params) -> None:
+        """Override search parameters, e.g. `nprobe=64`, `efSearch=256`, `k_factor_rf=8`."""
+        apply_search_params(self.faiss_index, params)
+
+
+def load(
+    index_dir: str | Path, *, embedder: DocumentEmbedder | None = None, check_encoder: bool = True
+) -> Index:
+    """Open a complete index directory; with `embedder`, refuse one built by another encoder."""
+    path = Path(index_dir).expanduser().resolve()
+    manifest = read_manifest(path)
+    if manifest["status"] != "complete":
+        raise ValueError(
+            f"the index at {path} is incomplete (status {manifest['status']!r}): rerun the build "
+            f"with the same arguments to resume it"
+        )
+    return Index(path, manifest, embedder=embedder, check=check_encoder)

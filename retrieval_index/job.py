@@ -1,0 +1,252 @@
+"""`build_index`: corpus -> index directory, resumable, ending with a recall/QPS report.
+
+Steps, each recorded in `manifest.json` (status "building" until the end):
+1. check the factory string and the output directory (resume a partial build or refuse);
+2. write the document store `docs.arrow` (fingerprinting the corpus);
+3. embed in shards (finished shards are kept on restart), then join them in `embeddings.npy`;
+4. train + add the FAISS index, save `index.faiss`;
+5. measure recall@10 against exact search and QPS; write the complete manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retrieval_index.build import (
+    apply_search_params,
+    check_trainable,
+    default_search_params,
+    make_index,
+    recall_report,
+    train_and_add,
+    train_size_for,
+)
+from retrieval_index.embed import (
+    EMBEDDINGS_FILE,
+    SHARD_DIR,
+    DocumentEmbedder,
+    TextDocumentEmbedder,
+    consolidate,
+    embed_store,
+    load_embeddings,
+)
+from retrieval_index.index import INDEX_FILE, Index, load
+from retrieval_index.manifest import (
+    MANIFEST_FILE,
+    check_resumable,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from retrieval_index.store import STORE_FILE, DocumentStore, write_store
+
+ARTIFACTS = (MANIFEST_FILE, STORE_FILE, EMBEDDINGS_FILE, INDEX_FILE, SHARD_DIR)
+
+
+class IndexExistsError(ValueError):
+    """The output directory already holds a complete index or unrelated files."""
+
+
+@dataclass(kw_only=True)
+class BuildConfig:
+    """Settings of one build; all but `batch_size` must match when a build is resumed."""
+
+    index_factory: str = "Flat"  # any FAISS index_factory string (inner-product metric)
+    shard_size: int = 10_000  # documents per embedding shard (the unit of resumption)
+    batch_size: int | None = None  # documents per encoder batch (default embedder only; 64)
+    seed: int = 0  # training sample and recall-query sample
+    train_size: int | None = None  # training vectors; None = min(n, max(10k, 40 * nlist))
+    nprobe: int | None = None  # IVF lists searched; None = nlist/16 within [min(8, nlist/2), 256]
+    ef_search: int | None = None  # HNSW efSearch; None = 128
+    num_recall_queries: int = 1000  # queries of the recall@10 / QPS report
+
+    def __post_init__(self) -> None:
+        if not self.index_factory or not isinstance(self.index_factory, str):
+            raise ValueError(f"index_factory must be a FAISS factory string, got {self.index_factory!r}")
+        for name in ("shard_size", "batch_size", "train_size", "nprobe", "ef_search", "num_recall_queries"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def build_index(
+    corpus,
+    out_dir: str | Path,
+    *,
+    embedder: DocumentEmbedder | None = None,
+    index_factory: str = "Flat",
+    batch_size: int | None = None,
+    shard_size: int = 10_000,
+    seed: int = 0,
+    train_size: int | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    num_recall_queries: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> Index:
+    """Embed `corpus` (a `datasets.Dataset` or list of dicts with id, text[, image]) into an
+    index at `out_dir` and return it loaded. Without `embedder`, the bundled all-MiniLM-L6-v2
+    embeds texts. A partial build at `out_dir` with the same settings is resumed.
+    `on_shard(shard, num_shards)` is called after each embedding shard is on disk.
+    """
+    config = BuildConfig(
+        index_factory=index_factory,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        seed=seed,
+        train_size=train_size,
+        nprobe=nprobe,
+        ef_search=ef_search,
+        num_recall_queries=num_recall_queries,
+    )
+    embedder = _resolve_embedder(embedder, batch_size)
+    out_dir = Path(out_dir).expanduser().resolve()
+    empty = make_index(index_factory, embedder.dim)
+    check_trainable(empty, len(corpus), index_factory)
+    build = _build_params(config, embedder)
+    build.update(
+        train_size=0 if empty.is_trained else min(len(corpus), train_size or train_size_for(empty, len(corpus))),
+        search_params=_search_params(empty, config),
+    )
+    partial = _prepare_out_dir(out_dir, overwrite)
+    manifest = new_manifest(
+        encoder=embedder.identity(), dim=embedder.dim, index_factory=index_factory, build=build
+    )
+    if partial is not None:
+        check_resumable(partial, manifest, out_dir=out_dir)
+        manifest["created"] = partial["created"]
+    write_manifest(out_dir, manifest)
+    _log(f"building {index_factory!r} index of {len(corpus)} documents in {out_dir}", progress)
+
+    timings = {}
+    start = time.perf_counter()
+    manifest["corpus"] = write_store(corpus, out_dir, progress=progress)
+    manifest["count"] = manifest["corpus"]["count"]
+    timings["store_seconds"] = _since(start)
+    if partial is not None:
+        check_resumable(partial, manifest, out_dir=out_dir)
+    write_manifest(out_dir, manifest)
+
+    start = time.perf_counter()
+    embedding = _embed(out_dir, embedder, config, on_shard, progress)
+    timings["embed_seconds"] = _since(start)
+    vectors = load_embeddings(out_dir)
+    index, info = train_and_add(
+        vectors, index_factory, train_size=build["train_size"], seed=seed, progress=progress
+    )
+    _save_index(index, out_dir)
+
+    apply_search_params(index, build["search_params"])
+    report = recall_report(index, vectors, num_queries=num_recall_queries, seed=seed)
+    manifest.update(status="complete", report={**report, **timings, **info, "embedding": embedding})
+    write_manifest(out_dir, manifest)
+    _log(_summary(manifest), progress)
+    return load(out_dir, embedder=embedder)
+
+
+def _resolve_embedder(embedder: DocumentEmbedder | None, batch_size: int | None) -> DocumentEmbedder:
+    if embedder is None:
+        return TextDocumentEmbedder.from_folder(batch_size=batch_size or 64)
+    if batch_size is not None:
+        raise ValueError(
+            "batch_size= sets the batch of the default embedder; with embedder= set the batch "
+            "size on your embedder instead"
+        )
+    return embedder
+
+
+def _build_params(config: BuildConfig, embedder: DocumentEmbedder) -> dict:
+    params = asdict(config)
+    params.pop("index_factory")
+    params["batch_size"] = getattr(embedder, "batch_size", config.batch_size)
+    params["max_length"] = getattr(embedder, "max_length", None)
+    return params
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
+    """The partial manifest to resume from, or None for a fresh build (after clearing)."""
+    if overwrite and out_dir.exists():
+        for name in ARTIFACTS:
+            for path in (out_dir / name, out_dir / f"{name}.tmp"):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return None
+    if not (out_dir / MANIFEST_FILE).is_file():
+        raise IndexExistsError(
+            f"--out {out_dir} exists, is not empty and holds no {MANIFEST_FILE}; choose a new --out "
+            f"(or pass --overwrite / overwrite=True to replace index files there)"
+        )
+    manifest = read_manifest(out_dir)
+    if manifest["status"] == "complete":
+        raise IndexExistsError(
+            f"--out {out_dir} already holds a complete index ({manifest['count']} documents, built "
+            f"{manifest['created']}); pass --overwrite (overwrite=True) to rebuild it or choose a new --out"
+        )
+    return manifest
+
+
+def _embed(out_dir: Path, embedder, config: BuildConfig, on_shard, progress: bool) -> dict:
+    store = DocumentStore(out_dir)
+    done = out_dir / EMBEDDINGS_FILE
+    if done.is_file() and np.load(done, mmap_mode="r").shape == (len(store), embedder.dim):
+        return {"shards": -(-len(store) // config.shard_size), "reused": "all", "embedded": 0}
+    stats = embed_store(
+        store, embedder, out_dir, shard_size=config.shard_size, on_shard=on_shard, progress=progress
+    )
+    consolidate(out_dir, count=len(store), dim=embedder.dim, shard_size=config.shard_size)
+    return stats
+
+
+def _search_params(index: faiss.Index, config: BuildConfig) -> dict:
+    params = default_search_params(index)
+    overrides = {"nprobe": config.nprobe, "efSearch": config.ef_search}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name not in params:
+            raise ValueError(
+                f"{name}={value} does not apply to --index-factory {config.index_factory!r} "
+                f"(its search parameters: {sorted(params) or 'none'})"
+            )
+        params[name] = value
+    return params
+
+
+def _save_index(index: faiss.Index, out_dir: Path) -> None:
+    path = out_dir / INDEX_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
+def _log(message: str, enabled: bool) -> None:
+    if enabled:
+        print(message, flush=True)
+
+
+def _summary(manifest: dict) -> str:
+    report = manifest["report"]
+    recall = next(v for k, v in report.items() if k.startswith("recall_at_"))
+    return (
+        f"index {manifest['index_factory']!r}: {manifest['count']} docs, dim {manifest['dim']}, "
+        f"recall@{report['k']} {recall:.3f} vs exact on {report['num_queries']} queries, "
+        f"{report['qps']:.0f} queries/s, search params {manifest['build']['search_params']}"
+    )
