@@ -1,0 +1,267 @@
+"""Partitioner: exact search against brute force, constraints, determinism, errors.
+
+Run: .venv/bin/pytest tests/test_partition.py -q
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trainers.partition.chain import CostChain, MemoryModel, UnitCost
+from trainers.partition.partition import (InfeasibleError, PartitionConfig, balanced_param_cuts,
+                                          equal_layer_cuts, evaluate_split, make_problem,
+                                          plan_partition)
+from trainers.partition.schedule import ScheduleSpec, simulate
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+@st.composite
+def chains(draw, min_units=2, max_units=9):
+    n = draw(st.integers(min_units, max_units))
+    floats = st.floats(0.1, 10.0, allow_nan=False)
+    units = tuple(UnitCost(name=f"u{i}", fwd_ms=draw(floats), bwd_ms=draw(floats),
+                           param_count=draw(st.integers(0, 1000)),
+                           param_bytes=draw(st.integers(0, 4000)),
+                           act_bytes=draw(st.integers(0, 500)),
+                           out_bytes=draw(st.integers(0, 10**9)),
+                           is_layer=draw(st.booleans()))
+                  for i in range(n))
+    groups = []
+    if n > 3 and draw(st.booleans()):
+        a = draw(st.integers(0, n - 2))
+        groups.append((a, draw(st.integers(a + 1, min(n - 1, a + 2)))))
+    return CostChain(units=units, groups=tuple(groups), microbatch_size=4)
+
+
+def brute_force(chain, config):
+    """Every split, scored exactly as the search scores one."""
+    problem = make_problem(chain, config)
+    best = None
+    for cuts in itertools.combinations(chain.allowed_cuts(), config.num_chunks - 1):
+        plan = evaluate_split(chain, cuts, config, method="brute", keep_ops=False)
+        memory = max(plan.rank_memory_bytes)
+        if memory > problem.memory_cap:
+            continue
+        value = problem.objective(plan.step_ms, memory)
+        if best is None or value < best[0]:
+            best = (value, cuts)
+    return best
+
+
+def objective_of(result):
+    problem = make_problem(result.chain, result.config)
+    return problem.objective(result.plan.step_ms, max(result.plan.rank_memory_bytes))
+
+
+def _config(chain, data, schedule_names=("1f1b", "gpipe"), max_v=1):
+    segments = chain.num_segments()
+    v = data.draw(st.integers(1, max_v))
+    p = data.draw(st.integers(1, max(1, min(4, segments // v))))
+    if p * v > segments:
+        v = 1
+    name = "interleaved_1f1b" if v > 1 else data.draw(st.sampled_from(schedule_names))
+    m = p * data.draw(st.integers(1, 3))
+    cap = data.draw(st.one_of(st.none(), st.floats(2000, 60000)))
+    optimize = data.draw(st.sampled_from(["speed", "memory", 0.3]))
+    return PartitionConfig(num_stages=p, memory_cap_bytes=cap, optimize=optimize,
+                           schedule=ScheduleSpec(name=name, num_microbatches=m,
+                                                 virtual_stages=v),
+                           link_gb_per_s=100.0)
+
+
+@SETTINGS
+@given(chain=chains(), data=st.data())
+def test_search_matches_brute_force(chain, data):
+    config = _config(chain, data)
+    expected = brute_force(chain, config)
+    if expected is None:
+        with pytest.raises(InfeasibleError):
+            plan_partition(chain, config)
+        return
+    result = plan_partition(chain, config)
+    assert result.exact
+    assert objective_of(result) == pytest.approx(expected[0], rel=1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chain=chains(min_units=6, max_units=10), data=st.data())
+def test_interleaved_search_matches_brute_force(chain, data):
+    p = data.draw(st.integers(2, chain.num_segments() // 2))
+    config = PartitionConfig(
+        num_stages=p, optimize=data.draw(st.sampled_from(["speed", "memory", 0.3])),
+        memory_cap_bytes=data.draw(st.one_of(st.none(), st.floats(2000, 60000))),
+        schedule=ScheduleSpec(name="interleaved_1f1b", num_microbatches=p * data.draw(
+            st.integers(1, 2)), virtual_stages=2), link_gb_per_s=100.0)
+    expected = brute_force(chain, config)
+    if expected is None:
+        with pytest.raises(InfeasibleError):
+            plan_partition(chain, config)
+        return
+    result = plan_partition(chain, config)
+    assert result.exact
+    assert objective_of(result) == pytest.approx(expected[0], rel=1e-9)
+
+
+@SETTINGS
+@given(chain=chains(min_units=3), data=st.data())
+def test_groups_and_memory_cap_always_hold(chain, data):
+    config = _config(chain, data, max_v=2)
+    try:
+        result = plan_partition(chain, config)
+    except InfeasibleError:
+        return
+    stage_of = {name: s.chunk for s in result.plan.stages for name in s.units}
+    for group in chain.groups:
+        assert len({stage_of[chain.units[i].name] for i in range(min(group), max(group) + 1)}) == 1
+    if config.memory_cap_bytes is not None:
+        assert max(result.plan.rank_memory_bytes) <= config.memory_cap_bytes
+    assert [u for s in result.plan.stages for u in s.units] == [u.name for u in chain.units]
+
+
+@SETTINGS
+@given(chain=chains(min_units=3), data=st.data())
+def test_infeasible_names_smallest_fitting_pipeline(chain, data):
+    p = data.draw(st.integers(1, min(3, chain.num_segments())))
+    cap = data.draw(st.floats(500, 20000))
+    config = PartitionConfig(num_stages=p, memory_cap_bytes=cap,
+                             schedule=ScheduleSpec(name="1f1b", num_microbatches=8))
+    try:
+        plan_partition(chain, config)
+        return
+    except InfeasibleError as err:
+        fitting = err.smallest_fitting
+        assert ("num_stages=" in str(err)) == (fitting is not None)
+
+    def trial(q):  # the error's promise: 1F1B with num_microbatches >= q
+        return PartitionConfig(num_stages=q, memory_cap_bytes=cap,
+                               schedule=ScheduleSpec(name="1f1b", num_microbatches=max(8, q)))
+
+    for q in range(1, (fitting or chain.num_segments() + 1)):
+        assert brute_force(chain, trial(q)) is None, f"p={q} fits but {fitting} was named"
+    if fitting is not None:
+        assert brute_force(chain, trial(fitting)) is not None
+
+
+@SETTINGS
+@given(chain=chains(min_units=3), data=st.data())
+def test_balanced_param_baseline_is_min_max(chain, data):
+    parts = data.draw(st.integers(1, chain.num_segments()))
+    cuts = balanced_param_cuts(chain, parts)
+    weights = chain.param_weights()
+
+    def worst(cs):
+        bounds = (0,) + tuple(cs) + (len(chain),)
+        return max(sum(weights[a:e]) for a, e in zip(bounds, bounds[1:]))
+
+    best = min(worst(cs) for cs in itertools.combinations(chain.allowed_cuts(), parts - 1))
+    assert worst(cuts) == pytest.approx(best)
+
+
+def test_equal_layers_baseline_counts_layers():
+    units = [UnitCost(name="emb", fwd_ms=1, bwd_ms=1, is_layer=False)]
+    units += [UnitCost(name=f"blocks.{i}", fwd_ms=1, bwd_ms=2) for i in range(10)]
+    units += [UnitCost(name="head", fwd_ms=1, bwd_ms=1, is_layer=False)]
+    chain = CostChain(units=tuple(units))
+    cuts = equal_layer_cuts(chain, 4)
+    bounds = (0,) + cuts + (len(units),)
+    layer_counts = [sum(u.is_layer for u in units[a:e]) for a, e in zip(bounds, bounds[1:])]
+    assert layer_counts == [3, 3, 2, 2]
+    assert units[bounds[1] - 1].name == "blocks.2"  # embedding stays in stage 0
+
+
+def test_same_chain_same_plan():
+    chain = CostChain.from_lists([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [1e6] * 11,
+                                 act_bytes=[1e5] * 11, groups=[[2, 3]])
+    config = PartitionConfig(num_stages=3, schedule=ScheduleSpec(num_microbatches=6))
+    first, second = plan_partition(chain, config), plan_partition(chain, config)
+    again = CostChain.from_lists([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [1e6] * 11,
+                                 act_bytes=[1e5] * 11, groups=[[2, 3]])
+    third = plan_partition(again, config)
+    assert first.plan.cuts == second.plan.cuts == third.plan.cuts
+    assert first.plan.step_ms == third.plan.step_ms
+
+
+def test_optimal_never_worse_than_baselines():
+    chain = CostChain.from_lists([5, 1, 1, 2, 2, 2, 2, 2, 2, 8, 1], [1e6] * 11,
+                                 act_bytes=[1e5] * 11, out_bytes=[1e6] * 11)
+    for p in (2, 3, 4):
+        result = plan_partition(chain, PartitionConfig(
+            num_stages=p, schedule=ScheduleSpec(num_microbatches=8)))
+        for baseline in result.baselines.values():
+            assert result.plan.step_ms <= baseline.step_ms + 1e-9
+
+
+def test_simulator_matches_closed_forms():
+    p, m = 4, 8
+    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)):
+        chunks = p * v
+        sim = simulate([1.0 / v] * chunks, [2.0 / v] * chunks, [0.0] * (chunks - 1),
+                       ScheduleSpec(name=name, num_microbatches=m, virtual_stages=v),
+                       num_ranks=p, act_bytes=[1.0] * chunks)
+        assert sim.step_ms == pytest.approx((m + (p - 1) / v) * 3.0)
+        assert sim.bubble == pytest.approx((p - 1) / v / (m + (p - 1) / v))
+    sim = simulate([1.0] * p, [2.0] * p, [0.0] * (p - 1), ScheduleSpec(num_microbatches=m),
+                   num_ranks=p, act_bytes=[1.0] * p)
+    assert sim.peak_inflight == (4, 3, 2, 1)  # under 1F1B stage s holds p - s micro-batches
+    ranks_ops = {(op.rank, op.kind, op.microbatch) for op in sim.ops}
+    assert len(ranks_ops) == 2 * p * m
+
+
+def test_memory_model_counts_adam_state():
+    unit = UnitCost(name="u", fwd_ms=1, bwd_ms=1, param_count=10, param_bytes=20)
+    assert MemoryModel().static_bytes(unit) == 20 + 20 + 80
+    assert MemoryModel(grad_bytes_per_param=4, master_bytes_per_param=4).static_bytes(unit) \
+        == 20 + 40 + 120
+
+
+def test_more_stages_than_units_is_an_error():
+    chain = CostChain.from_lists([1, 2, 3, 4], [1, 1, 1, 1], groups=[[1, 2]])
+    with pytest.raises(ValueError, match=r"num_stages = 4 exceeds the 3 units.*4 units before"):
+        plan_partition(chain, PartitionConfig(num_stages=4,
+                                              schedule=ScheduleSpec(num_microbatches=8)))
+
+
+def test_fewer_microbatches_than_stages_under_1f1b_is_an_error():
+    chain = CostChain.from_lists([1] * 6, [1] * 6)
+    with pytest.raises(ValueError, match="num_microbatches >= num_stages"):
+        plan_partition(chain, PartitionConfig(num_stages=4,
+                                              schedule=ScheduleSpec(num_microbatches=3)))
+
+
+def test_batch_not_divisible_by_microbatches_is_an_error():
+    with pytest.raises(ValueError, match="batch_size=10 is not divisible by num_microbatches=4"):
+        PartitionConfig(num_stages=2, batch_size=10, schedule=ScheduleSpec(num_microbatches=4))
+
+
+def test_group_naming_unknown_unit_is_an_error():
+    with pytest.raises(ValueError, match="no unit named 'blokcs.1'.*blocks.1"):
+        CostChain.from_lists([1, 1, 1], [1, 1, 1], names=["blocks.0", "blocks.1", "head"],
+                             groups=[["blokcs.1", "head"]])
+
+
+def test_batch_size_rescales_costs():
+    chain = CostChain.from_lists([3.0] * 4, [0] * 4, act_bytes=[100] * 4, microbatch_size=2)
+    result = plan_partition(chain, PartitionConfig(
+        num_stages=2, batch_size=16, schedule=ScheduleSpec(num_microbatches=4)))
+    assert result.chain.microbatch_size == 4
+    assert result.plan.stages[0].compute_ms == pytest.approx(2 * 6.0)
+    assert result.plan.stages[0].act_bytes == pytest.approx(2 * 200)
+
+
+def test_memory_knob_trades_time_for_memory():
+    # Heavy parameters at the start; fast compute there. Speed and memory disagree.
+    chain = CostChain.from_lists([1, 1, 1, 6, 6, 6], [90, 90, 1, 1, 1, 1])
+    speed = plan_partition(chain, PartitionConfig(num_stages=2, optimize="speed",
+                                                  schedule=ScheduleSpec(num_microbatches=4)))
+    memory = plan_partition(chain, PartitionConfig(num_stages=2, optimize="memory",
+                                                   schedule=ScheduleSpec(num_microbatches=4)))
+    assert max(memory.plan.rank_memory_bytes) < max(speed.plan.rank_memory_bytes)
+    assert speed.plan.step_ms < memory.plan.step_ms
+    assert math.isfinite(memory.plan.imbalance)
