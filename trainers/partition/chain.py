@@ -23,7 +23,9 @@ class UnitCost:
     out_bytes: bytes of the output sent to the next unit (a stage boundary's transfer).
     flops: forward + backward floating point operations, when known.
     modules: names of the modules the unit covers.
-    is_layer: counts as a "layer" for the equal-layer-count baseline.
+    is_layer: part of a "layer" (a repeated block) for the equal-layer-count baseline.
+    layer: the layer (or other whole item) this unit is a piece of; consecutive units with
+        the same ``layer`` form one item the baselines never cut. None: the unit alone.
     """
 
     name: str
@@ -37,6 +39,7 @@ class UnitCost:
     flops: float = 0.0
     modules: tuple[str, ...] = ()
     is_layer: bool = True
+    layer: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("fwd_ms", "bwd_ms", "param_count", "param_bytes", "state_bytes",
@@ -170,6 +173,12 @@ class CostChain:
         resolved = tuple(tuple(g if isinstance(g, int) else chain.index_of(g) for g in group)
                          for group in groups)
         return replace(chain, groups=resolved)
+
+    def item_starts(self) -> tuple[int, ...]:
+        """Unit indices that begin a whole item (a layer, or a unit of its own)."""
+        units = self.units
+        return tuple(i for i in range(len(units)) if i == 0 or units[i].layer is None
+                     or units[i].layer != units[i - 1].layer)
 
     def param_weights(self) -> list[float]:
         """Weights for the balanced-parameter baseline: counts, else static bytes."""

@@ -273,8 +273,10 @@ def _maybe(chain, cuts, config, method) -> LayoutPlan | None:
 
 
 def equal_layer_cuts(chain: CostChain, num_chunks: int) -> tuple[int, ...] | None:
-    """Cuts giving each chunk the same number of layers (extra ones to the first chunks)."""
-    layers = [i for i, u in enumerate(chain.units) if u.is_layer] or list(range(len(chain)))
+    """Cuts giving each chunk the same number of layers (extra ones to the first chunks);
+    units before the first layer go with the first chunk, after the last with the last."""
+    starts = chain.item_starts()
+    layers = [i for i in starts if chain.units[i].is_layer] or list(starts)
     if len(layers) < num_chunks:
         return None
     base, extra = divmod(len(layers), num_chunks)
@@ -282,7 +284,13 @@ def equal_layer_cuts(chain: CostChain, num_chunks: int) -> tuple[int, ...] | Non
     for k in range(num_chunks - 1):
         pos += base + (1 if k < extra else 0)
         wanted.append(layers[pos])
-    return snap_cuts(wanted, chain.allowed_cuts())
+    return snap_cuts(wanted, _baseline_cuts(chain))
+
+
+def _baseline_cuts(chain: CostChain) -> tuple[int, ...]:
+    """Where the baselines may cut: between whole items, outside groups."""
+    starts = set(chain.item_starts())
+    return tuple(k for k in chain.allowed_cuts() if k in starts)
 
 
 def snap_cuts(wanted, allowed) -> tuple[int, ...] | None:
@@ -304,7 +312,7 @@ def balanced_param_cuts(chain: CostChain, num_chunks: int) -> tuple[int, ...] | 
     prefix = [0.0]
     for w in weights:
         prefix.append(prefix[-1] + w)
-    starts = (0,) + chain.allowed_cuts()
+    starts = (0,) + _baseline_cuts(chain)
     n = len(chain)
     if num_chunks > len(starts):
         return None
