@@ -1,0 +1,36 @@
+"""Profiles of the project's own model (``rag_mm``), measured or analytic.
+
+Imports ``rag_mm`` only when called, so the partitioner itself needs nothing but torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainers.partition.costs import DeviceSpec
+from trainers.partition.trace import Profile, trace_model
+
+
+def profile_rag(name: str, *, analytic: bool, batch_size: int = 2, runs: int = 5,
+                num_docs: int = 64, device: DeviceSpec | None = None, seed: int = 0,
+                **overrides) -> Profile:
+    """Trace ``rag_mm`` size ``name`` on one synthetic micro-batch of ``batch_size``.
+
+    analytic: build on the meta device and cost from shapes (any size, on a CPU); else
+    build for real on the CPU and time ``runs`` passes.
+    overrides: ``ModelConfig`` fields to replace (e.g. a bigger ``generator``).
+    """
+    from rag_mm.config import model_config
+    from rag_mm.model import InMemoryBackend, build_model, synthetic_batch
+
+    config = model_config(name, **overrides)
+    backend = InMemoryBackend.random(num_docs, seed=seed)
+    torch.manual_seed(seed)
+    if analytic:
+        with torch.device("meta"):
+            model = build_model(config, backend=backend)
+    else:
+        model = build_model(config, backend=backend)
+    batch = synthetic_batch(config, batch_size, seed=seed, num_docs=num_docs)
+    return trace_model(model, batch, runs=runs, analytic=analytic, device=device,
+                       batch_size=batch_size)
