@@ -132,10 +132,9 @@ class TextDocumentEmbedder:
             if image is not None:
                 raise UnsupportedImageError(
                     row,
-                    "has an image but TextDocumentEmbedder embeds text only; pass "
-                    f"an embedder with an image path (build_index(..., embedder=<multimodal "
-                    f"DocumentEmbedder>)) or build a text-only index without the image column "
-                    f"(CLI: --image-column '')",
+                    "has an image but TextDocumentEmbedder embeds text only; pass an embedder "
+                    "with an image path (build_index(..., embedder=<DocumentEmbedder that embeds "
+                    "images>)), or index the texts only (CLI: --drop-images)",
                 )
 
 

@@ -111,47 +111,62 @@ def build_index(
     )
     embedder = _resolve_embedder(embedder, batch_size)
     out_dir = Path(out_dir).expanduser().resolve()
-    empty = make_index(index_factory, embedder.dim)
-    check_trainable(empty, len(corpus), index_factory)
-    build = _build_params(config, embedder)
-    build.update(
-        train_size=0 if empty.is_trained else min(len(corpus), train_size or train_size_for(empty, len(corpus))),
-        search_params=_search_params(empty, config),
-    )
+    build = _plan(config, embedder, len(corpus))
     partial = _prepare_out_dir(out_dir, overwrite)
     manifest = new_manifest(
         encoder=embedder.identity(), dim=embedder.dim, index_factory=index_factory, build=build
     )
     if partial is not None:
         check_resumable(partial, manifest, out_dir=out_dir)
-        manifest["created"] = partial["created"]
+        manifest.update(created=partial["created"], corpus=partial["corpus"])
     write_manifest(out_dir, manifest)
     _log(f"building {index_factory!r} index of {len(corpus)} documents in {out_dir}", progress)
 
     timings = {}
     start = time.perf_counter()
-    manifest["corpus"] = write_store(corpus, out_dir, progress=progress)
-    manifest["count"] = manifest["corpus"]["count"]
+    corpus_info = write_store(corpus, out_dir, progress=progress)
     timings["store_seconds"] = _since(start)
     if partial is not None:
-        check_resumable(partial, manifest, out_dir=out_dir)
+        check_resumable(partial, {**manifest, "corpus": corpus_info}, out_dir=out_dir)
+    manifest.update(corpus=corpus_info, count=corpus_info["count"])
     write_manifest(out_dir, manifest)
 
     start = time.perf_counter()
     embedding = _embed(out_dir, embedder, config, on_shard, progress)
     timings["embed_seconds"] = _since(start)
-    vectors = load_embeddings(out_dir)
-    index, info = train_and_add(
-        vectors, index_factory, train_size=build["train_size"], seed=seed, progress=progress
-    )
-    _save_index(index, out_dir)
-
-    apply_search_params(index, build["search_params"])
-    report = recall_report(index, vectors, num_queries=num_recall_queries, seed=seed)
-    manifest.update(status="complete", report={**report, **timings, **info, "embedding": embedding})
+    report = _index_and_report(out_dir, config, build, progress)
+    manifest.update(status="complete", report={**report, **timings, "embedding": embedding})
     write_manifest(out_dir, manifest)
     _log(_summary(manifest), progress)
     return load(out_dir, embedder=embedder)
+
+
+def _plan(config: BuildConfig, embedder: DocumentEmbedder, count: int) -> dict:
+    """Build parameters, checked (factory, training size, search params) before any work."""
+    empty = make_index(config.index_factory, embedder.dim)
+    check_trainable(empty, count, config.index_factory)
+    build = asdict(config)
+    build.pop("index_factory")
+    build["batch_size"] = getattr(embedder, "batch_size", config.batch_size)
+    build["max_length"] = getattr(embedder, "max_length", None)
+    if empty.is_trained:
+        build["train_size"] = 0
+    else:
+        build["train_size"] = min(count, config.train_size or train_size_for(empty, count))
+    build["search_params"] = _search_params(empty, config)
+    return build
+
+
+def _index_and_report(out_dir: Path, config: BuildConfig, build: dict, progress: bool) -> dict:
+    """Train + add + save the FAISS index; its recall@10 / QPS report with timings."""
+    vectors = load_embeddings(out_dir)
+    index, info = train_and_add(
+        vectors, config.index_factory, train_size=build["train_size"], seed=config.seed, progress=progress
+    )
+    _save_index(index, out_dir)
+    apply_search_params(index, build["search_params"])
+    report = recall_report(index, vectors, num_queries=config.num_recall_queries, seed=config.seed)
+    return {**report, **info}
 
 
 def _resolve_embedder(embedder: DocumentEmbedder | None, batch_size: int | None) -> DocumentEmbedder:
@@ -165,14 +180,6 @@ def _resolve_embedder(embedder: DocumentEmbedder | None, batch_size: int | None)
     return embedder
 
 
-def _build_params(config: BuildConfig, embedder: DocumentEmbedder) -> dict:
-    params = asdict(config)
-    params.pop("index_factory")
-    params["batch_size"] = getattr(embedder, "batch_size", config.batch_size)
-    params["max_length"] = getattr(embedder, "max_length", None)
-    return params
-
-
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
     """The partial manifest to resume from, or None for a fresh build (after clearing)."""
     if overwrite and out_dir.exists():
@@ -182,7 +189,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    if overwrite or not out_dir.exists() or not any(out_dir.iterdir()):
         out_dir.mkdir(parents=True, exist_ok=True)
         return None
     if not (out_dir / MANIFEST_FILE).is_file():

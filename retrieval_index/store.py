@@ -101,7 +101,8 @@ def write_store(corpus, out_dir: str | Path, *, progress: bool = False) -> dict:
     digest = hashlib.sha256()
     seen: dict[str, int] = {}
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-        for ids, texts, images in _progress(iter_corpus(corpus), progress, "store"):
+        batches = iter_corpus(corpus)
+        for ids, texts, images in _progress(batches, progress, len(corpus)):
             start = len(seen)
             _check_rows(ids, texts, start, seen)
             pngs = [to_png(img, row=start + i) for i, img in enumerate(images)]
@@ -137,12 +138,13 @@ def _row_bytes(doc_id: str, text: str, png: bytes | None) -> bytes:
     return doc_id.encode() + b"\x1f" + text.encode() + b"\x1e" + image
 
 
-def _progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
+def _progress(batches: Iterable, enabled: bool, num_rows: int) -> Iterable:
     if not enabled:
-        return iterable
+        return batches
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, unit="batch", leave=False)
+    total = -(-num_rows // ROWS_PER_BATCH)
+    return tqdm(batches, desc="store", unit="batch", total=total, leave=False)
 
 
 class DocumentStore:

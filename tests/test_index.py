@@ -183,10 +183,13 @@ def test_resume_with_other_settings_is_refused(embedder, tmp_path):
         ri.build_index(rows, tmp_path, embedder=embedder, shard_size=50, on_shard=crash, progress=False)
     with pytest.raises(ri.ResumeMismatchError, match=r"build.shard_size 50 vs now 60.*--overwrite"):
         ri.build_index(rows, tmp_path, embedder=embedder, shard_size=60, progress=False)
-    with pytest.raises(ri.ResumeMismatchError, match="corpus"):
-        ri.build_index(rows[:-1], tmp_path, embedder=embedder, shard_size=50, progress=False)
+    for _ in range(2):  # the refusal must not forget the partial build's corpus
+        with pytest.raises(ri.ResumeMismatchError, match="corpus"):
+            ri.build_index(rows[:-1], tmp_path, embedder=embedder, shard_size=50, progress=False)
+    (tmp_path / "notes.txt").write_text("a user's file: --overwrite keeps it")
     index = ri.build_index(rows, tmp_path, embedder=embedder, shard_size=60, overwrite=True, progress=False)
     assert len(index) == 120 and index.manifest["build"]["shard_size"] == 60
+    assert (tmp_path / "notes.txt").is_file()
     with pytest.raises(ri.IndexExistsError, match="--overwrite"):
         ri.build_index(rows, tmp_path, embedder=embedder, progress=False)
 
