@@ -66,6 +66,9 @@ class ModuleRecord:
     order: int = -1  # position of its first call; -1 if never called
     calls: int = 0
     glue: list[GlueCost] = field(default_factory=list)
+    # Parameters registered here: name, numel, bytes, used, and the child running next at
+    # their first use by this module itself (None: after the last child).
+    own_params: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Profile:
 @dataclass
 class _Op:
     stack: tuple[str, ...]
+    params: tuple[int, ...] = ()
     fwd_ms: float = 0.0
     bwd_ms: float = 0.0
     flops: float = 0.0
@@ -129,6 +133,7 @@ class _Recorder(TorchFunctionMode):
         self.calls: dict[str, int] = defaultdict(int)
         self.io: dict[str, tuple] = {}
         self.node_start = 0.0
+        self.param_names: dict[int, tuple[str, str]] = {}
 
     # -- forward ------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -148,6 +153,8 @@ class _Recorder(TorchFunctionMode):
             return out
         if self.device is None:
             self.ops[index].fwd_ms += elapsed * 1e3
+        self.ops[index].params = tuple(id(t) for t in tree_flatten((args, kwargs))[0]
+                                       if isinstance(t, nn.Parameter) and id(t) in self.param_names)
         self._tag(leaves, index)
         return out
 
@@ -281,16 +288,20 @@ def _passes(model, batch, names, runs, device, loss_fn):
         return [counted[0]], counted[1], counted[2]
     timed = [_one_pass(model, batch, names, clock, None, loss_fn, param_keys, count=False)
              for _ in range(runs)]
-    flops = {name: rec["flops"] for name, rec in counted[0].items()}
-    for run, _, _ in timed:
+    for run, _, _ in timed:  # FLOPs come from the counting pass, time from the timed ones
         for name, rec in run.items():
-            rec["flops"] = flops.get(name, 0.0)
+            rec["flops"] = counted[0].get(name, {}).get("flops", 0.0)
+            for key, glue in rec["glue"].items():
+                glue[2] = counted[0][name]["glue"][key][2] if name in counted[0] else 0.0
     return ([t[0] for t in timed], median([t[1] for t in timed]),
             median([t[2] for t in timed]))
 
 
 def _one_pass(model, batch, names, clock, device, loss_fn, param_keys, *, count: bool):
     recorder = _Recorder(names, clock, device, param_keys, storage_bytes=device is None)
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            recorder.param_names.setdefault(id(param), (name, pname))
     handles = [m.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True)
                for m in model.modules()]
     handles += [m.register_forward_hook(recorder.post_hook, with_kwargs=True)
@@ -329,11 +340,17 @@ def _aggregate(recorder: _Recorder) -> dict[str, dict]:
         io = recorder.io[name] + ([], 0.0) * (len(recorder.io[name]) == 2)
         out[name] = {"fwd_ms": 0.0, "bwd_ms": 0.0, "flops": 0.0, "act_bytes": 0.0,
                      "order": recorder.first_call[name], "calls": recorder.calls[name],
-                     "io": io, "glue": defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])}
+                     "io": io, "glue": defaultdict(lambda: [0.0, 0.0, 0.0, 0.0]), "uses": {}}
     next_child: dict[str, str] = {}
     for op in reversed(recorder.ops):
         if not op.stack:
             continue
+        for pid in op.params:  # first use wins: we walk backwards
+            owner, pname = recorder.param_names[pid]
+            if owner == op.stack[-1]:
+                out[owner]["uses"][pname] = next_child.get(owner)
+            elif owner in op.stack:
+                out[owner]["uses"][pname] = op.stack[op.stack.index(owner) + 1]
         for name in set(op.stack):
             rec = out[name]
             rec["fwd_ms"] += op.fwd_ms
@@ -372,6 +389,11 @@ def _module_records(model: nn.Module, runs: list[dict]) -> dict[str, ModuleRecor
             for key in ("fwd_ms", "bwd_ms", "flops", "act_bytes"):
                 setattr(rec, key, median([r[name][key] for r in runs if name in r]))
             keys = sorted(first[name]["glue"], key=lambda k: (k is None, str(k)))
+            uses = first[name]["uses"]
+            rec.own_params = [{"name": pname, "numel": p.numel(),
+                               "bytes": p.numel() * p.element_size(),
+                               "used": pname in uses, "next_child": uses.get(pname)}
+                              for pname, p in module.named_parameters(recurse=False)]
             rec.glue = [GlueCost(k, *(median([r[name]["glue"][k][i] for r in runs
                                                if name in r]) for i in range(4)))
                         for k in keys]

@@ -10,7 +10,8 @@ Two ways to pick the units:
 
 A unit's cost is its module's inclusive cost plus the glue of the ancestors above the units
 (work a parent does between its children, handed to the child that runs next, or the last
-one). Parameters registered directly on such an ancestor go to its first unit.
+one). Parameters registered directly on such an ancestor go to the unit that runs next
+when the ancestor first uses them (its first unit when unused or used after the last).
 
 Groups that must share a stage: the model's ``colocation_groups()``, the caller's groups
 (module names), and modules holding the same parameter (``tied="colocate"``). With
@@ -152,8 +153,16 @@ def _unit_costs(profile: Profile, units: list[str], tied: str) -> tuple[UnitCost
             for i, value in enumerate((glue.fwd_ms, glue.bwd_ms, glue.flops, glue.act_bytes)):
                 extra[target][i] += value
         first = min(under, key=lambda u: _first_order(profile, u))
-        extra[first][4] += rec.own_param_count
-        extra[first][5] += rec.own_param_bytes
+        placed_count = placed_bytes = 0
+        for param in rec.own_params:  # to the unit running when the parameter is first used
+            target = (_glue_target(profile, units, under, param["next_child"])
+                      if param["used"] else first)
+            extra[target][4] += param["numel"]
+            extra[target][5] += param["bytes"]
+            placed_count += param["numel"]
+            placed_bytes += param["bytes"]
+        extra[first][4] += rec.own_param_count - placed_count
+        extra[first][5] += rec.own_param_bytes - placed_bytes
     counts, sizes = _param_shares(profile, units, tied)
     layers = _layer_of(profile, units)
     return tuple(
