@@ -15,14 +15,15 @@ import time
 import numpy as np
 import torch
 
-WORDS = (
-    "the of and to in is was for on that with as by at from his her an are were which this "
-    "be or had not but also its their have one after first new has two been other who time "
-    "city river school world war year state music film team game company station church "
-    "village population river mountain island language species album season museum bridge "
-    "railway university government history century national district county king queen "
-    "army battle ocean forest market harbour engine signal copper glass ancient quiet bright"
-).split()
+_VOCABULARY = """
+the of and to in is was for on that with as by at from his her an are were which this
+be or had not but also its their have one after first new has two been other who time
+city river school world war year state music film team game company station church
+village population river mountain island language species album season museum bridge
+railway university government history century national district county king queen army
+battle ocean forest market harbour engine signal copper glass ancient quiet bright
+"""
+WORDS = _VOCABULARY.split()
 
 
 def synthetic_corpus(num_docs: int, seed: int) -> list[str]:
@@ -38,7 +39,9 @@ def timed(fn, texts: list[str]) -> tuple[float, np.ndarray]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--num-docs", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
@@ -75,17 +78,23 @@ def main(argv=None) -> None:
     print(f"{'embedder':40s} {'seconds':>8s} {'docs/s':>8s}")
     for name in runners:
         print(f"{name:40s} {best[name]:8.2f} {rates[name]:8.1f}")
-    print(f"ratio ours / sentence-transformers: {ratio:.2f}x   min cosine between outputs: {min_cosine:.6f}")
-    print(json.dumps({
-        "benchmark": "embed_throughput",
-        "num_docs": args.num_docs,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "torch_threads": torch.get_num_threads(),
-        "docs_per_s": {k: round(v, 1) for k, v in rates.items()},
-        "ratio": round(ratio, 3),
-        "min_cosine": round(min_cosine, 6),
-    }))
+    print(
+        f"ratio ours / sentence-transformers: {ratio:.2f}x   min cosine between outputs: {min_cosine:.6f}"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "embed_throughput",
+                "num_docs": args.num_docs,
+                "batch_size": args.batch_size,
+                "repeats": args.repeats,
+                "torch_threads": torch.get_num_threads(),
+                "docs_per_s": {k: round(v, 1) for k, v in rates.items()},
+                "ratio": round(ratio, 3),
+                "min_cosine": round(min_cosine, 6),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

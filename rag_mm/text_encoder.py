@@ -169,11 +169,21 @@ class TextEncoder(nn.Module):
 def _write_pooling_files(folder: Path, pooling: PoolingConfig, dim: int) -> None:
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
     ]
     if pooling.normalize:
         modules.append(
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
         )
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "1_Pooling").mkdir(exist_ok=True)
@@ -214,7 +224,9 @@ def folder_content_hash(folder: Path) -> str:
         for p in folder.rglob("*")
         if p.is_file() and (p.name in _HASHED_NAMES or p.suffix in _HASHED_SUFFIXES)
     )
-    stats = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    stats = tuple(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files
+    )
     key = (str(folder), stats)
     if key not in _HASH_CACHE:
         digest = hashlib.sha256()

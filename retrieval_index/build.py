@@ -158,7 +158,9 @@ def _train(index: faiss.Index, vectors: np.ndarray, size: int, seed: int, factor
     try:
         index.train(sample)
     except RuntimeError as err:
-        raise FactoryError(f"training --index-factory {factory!r} on {size} vectors failed: {err}") from None
+        raise FactoryError(
+            f"training --index-factory {factory!r} on {size} vectors failed: {err}"
+        ) from None
 
 
 def _add_in_order(index: faiss.Index, vectors: np.ndarray, progress: bool) -> None:
@@ -182,14 +184,22 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for start in range(0, len(vectors), EXACT_CHUNK):
         chunk = np.ascontiguousarray(vectors[start : start + EXACT_CHUNK], dtype=np.float32)
-        scores, keys = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+        scores, keys = faiss.knn(
+            queries, chunk, min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT
+        )
         heap.add_result(np.ascontiguousarray(scores), np.ascontiguousarray(keys + start))
     heap.finalize()
     return heap.D, heap.I
 
 
 def recall_report(
-    index: faiss.Index, vectors: np.ndarray, *, num_queries: int, seed: int, k: int = 10, noise: float = 0.1
+    index: faiss.Index,
+    vectors: np.ndarray,
+    *,
+    num_queries: int,
+    seed: int,
+    k: int = 10,
+    noise: float = 0.1,
 ) -> dict:
     """recall@k of `index` against exact search, and its queries/s, on noisy stored vectors.
 
@@ -200,8 +210,12 @@ def recall_report(
     k = min(k, count)
     rng = np.random.default_rng(seed + 1)
     rows = np.sort(rng.choice(count, size=min(num_queries, count), replace=False))
-    queries = vectors[rows] + rng.standard_normal((len(rows), dim)).astype(np.float32) * (noise / math.sqrt(dim))
-    queries = np.ascontiguousarray(queries / np.linalg.norm(queries, axis=1, keepdims=True), dtype=np.float32)
+    queries = vectors[rows] + rng.standard_normal((len(rows), dim)).astype(np.float32) * (
+        noise / math.sqrt(dim)
+    )
+    queries = np.ascontiguousarray(
+        queries / np.linalg.norm(queries, axis=1, keepdims=True), dtype=np.float32
+    )
     _, truth = exact_search(vectors, queries, k)
     index.search(queries[: min(8, len(queries))], k)  # warm-up
     start = time.perf_counter()

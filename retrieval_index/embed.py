@@ -33,8 +33,8 @@ class DocumentEmbedder(Protocol):
     - `dim`: the embedding width.
     - `identity()`: a JSON-able dict naming the vector space (weights hash, pooling, ...). It is
       stored in the manifest and compared, minus its `path`, when an index is loaded.
-    - `embed(texts, images)`: one float32 row per document, shape (len(texts), dim), L2
-      normalised (the index searches by inner product). `images[i]` is a PIL image or None.
+    - `embed(texts, images)`: one float32 row per document, shape (len(texts), dim), normally
+      L2-normalised (the index searches by inner product). `images[i]` is a PIL image or None.
       An embedder without an image path raises `UnsupportedImageError` for image rows.
     """
 
@@ -57,10 +57,14 @@ class UnsupportedImageError(ValueError):
 class TextDocumentEmbedder:
     """Embeds document texts with a `TextEncoder`: length-sorted batches, inference mode.
 
-    On CUDA it runs under bf16 (or fp16) autocast; on CPU in fp32. Images are refused.
+    On CUDA it runs under bf16 (or fp16) autocast; on CPU in fp32. Images are refused. The
+    identity is the encoder folder's (content hash): after changing the weights in memory, save
+    them to a new folder and load from there, so the manifest names what embedded the index.
     """
 
-    def __init__(self, encoder, tokenizer, *, max_length: int = 256, batch_size: int = 64, device=None):
+    def __init__(
+        self, encoder, tokenizer, *, max_length: int = 256, batch_size: int = 64, device=None
+    ):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
         if batch_size < 1:
@@ -213,12 +217,16 @@ def _check_images_supported(store: DocumentStore, embedder: DocumentEmbedder) ->
         embedder.embed(store.texts(row, row + 1), store.images(row, row + 1))
     except UnsupportedImageError as err:
         doc_id = store.ids([row])[0]
-        raise UnsupportedImageError(row, err.reason, where=f"corpus row {row} (id {doc_id!r})") from None
+        raise UnsupportedImageError(
+            row, err.reason, where=f"corpus row {row} (id {doc_id!r})"
+        ) from None
 
 
 def _check_vectors(vectors: np.ndarray, rows: int, dim: int) -> None:
     if vectors.shape != (rows, dim):
-        raise ValueError(f"embedder returned shape {vectors.shape} for {rows} documents; expected ({rows}, {dim})")
+        raise ValueError(
+            f"embedder returned shape {vectors.shape} for {rows} documents; expected ({rows}, {dim})"
+        )
     if not np.isfinite(vectors).all():
         raise ValueError("embedder returned non-finite values (NaN/inf); check the encoder weights")
 

@@ -25,7 +25,9 @@ INDEX_FILE = "index.faiss"
 class Index:
     """Search by texts or vectors; fetch documents, stored vectors and keys. Keys are int64 rows."""
 
-    def __init__(self, path: Path, manifest: dict, *, embedder: DocumentEmbedder | None, check: bool):
+    def __init__(
+        self, path: Path, manifest: dict, *, embedder: DocumentEmbedder | None, check: bool
+    ):
         self.path = path
         self.manifest = manifest
         self.faiss_index = faiss.read_index(str(path / INDEX_FILE))
@@ -76,7 +78,9 @@ class Index:
             f"{[str(c) for c in candidates]}; pass load(..., embedder=...) with that encoder"
         )
 
-    def search(self, queries: Sequence[str] | np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: Sequence[str] | np.ndarray, k: int = 10
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k `(scores float32 (n, k), keys int64 (n, k))`; missing hits are key -1, score -inf.
 
         `queries` is a list of texts (embedded with `self.embedder`) or a float array (n, dim).
@@ -84,7 +88,9 @@ class Index:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if isinstance(queries, str):
-            raise ValueError("search takes a list of query texts (or an (n, dim) array), not one string")
+            raise TypeError(
+                "search takes a list of query texts (or an (n, dim) array), not one string"
+            )
         if not isinstance(queries, np.ndarray) and all(isinstance(q, str) for q in queries):
             vectors = self.embedder.embed(list(queries), [None] * len(queries))
         else:

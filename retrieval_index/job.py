@@ -57,7 +57,7 @@ class IndexExistsError(ValueError):
 
 @dataclass(kw_only=True)
 class BuildConfig:
-    """Settings of one build; all but `batch_size` must match when a build is resumed."""
+    """Settings of one build; a resumed build must match all but the search-time ones and batch_size."""
 
     index_factory: str = "Flat"  # any FAISS index_factory string (inner-product metric)
     shard_size: int = 10_000  # documents per embedding shard (the unit of resumption)
@@ -70,8 +70,17 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if not self.index_factory or not isinstance(self.index_factory, str):
-            raise ValueError(f"index_factory must be a FAISS factory string, got {self.index_factory!r}")
-        for name in ("shard_size", "batch_size", "train_size", "nprobe", "ef_search", "num_recall_queries"):
+            raise ValueError(
+                f"index_factory must be a FAISS factory string, got {self.index_factory!r}"
+            )
+        for name in (
+            "shard_size",
+            "batch_size",
+            "train_size",
+            "nprobe",
+            "ef_search",
+            "num_recall_queries",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -161,7 +170,11 @@ def _index_and_report(out_dir: Path, config: BuildConfig, build: dict, progress:
     """Train + add + save the FAISS index; its recall@10 / QPS report with timings."""
     vectors = load_embeddings(out_dir)
     index, info = train_and_add(
-        vectors, config.index_factory, train_size=build["train_size"], seed=config.seed, progress=progress
+        vectors,
+        config.index_factory,
+        train_size=build["train_size"],
+        seed=config.seed,
+        progress=progress,
     )
     _save_index(index, out_dir)
     apply_search_params(index, build["search_params"])
@@ -169,7 +182,9 @@ def _index_and_report(out_dir: Path, config: BuildConfig, build: dict, progress:
     return {**report, **info}
 
 
-def _resolve_embedder(embedder: DocumentEmbedder | None, batch_size: int | None) -> DocumentEmbedder:
+def _resolve_embedder(
+    embedder: DocumentEmbedder | None, batch_size: int | None
+) -> DocumentEmbedder:
     if embedder is None:
         return TextDocumentEmbedder.from_folder(batch_size=batch_size or 64)
     if batch_size is not None:
@@ -210,7 +225,8 @@ def _embed(out_dir: Path, embedder, config: BuildConfig, on_shard, progress: boo
     store = DocumentStore(out_dir)
     done = out_dir / EMBEDDINGS_FILE
     if done.is_file() and np.load(done, mmap_mode="r").shape == (len(store), embedder.dim):
-        return {"shards": -(-len(store) // config.shard_size), "reused": "all", "embedded": 0}
+        shards = -(-len(store) // config.shard_size)
+        return {"shards": shards, "reused": shards, "embedded": 0}
     stats = embed_store(
         store, embedder, out_dir, shard_size=config.shard_size, on_shard=on_shard, progress=progress
     )

@@ -21,8 +21,9 @@ FORMAT_VERSION = 1
 METRIC = "inner_product"
 # Identity keys that locate an encoder but do not change its vectors.
 LOCATION_KEYS = ("path", "name")
-# Build parameters that may change when a build is resumed (they do not change the result).
-RESUMABLE_CHANGES = ("batch_size",)
+# Build parameters that may change when a build is resumed: they change neither the embeddings
+# nor the trained index (only the batching, the search-time parameters and the report).
+RESUMABLE_CHANGES = ("batch_size", "nprobe", "ef_search", "search_params", "num_recall_queries")
 
 
 class EncoderMismatchError(ValueError):
@@ -124,7 +125,9 @@ def check_resumable(partial: dict, new: dict, *, out_dir: str | Path) -> None:
             problems.append(f"{key} {partial[key]!r} vs now {new[key]!r}")
     for key in sorted(set(partial["build"]) | set(new["build"])):
         if key not in RESUMABLE_CHANGES and partial["build"].get(key) != new["build"].get(key):
-            problems.append(f"build.{key} {partial['build'].get(key)!r} vs now {new['build'].get(key)!r}")
+            problems.append(
+                f"build.{key} {partial['build'].get(key)!r} vs now {new['build'].get(key)!r}"
+            )
     if partial.get("corpus") and new.get("corpus") and partial["corpus"] != new["corpus"]:
         problems.append(f"corpus {partial['corpus']} vs now {new['corpus']}")
     if problems:

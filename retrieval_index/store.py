@@ -38,20 +38,24 @@ class CorpusError(ValueError):
     """A corpus row or column the index job cannot use (names the row or column)."""
 
 
-def iter_corpus(
-    corpus, *, batch_size: int = ROWS_PER_BATCH
-) -> Iterator[tuple[list, list, list]]:
+def iter_corpus(corpus, *, batch_size: int = ROWS_PER_BATCH) -> Iterator[tuple[list, list, list]]:
     """`(ids, texts, images)` batches from a `datasets.Dataset` or a list of dicts.
 
     Canonical columns: `id` (str), `text` (str), optional `image` (PIL image, bytes or None).
     """
     if isinstance(corpus, Sequence) and not hasattr(corpus, "column_names"):
         if corpus and not isinstance(corpus[0], Mapping):
-            raise CorpusError(f"corpus rows must be dicts with id/text[/image], got {type(corpus[0])}")
+            raise CorpusError(
+                f"corpus rows must be dicts with id/text[/image], got {type(corpus[0])}"
+            )
         _check_columns(set(corpus[0]) if corpus else {"id", "text"})
         for start in range(0, len(corpus), batch_size):
             rows = corpus[start : start + batch_size]
-            yield [r["id"] for r in rows], [r["text"] for r in rows], [r.get("image") for r in rows]
+            yield (
+                [r.get("id") for r in rows],
+                [r.get("text") for r in rows],
+                [r.get("image") for r in rows],
+            )
         return
     _check_columns(set(corpus.column_names))
     has_image = "image" in corpus.column_names
@@ -81,7 +85,9 @@ def to_png(image, *, row: int) -> bytes | None:
     if isinstance(image, bytes | bytearray):
         image = Image.open(io.BytesIO(image))
     if not isinstance(image, Image.Image):
-        raise CorpusError(f"corpus row {row}: image must be a PIL image, bytes or None, got {type(image)}")
+        raise CorpusError(
+            f"corpus row {row}: image must be a PIL image, bytes or None, got {type(image)}"
+        )
     if image.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):
         image = image.convert("RGB")
     buffer = io.BytesIO()
@@ -110,7 +116,11 @@ def write_store(corpus, out_dir: str | Path, *, progress: bool = False) -> dict:
                 digest.update(_row_bytes(doc_id, text, png))
             writer.write_batch(
                 pa.record_batch(
-                    [pa.array(ids, pa.string()), pa.array(texts, pa.large_string()), pa.array(pngs, pa.binary())],
+                    [
+                        pa.array(ids, pa.string()),
+                        pa.array(texts, pa.large_string()),
+                        pa.array(pngs, pa.binary()),
+                    ],
                     schema=SCHEMA,
                 )
             )
@@ -127,9 +137,13 @@ def _check_rows(ids: list, texts: list, start: int, seen: dict[str, int]) -> Non
         if not isinstance(doc_id, str) or not doc_id:
             raise CorpusError(f"corpus row {row}: id must be a non-empty string, got {doc_id!r}")
         if not isinstance(text, str):
-            raise CorpusError(f"corpus row {row} (id {doc_id!r}): text must be a string, got {type(text)}")
+            raise CorpusError(
+                f"corpus row {row} (id {doc_id!r}): text must be a string, got {type(text)}"
+            )
         if doc_id in seen:
-            raise CorpusError(f"corpus row {row}: duplicate id {doc_id!r} (first seen at row {seen[doc_id]})")
+            raise CorpusError(
+                f"corpus row {row}: duplicate id {doc_id!r} (first seen at row {seen[doc_id]})"
+            )
         seen[doc_id] = row
 
 
@@ -196,7 +210,9 @@ class DocumentStore:
     def key_of(self, ids: Iterable[str]) -> np.ndarray:
         """int64 keys of `ids`; `UnknownIdError` (a KeyError) names the ids not in the store."""
         if self._key_by_id is None:
-            self._key_by_id = {doc_id: i for i, doc_id in enumerate(self.table.column("id").to_pylist())}
+            self._key_by_id = {
+                doc_id: i for i, doc_id in enumerate(self.table.column("id").to_pylist())
+            }
         ids = [ids] if isinstance(ids, str) else list(ids)
         unknown = [i for i in ids if i not in self._key_by_id]
         if unknown:
@@ -210,7 +226,9 @@ class DocumentStore:
         keys = np.asarray(keys, dtype=np.int64).reshape(-1)
         bad = keys[(keys < 0) | (keys >= len(self))]
         if bad.size:
-            raise IndexError(f"keys {bad[:5].tolist()} out of range for a store of {len(self)} documents")
+            raise IndexError(
+                f"keys {bad[:5].tolist()} out of range for a store of {len(self)} documents"
+            )
         return keys
 
 

@@ -13,25 +13,46 @@ import argparse
 from pathlib import Path
 
 import retrieval_index
-from rag_mm.data import FORMATS_HELP, ON_BAD, CorpusColumns, add_column_args, columns_from_args, load_corpus
+from rag_mm.data import (
+    FORMATS_HELP,
+    ON_BAD,
+    CorpusColumns,
+    add_column_args,
+    columns_from_args,
+    load_corpus,
+)
 from retrieval_index.build import FACTORY_EXAMPLES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--corpus", required=True, type=Path, help=f"corpus: {FORMATS_HELP}")
     p.add_argument("--out", required=True, type=Path, help="index directory to create (or resume)")
-    p.add_argument("--index-factory", default="Flat", help=f"FAISS factory string, e.g. {FACTORY_EXAMPLES}")
-    p.add_argument("--encoder", type=Path, help="local text encoder folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument(
+        "--index-factory", default="Flat", help=f"FAISS factory string, e.g. {FACTORY_EXAMPLES}"
+    )
+    p.add_argument(
+        "--encoder", type=Path, help="local text encoder folder (default: bundled all-MiniLM-L6-v2)"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="documents per encoder batch")
     p.add_argument("--shard-size", type=int, default=10_000, help="documents per embedding shard")
     p.add_argument("--max-length", type=int, help="tokens per document (default: the encoder's)")
-    p.add_argument("--nprobe", type=int, help="IVF lists to search (default nlist/16, in [min(8, nlist/2), 256])")
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        help="IVF lists to search (default nlist/16, in [min(8, nlist/2), 256])",
+    )
     p.add_argument("--ef-search", type=int, help="HNSW efSearch (default 128)")
     p.add_argument("--seed", type=int, default=0)
     add_column_args(p, CorpusColumns)
-    p.add_argument("--on-bad", choices=ON_BAD, default="error", help="bad corpus rows: stop or skip")
-    p.add_argument("--drop-images", action="store_true", help="index the texts only, ignoring images")
+    p.add_argument(
+        "--on-bad", choices=ON_BAD, default="error", help="bad corpus rows: stop or skip"
+    )
+    p.add_argument(
+        "--drop-images", action="store_true", help="index the texts only, ignoring images"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the index files in --out")
     return p.parse_args(argv)
 
@@ -45,7 +66,9 @@ def main(argv=None) -> None:
 
 
 def build(args: argparse.Namespace) -> None:
-    loaded = load_corpus(args.corpus, columns=columns_from_args(args, CorpusColumns), on_bad=args.on_bad)
+    loaded = load_corpus(
+        args.corpus, columns=columns_from_args(args, CorpusColumns), on_bad=args.on_bad
+    )
     print(loaded.report, flush=True)
     corpus = loaded.dataset
     if args.drop_images and "image" in corpus.column_names:

@@ -19,16 +19,20 @@ from rag_mm.text_encoder import TextEncoder
 from rag_mm.tokenizer import load_tokenizer
 from retrieval_index.embed import EMBEDDINGS_FILE, SHARD_DIR, shard_path
 
-WORDS = (
-    "river stone light ancient market signal harbor quiet engine forest glass copper red blue "
-    "green tall short old new bright"
-).split()
+_VOCABULARY = """
+river stone light ancient market signal harbor quiet engine forest glass copper red
+blue green tall short old new bright
+"""
+WORDS = _VOCABULARY.split()
 
 
 def make_rows(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [
-        {"id": f"doc-{i}", "text": f"doc {i} " + " ".join(rng.choice(WORDS, size=rng.integers(3, 25)))}
+        {
+            "id": f"doc-{i}",
+            "text": f"doc {i} " + " ".join(rng.choice(WORDS, size=rng.integers(3, 25))),
+        }
         for i in range(n)
     ]
 
@@ -36,7 +40,11 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 def save_tiny_encoder(folder, seed: int):
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
     )
     return TextEncoder.from_config(config).save_pretrained(folder, tokenizer=load_tokenizer())
 
@@ -57,7 +65,9 @@ def embedder(tiny_dirs):
 def flat_index(embedder, tmp_path_factory):
     rows = make_rows(300)
     out = tmp_path_factory.mktemp("flat") / "index"
-    return ri.build_index(rows, out, embedder=embedder, shard_size=64, progress=False, num_recall_queries=100)
+    return ri.build_index(
+        rows, out, embedder=embedder, shard_size=64, progress=False, num_recall_queries=100
+    )
 
 
 class HashEmbedder:
@@ -87,9 +97,13 @@ def test_flat_finds_every_stored_vector_under_its_own_key(flat_index):
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
     rows = make_rows(n)
     assert flat_index.ids_of(keys[:, 0]) == [r["id"] for r in rows]
-    np.testing.assert_array_equal(flat_index.key_of([r["id"] for r in rows[::7]]), np.arange(n)[::7])
+    np.testing.assert_array_equal(
+        flat_index.key_of([r["id"] for r in rows[::7]]), np.arange(n)[::7]
+    )
     docs = flat_index.documents([5, -1, 0])
-    assert docs[0]["text"] == rows[5]["text"] and docs[0]["id"] == "doc-5" and docs[0]["image"] is None
+    assert (
+        docs[0]["text"] == rows[5]["text"] and docs[0]["id"] == "doc-5" and docs[0]["image"] is None
+    )
     assert docs[1] is None and docs[2]["key"] == 0
 
 
@@ -132,9 +146,11 @@ def test_vectors_shape_and_missing_keys(flat_index):
 
 def test_default_embedder_comes_from_the_manifest(flat_index):
     loaded = ri.load(flat_index.path)
-    scores, keys = loaded.search(["doc 3 " + make_rows(300)[3]["text"][7:]], k=1)
+    _scores, keys = loaded.search(["doc 3 " + make_rows(300)[3]["text"][7:]], k=1)
     assert keys[0, 0] == 3
-    assert loaded.embedder.identity()["content_hash"] == flat_index.manifest["encoder"]["content_hash"]
+    assert (
+        loaded.embedder.identity()["content_hash"] == flat_index.manifest["encoder"]["content_hash"]
+    )
 
 
 def test_other_encoder_is_refused_naming_both(flat_index, tiny_dirs):
@@ -143,14 +159,19 @@ def test_other_encoder_is_refused_naming_both(flat_index, tiny_dirs):
         ri.load(flat_index.path, embedder=other)
     message = str(err.value)
     built, used = flat_index.manifest["encoder"]["content_hash"], other.identity()["content_hash"]
-    assert built[:19] in message and used[:19] in message and "tiny_a" in message and "tiny_b" in message
+    assert (
+        built[:19] in message
+        and used[:19] in message
+        and "tiny_a" in message
+        and "tiny_b" in message
+    )
     assert "content_hash" in message
     ri.load(flat_index.path, embedder=other, check_encoder=False)  # the override works
 
 
 def test_resumed_build_equals_uninterrupted(embedder, tmp_path):
     rows = make_rows(250)
-    kwargs = dict(embedder=embedder, shard_size=40, progress=False, num_recall_queries=50)
+    kwargs = {"embedder": embedder, "shard_size": 40, "progress": False, "num_recall_queries": 50}
     reference = ri.build_index(rows, tmp_path / "ref", index_factory="IVF4,Flat", **kwargs)
 
     def stop_after_three(shard, num_shards):
@@ -158,10 +179,14 @@ def test_resumed_build_equals_uninterrupted(embedder, tmp_path):
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):
-        ri.build_index(rows, tmp_path / "run", index_factory="IVF4,Flat", on_shard=stop_after_three, **kwargs)
+        ri.build_index(
+            rows, tmp_path / "run", index_factory="IVF4,Flat", on_shard=stop_after_three, **kwargs
+        )
     with pytest.raises(ValueError, match="incomplete"):
         ri.load(tmp_path / "run")
-    assert shard_path(tmp_path / "run", 2).is_file() and not shard_path(tmp_path / "run", 3).exists()
+    assert (
+        shard_path(tmp_path / "run", 2).is_file() and not shard_path(tmp_path / "run", 3).exists()
+    )
     shard_path(tmp_path / "run", 1).write_bytes(b"torn write")  # a damaged shard is recomputed
     resumed = ri.build_index(rows, tmp_path / "run", index_factory="IVF4,Flat", **kwargs)
 
@@ -180,14 +205,18 @@ def test_resume_with_other_settings_is_refused(embedder, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ri.build_index(rows, tmp_path, embedder=embedder, shard_size=50, on_shard=crash, progress=False)
+        ri.build_index(
+            rows, tmp_path, embedder=embedder, shard_size=50, on_shard=crash, progress=False
+        )
     with pytest.raises(ri.ResumeMismatchError, match=r"build.shard_size 50 vs now 60.*--overwrite"):
         ri.build_index(rows, tmp_path, embedder=embedder, shard_size=60, progress=False)
     for _ in range(2):  # the refusal must not forget the partial build's corpus
         with pytest.raises(ri.ResumeMismatchError, match="corpus"):
             ri.build_index(rows[:-1], tmp_path, embedder=embedder, shard_size=50, progress=False)
     (tmp_path / "notes.txt").write_text("a user's file: --overwrite keeps it")
-    index = ri.build_index(rows, tmp_path, embedder=embedder, shard_size=60, overwrite=True, progress=False)
+    index = ri.build_index(
+        rows, tmp_path, embedder=embedder, shard_size=60, overwrite=True, progress=False
+    )
     assert len(index) == 120 and index.manifest["build"]["shard_size"] == 60
     assert (tmp_path / "notes.txt").is_file()
     with pytest.raises(ri.IndexExistsError, match="--overwrite"):
@@ -207,13 +236,20 @@ def test_resume_with_other_settings_is_refused(embedder, tmp_path):
 def test_approximate_indexes_build_search_and_report_recall(factory, params, min_recall, tmp_path):
     rows = make_rows(800, seed=1)
     index = ri.build_index(
-        rows, tmp_path, embedder=HashEmbedder(), index_factory=factory, shard_size=300,
-        progress=False, num_recall_queries=200,
+        rows,
+        tmp_path,
+        embedder=HashEmbedder(),
+        index_factory=factory,
+        shard_size=300,
+        progress=False,
+        num_recall_queries=200,
     )
     report = index.manifest["report"]
     assert index.manifest["build"]["search_params"] == params
     assert min_recall <= report["recall_at_10"] <= 1.0 and report["num_queries"] == 200
-    assert index.manifest["build"]["train_size"] == (0 if factory in ("HNSW32", "IDMap,Flat") else 800)
+    assert index.manifest["build"]["train_size"] == (
+        0 if factory in ("HNSW32", "IDMap,Flat") else 800
+    )
     sample = np.arange(0, 800, 37)
     _, keys = index.search(index.vectors(sample), k=10)
     assert (keys[:, 0] == sample).mean() >= 0.9  # near-exact queries find their own key first
@@ -229,14 +265,18 @@ def test_search_param_overrides(tmp_path):
     assert index.manifest["build"]["search_params"] == {"nprobe": 8}
     assert index.manifest["report"]["recall_at_10"] == 1.0  # every list probed: exact
     with pytest.raises(ValueError, match="efSearch=64 does not apply"):
-        ri.build_index(rows, tmp_path / "x", embedder=HashEmbedder(), index_factory="Flat", ef_search=64)
+        ri.build_index(
+            rows, tmp_path / "x", embedder=HashEmbedder(), index_factory="Flat", ef_search=64
+        )
 
 
 def test_invalid_factories_fail_before_any_work(tmp_path):
     rows = make_rows(100)
     with pytest.raises(ri.FactoryError, match=r"--index-factory.*'IVFX,Flat'.*Examples: 'Flat'"):
         ri.build_index(rows, tmp_path / "a", embedder=HashEmbedder(), index_factory="IVFX,Flat")
-    with pytest.raises(ri.FactoryError, match=r"needs at least 1024 training vectors.*100 documents"):
+    with pytest.raises(
+        ri.FactoryError, match=r"needs at least 1024 training vectors.*100 documents"
+    ):
         ri.build_index(rows, tmp_path / "b", embedder=HashEmbedder(), index_factory="IVF1024,Flat")
     with pytest.raises(ri.FactoryError, match="multiple of the number of subquantizers"):
         ri.build_index(rows, tmp_path / "c", embedder=HashEmbedder(), index_factory="PQ5")
@@ -253,3 +293,32 @@ def test_image_corpus_with_an_image_embedder(tmp_path):
     doc = index.documents([3])[0]
     assert doc["image"].size == (8, 8) and doc["image"].getpixel((0, 0)) == (12, 0, 243)
     assert (tmp_path / EMBEDDINGS_FILE).is_file()
+
+
+def test_cli_builds_from_a_parquet_corpus(tiny_dirs, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scripts.build_index import main
+
+    rows = make_rows(90)
+    table = pa.table({"doc_id": [r["id"] for r in rows], "body": [r["text"] for r in rows]})
+    pq.write_table(table, tmp_path / "corpus.parquet")
+    args = [
+        "--corpus",
+        str(tmp_path / "corpus.parquet"),
+        "--encoder",
+        str(tiny_dirs[0]),
+        "--id-column",
+        "doc_id",
+        "--text-column",
+        "body",
+        "--shard-size",
+        "40",
+    ]
+    main([*args, "--out", str(tmp_path / "idx"), "--index-factory", "IVF4,Flat", "--nprobe", "2"])
+    index = ri.load(tmp_path / "idx")
+    assert len(index) == 90 and index.manifest["build"]["search_params"] == {"nprobe": 2}
+    assert "recall@10" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--index-factory"):
+        main([*args, "--out", str(tmp_path / "bad"), "--index-factory", "IVF4,Nope"])

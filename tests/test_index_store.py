@@ -46,9 +46,16 @@ def test_store_round_trip_with_images(tmp_path):
 
 def test_dataset_and_list_of_dicts_give_the_same_store(tmp_path):
     rows = image_rows(7)
-    dataset = datasets.Dataset.from_list(rows, features=datasets.Features(
-        {"id": datasets.Value("string"), "text": datasets.Value("string"), "image": datasets.Image()}
-    ))
+    dataset = datasets.Dataset.from_list(
+        rows,
+        features=datasets.Features(
+            {
+                "id": datasets.Value("string"),
+                "text": datasets.Value("string"),
+                "image": datasets.Image(),
+            }
+        ),
+    )
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     assert write_store(rows, tmp_path / "a") == write_store(dataset, tmp_path / "b")
@@ -61,7 +68,11 @@ def test_key_of_names_unknown_ids(tmp_path):
     with pytest.raises(KeyError) as err:
         store.key_of(["doc-1", "nope", "missing-7"])
     assert isinstance(err.value, ri.UnknownIdError)
-    assert "2 id(s)" in str(err.value) and "'nope'" in str(err.value) and "'missing-7'" in str(err.value)
+    assert (
+        "2 id(s)" in str(err.value)
+        and "'nope'" in str(err.value)
+        and "'missing-7'" in str(err.value)
+    )
     with pytest.raises(IndexError, match="out of range"):
         store.get([5])
 
@@ -69,8 +80,14 @@ def test_key_of_names_unknown_ids(tmp_path):
 @pytest.mark.parametrize(
     "rows, match",
     [
-        ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], r"row 1: duplicate id 'a' \(first seen at row 0\)"),
-        ([{"id": "a", "text": "x"}, {"id": "", "text": "y"}], "row 1: id must be a non-empty string"),
+        (
+            [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}],
+            r"row 1: duplicate id 'a' \(first seen at row 0\)",
+        ),
+        (
+            [{"id": "a", "text": "x"}, {"id": "", "text": "y"}],
+            "row 1: id must be a non-empty string",
+        ),
         ([{"id": "a", "text": None}], r"row 0 \(id 'a'\): text must be a string"),
         ([{"id": "a", "body": "x"}], r"lacks column\(s\) \['text'\].*--text-column"),
         ([], "empty"),
@@ -86,7 +103,9 @@ def test_text_embedder_refuses_image_documents_naming_the_row(tiny_dirs, tmp_pat
     rows = make_rows(30)
     rows[17]["image"] = image(17)
     embedder = ri.TextDocumentEmbedder.from_folder(tiny_dirs[0])
-    with pytest.raises(ri.UnsupportedImageError, match=r"corpus row 17 \(id 'doc-17'\).*embedder=") as err:
+    with pytest.raises(
+        ri.UnsupportedImageError, match=r"corpus row 17 \(id 'doc-17'\).*embedder="
+    ) as err:
         ri.build_index(rows, tmp_path, embedder=embedder, shard_size=10, progress=False)
     assert err.value.row == 17
     assert not list((tmp_path / "shards").glob("*.npy"))  # refused before embedding anything

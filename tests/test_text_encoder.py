@@ -23,7 +23,10 @@ from rag_mm.text_encoder import (
 )
 from rag_mm.tokenizer import load_tokenizer
 
-WORDS = "river stone light ancient market signal harbor quiet engine forest glass copper".split()
+_VOCABULARY = """
+river stone light ancient market signal harbor quiet engine forest glass copper
+"""
+WORDS = _VOCABULARY.split()
 
 
 def varied_texts() -> list[str]:
@@ -97,13 +100,17 @@ def tiny_config() -> BertConfig:
 def test_random_encoder_round_trip_and_cls_pooling(tmp_path):
     torch.manual_seed(0)
     tokenizer = load_tokenizer()
-    encoder = TextEncoder.from_config(tiny_config(), pooling=PoolingConfig(mode="cls", normalize=False))
+    encoder = TextEncoder.from_config(
+        tiny_config(), pooling=PoolingConfig(mode="cls", normalize=False)
+    )
     folder = encoder.save_pretrained(tmp_path / "tiny", tokenizer=tokenizer)
     loaded = TextEncoder.from_pretrained(folder)
     assert loaded.pooling == encoder.pooling and loaded.dim == 32
     texts = ["one short text", "another, slightly longer text about rivers"]
     np.testing.assert_allclose(
-        embed(loaded, load_tokenizer(folder), texts), embed(encoder.eval(), tokenizer, texts), atol=1e-6
+        embed(loaded, load_tokenizer(folder), texts),
+        embed(encoder.eval(), tokenizer, texts),
+        atol=1e-6,
     )
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.inference_mode():
@@ -123,7 +130,9 @@ def test_identity_hash_changes_with_weights_and_is_cached(tmp_path):
     assert first["name"] == "enc0" and first["path"] == str(folders[0].resolve())
     copy = shutil.copytree(folders[0], tmp_path / "copy")
     assert encoder_identity(copy)["content_hash"] == first["content_hash"]  # content, not path
-    (copy / "config.json").write_text(json.dumps({**json.loads((copy / "config.json").read_text()), "x": 1}))
+    (copy / "config.json").write_text(
+        json.dumps({**json.loads((copy / "config.json").read_text()), "x": 1})
+    )
     assert encoder_identity(copy)["content_hash"] != first["content_hash"]  # mtime-keyed cache
 
 
