@@ -16,18 +16,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.partition.chain import MemoryModel  # noqa: E402
-from trainers.partition.costs import DeviceSpec  # noqa: E402
-from trainers.partition.draw import draw_partition, draw_timeline  # noqa: E402
-from trainers.partition.partition import PartitionConfig, plan_partition  # noqa: E402
-from trainers.partition.plan_io import write_json  # noqa: E402
-from trainers.partition.planner import (ClusterSpec, compare_source_case,  # noqa: E402
-                                        rank_layouts)
-from trainers.partition.report import (format_layouts, format_partition,  # noqa: E402
-                                       format_source_case, source_case_dict, layouts_dict)
-from trainers.partition.schedule import ScheduleSpec  # noqa: E402
-from trainers.partition.trace import Profile  # noqa: E402
-from trainers.partition.units import chain_from_profile  # noqa: E402
+from trainers.partition.chain import MemoryModel
+from trainers.partition.costs import DeviceSpec
+from trainers.partition.draw import draw_partition, draw_timeline
+from trainers.partition.partition import PartitionConfig, plan_partition
+from trainers.partition.plan_io import write_json
+from trainers.partition.planner import ClusterSpec, compare_source_case, rank_layouts
+from trainers.partition.report import (
+    format_layouts,
+    format_partition,
+    format_source_case,
+    layouts_dict,
+    source_case_dict,
+)
+from trainers.partition.schedule import ScheduleSpec
+from trainers.partition.trace import Profile
+from trainers.partition.units import chain_from_profile
 
 
 def _profile(args) -> Profile:
@@ -89,7 +93,8 @@ def cmd_layouts(args) -> None:
 def cmd_source_case(args) -> None:
     args.analytic = True
     chain = _chain(args)
-    case = compare_source_case(chain, global_batch=args.global_batch, precision=args.precision)
+    case = compare_source_case(chain, global_batch=args.global_batch, precision=args.precision,
+                               rank_all=args.rank_all)
     print(format_source_case(case))
     if args.json:
         Path(args.json).write_text(json.dumps(source_case_dict(case), indent=1, default=str))
@@ -146,6 +151,8 @@ def main(argv=None) -> None:
         p.add_argument("--intra-gb-per-s", type=float, default=300.0)
         p.add_argument("--inter-gbit-per-s", type=float, default=400.0)
         p.add_argument("--top", type=int, default=15)
+        p.add_argument("--rank-all", action="store_true",
+                       help="source-case: also rank every layout to name the best")
         p.set_defaults(func=func)
     args = parser.parse_args(argv)
     args.func(args)

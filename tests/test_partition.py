@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import itertools
 import math
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainers.partition.chain import CostChain, MemoryModel, UnitCost
-from trainers.partition.partition import (InfeasibleError, PartitionConfig, balanced_param_cuts,
-                                          equal_layer_cuts, evaluate_split, make_problem,
-                                          plan_partition)
+from trainers.partition.partition import (
+    InfeasibleError,
+    PartitionConfig,
+    balanced_param_cuts,
+    equal_layer_cuts,
+    evaluate_split,
+    make_problem,
+    plan_partition,
+)
 from trainers.partition.schedule import ScheduleSpec, simulate
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -158,7 +165,7 @@ def test_balanced_param_baseline_is_min_max(chain, data):
 
     def worst(cs):
         bounds = (0,) + tuple(cs) + (len(chain),)
-        return max(sum(weights[a:e]) for a, e in zip(bounds, bounds[1:]))
+        return max(sum(weights[a:e]) for a, e in pairwise(bounds))
 
     best = min(worst(cs) for cs in itertools.combinations(chain.allowed_cuts(), parts - 1))
     assert worst(cuts) == pytest.approx(best)
@@ -171,7 +178,7 @@ def test_equal_layers_baseline_counts_layers():
     chain = CostChain(units=tuple(units))
     cuts = equal_layer_cuts(chain, 4)
     bounds = (0,) + cuts + (len(units),)
-    layer_counts = [sum(u.is_layer for u in units[a:e]) for a, e in zip(bounds, bounds[1:])]
+    layer_counts = [sum(u.is_layer for u in units[a:e]) for a, e in pairwise(bounds)]
     assert layer_counts == [3, 3, 2, 2]
     assert units[bounds[1] - 1].name == "blocks.2"  # embedding stays in stage 0
 

@@ -106,7 +106,7 @@ def test_unit_costs_add_up_to_the_whole(runs, analytic):
     assert sum(u.param_count for u in chain.units) == root.param_count  # tied counted once
     assert len(chain) > 6  # descended below the blocks
     assert {u.layer for u in chain.units} >= {"blocks.0", "blocks.3", None}
-    assert [u.name for u in chain.units][0] == "emb"
+    assert chain.units[0].name == "emb"
 
 
 def test_tied_weights_are_never_split(measured):

@@ -11,8 +11,15 @@ import pytest
 
 from trainers.partition.chain import CostChain, UnitCost
 from trainers.partition.costs import DeviceSpec
-from trainers.partition.planner import (ClusterSpec, Layout, allreduce_ms, compare_source_case,
-                                        estimate, group_span, rank_layouts)
+from trainers.partition.planner import (
+    ClusterSpec,
+    Layout,
+    allreduce_ms,
+    compare_source_case,
+    estimate,
+    group_span,
+    rank_layouts,
+)
 
 
 def transformer_chain(layers: int = 8, block_ms: float = 40.0, params: int = 200_000_000,

@@ -14,8 +14,8 @@ efficiency))`` per operation, for the device described by ``DeviceSpec``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from trainers.partition.partition import LayoutPlan, PartitionResult  # noqa: E402
+from trainers.partition.partition import LayoutPlan, PartitionResult
 
 METHOD_LABELS = {"optimal": "optimal (ours)", "equal_layers": "equal layers (torchtitan/Megatron)",
                  "balanced_params": "balanced params (DeepSpeed)"}

@@ -15,7 +15,8 @@ Both baselines move a cut that would split a group to the nearest allowed positi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import pairwise
 
 from trainers.partition.chain import CostChain, MemoryModel
 from trainers.partition.schedule import ScheduleSpec, Simulation, simulate
@@ -138,17 +139,45 @@ def plan_partition(chain: CostChain, config: PartitionConfig) -> PartitionResult
     chain = microbatch_chain(chain, config)
     _check_sizes(chain, config)
     problem = make_problem(chain, config)
+    baseline_cuts = {"equal_layers": equal_layer_cuts(chain, config.num_chunks),
+                     "balanced_params": balanced_param_cuts(chain, config.num_chunks)}
+    seeds = [c for c in (*baseline_cuts.values(), _item_level_cuts(chain, config))
+             if c is not None]
     result = search(problem, lambda cuts: _score(chain, cuts, config, problem),
-                    max_nodes=config.max_nodes)
+                    max_nodes=config.max_nodes, seeds=seeds)
     if result.cuts is None:
         raise _infeasible(chain, config)
     plan = evaluate_split(chain, result.cuts, config, method="optimal")
-    baselines = {"equal_layers": _maybe(chain, equal_layer_cuts(chain, config.num_chunks),
-                                        config, "equal_layers"),
-                 "balanced_params": _maybe(chain, balanced_param_cuts(chain, config.num_chunks),
-                                           config, "balanced_params")}
+    baselines = {key: _maybe(chain, cuts, config, key) for key, cuts in baseline_cuts.items()}
     return PartitionResult(config, chain, plan, baselines, result.exact, result.nodes,
                            result.leaves)
+
+
+def _item_level_cuts(chain: CostChain, config: PartitionConfig) -> tuple[int, ...] | None:
+    """The best split that cuts only between whole items (layers), to seed the search."""
+    starts = chain.item_starts()
+    if len(starts) == len(chain) or len(starts) < config.num_chunks:
+        return None
+    bounds = starts + (len(chain),)
+    items = []
+    for i, (a, e) in enumerate(pairwise(bounds)):
+        part = chain.units[a:e]
+        items.append(replace(part[0], name=f"item{i}", fwd_ms=sum(u.fwd_ms for u in part),
+                             bwd_ms=sum(u.bwd_ms for u in part),
+                             param_count=sum(u.param_count for u in part),
+                             param_bytes=sum(u.param_bytes for u in part),
+                             state_bytes=sum(u.state_bytes for u in part),
+                             act_bytes=sum(u.act_bytes for u in part), out_bytes=part[-1].out_bytes,
+                             flops=sum(u.flops for u in part), layer=None))
+    where = {a: i for i, a in enumerate(starts)}
+    groups = tuple(tuple(sorted({where[max(s for s in starts if s <= k)] for k in g}))
+                   for g in chain.groups)
+    coarse = CostChain(units=tuple(items), groups=groups, microbatch_size=chain.microbatch_size)
+    try:
+        result = plan_partition(coarse, replace(config, batch_size=None))
+    except ValueError:
+        return None
+    return tuple(starts[k] for k in result.plan.cuts)
 
 
 def microbatch_chain(chain: CostChain, config: PartitionConfig) -> CostChain:
@@ -197,7 +226,7 @@ def make_problem(chain: CostChain, config: PartitionConfig) -> Problem:
     return Problem(num_units=len(chain), num_ranks=p, virtual_stages=sched.virtual_stages,
                    num_microbatches=m, fwd_prefix=tuple(pf), compute_prefix=tuple(pc), static_prefix=tuple(ps),
                    act_prefix=tuple(pa), comm_ms=comm, allowed_cuts=chain.allowed_cuts(),
-                   inflight=inflight, memory_cap=cap, alpha=config.alpha,
+                   inflight=inflight, schedule=sched.name, memory_cap=cap, alpha=config.alpha,
                    time_ref=time_ref, memory_ref=memory_ref)
 
 
@@ -212,7 +241,7 @@ def _score(chain, cuts, config, problem: Problem) -> Score | None:
     bounds = (0,) + tuple(cuts) + (len(chain),)
     pf, pc, ps, pa = (problem.fwd_prefix, problem.compute_prefix, problem.static_prefix,
                       problem.act_prefix)
-    pairs = list(zip(bounds, bounds[1:]))
+    pairs = list(pairwise(bounds))
     fwd = [pf[e] - pf[a] for a, e in pairs]
     bwd = [pc[e] - pc[a] - f for (a, e), f in zip(pairs, fwd)]
     comm = [problem.comm_ms[b] if p > 1 else 0.0 for b in bounds[1:-1]]
@@ -233,7 +262,7 @@ def evaluate_split(chain: CostChain, cuts, config: PartitionConfig, *, method: s
     p = config.num_stages
     bounds = (0,) + tuple(cuts) + (len(chain),)
     assert len(bounds) == config.num_chunks + 1 and all(
-        a < b for a, b in zip(bounds, bounds[1:])), f"bad cuts {cuts}"
+        a < b for a, b in pairwise(bounds)), f"bad cuts {cuts}"
     stages = tuple(_stage(chain, k, k % p, bounds[k], bounds[k + 1], config.memory)
                    for k in range(config.num_chunks))
     comm = [transfer_ms(chain.units[b - 1].out_bytes, config) if p > 1 else 0.0
@@ -365,6 +394,16 @@ def smallest_fitting_stages(chain: CostChain, config: PartitionConfig) -> int | 
     return None
 
 
-__all__ = ["InfeasibleError", "LayoutPlan", "PartitionConfig", "PartitionResult", "StagePlan",
-           "SearchResult", "balanced_param_cuts", "equal_layer_cuts", "evaluate_split",
-           "plan_partition", "smallest_fitting_stages"]
+__all__ = [
+    "InfeasibleError",
+    "LayoutPlan",
+    "PartitionConfig",
+    "PartitionResult",
+    "SearchResult",
+    "StagePlan",
+    "balanced_param_cuts",
+    "equal_layer_cuts",
+    "evaluate_split",
+    "plan_partition",
+    "smallest_fitting_stages",
+]

@@ -21,11 +21,11 @@ def format_partition(result: PartitionResult) -> str:
     plans: dict[str, LayoutPlan | None] = {"optimal": result.plan, **result.baselines}
     sched = result.config.schedule
     v = f", v={sched.virtual_stages}" if sched.virtual_stages > 1 else ""
-    lines = [f"{len(result.chain)} units ({result.chain.source}, micro-batch "
-             f"{result.chain.microbatch_size}), {len(result.chain.groups)} group(s); "
-             f"{result.config.num_stages} stages, {sched.name}, m={sched.num_microbatches}{v}; "
-             f"search {'exact' if result.exact else 'NOT exact (budget hit)'}, "
-             f"{result.search_nodes} nodes"]
+    lines = [(f"{len(result.chain)} units ({result.chain.source}, micro-batch "
+              f"{result.chain.microbatch_size}), {len(result.chain.groups)} group(s); "
+              f"{result.config.num_stages} stages, {sched.name}, m={sched.num_microbatches}{v}; "
+              f"search {'exact' if result.exact else 'NOT exact (budget hit)'}, "
+              f"{result.search_nodes} nodes")]
     width = 42
     lines.append(f"{'':<12}" + "".join(f"{title:<{width}}" for _, title in COLUMNS))
     for k in range(result.config.num_chunks):
@@ -52,8 +52,8 @@ def format_partition(result: PartitionResult) -> str:
 def format_layouts(ranked: list[Estimate], top: int = 15) -> str:
     fitting = [e for e in ranked if e.fits]
     lines = [f"{len(ranked)} layouts, {len(fitting)} fit; best {min(top, len(fitting))}:",
-             f"{'#':>3} {'layout':<40}{'step ms':>10}{'samples/s':>11}{'GiB/GPU':>9}"
-             f"{'bubble':>8}{'imbal':>7}{'tp ms':>9}{'dp ms':>8}{'GB/GPU tp/pp/dp':>22}"]
+             (f"{'#':>3} {'layout':<40}{'step ms':>10}{'samples/s':>11}{'GiB/GPU':>9}"
+              f"{'bubble':>8}{'imbal':>7}{'tp ms':>9}{'dp ms':>8}{'GB/GPU tp/pp/dp':>22}")]
     for i, e in enumerate(fitting[:top], 1):
         comm = "/".join(f"{e.comm_bytes.get(k, 0) / 1e9:.1f}" for k in ("tp", "pp", "dp"))
         lines.append(f"{i:>3} {e.layout.describe():<40}{e.step_ms:>10.1f}{e.samples_per_s:>11.1f}"
@@ -89,6 +89,8 @@ def format_source_case(case: dict) -> str:
     lines = ["16 nodes x 8 A100, 400 Gb/s between nodes:"]
     for label, e in (("tensor parallel across nodes", a), ("pipeline across nodes, tp in node", b),
                      ("best layout found", case["best"])):
+        if label.startswith("best") and e is None:
+            continue
         if e is None:
             lines.append(f"  {label:<36} does not fit")
             continue

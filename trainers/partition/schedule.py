@@ -129,7 +129,7 @@ def simulate(fwd_ms, bwd_ms, comm_ms, spec: ScheduleSpec, *, num_ranks: int,
         ready = 0.0 if dep < 0 else end[dep] + (comm_ms[dep_comm] if dep_comm >= 0 else 0.0)
         if own >= 0 and end[own] > ready:
             ready = end[own]
-        start = free[rank] if free[rank] > ready else ready
+        start = max(ready, free[rank])
         dur = fwd_ms[chunk] if is_fwd else bwd_ms[chunk]
         end[j] = free[rank] = start + dur
         busy[rank] += dur

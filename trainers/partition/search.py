@@ -12,10 +12,14 @@ true value, so no split that could win is ever skipped:
   micro-batch 0 has crossed every unit before its first chunk (the prefix compute and the
   transfers there), and after its last backward that micro-batch's gradient must still cross
   them again. So ``T >= prefix(start_r) + comm_before(start_r) + m * load_r`` for every rank,
-  for any schedule the simulator runs. For one chunk per rank this bound depends only on the
-  stage's own boundaries (the transfers before it are relaxed to the stage's own incoming
-  one), so a dynamic programme gives, for every suffix of the chain, the least achievable
-  maximum: the bound used to prune.
+  for any schedule the simulator runs. With one chunk per rank there is a second bound: the
+  stage's last backward waits for the last micro-batch's round trip through every later
+  unit (``suffix``), which it cannot start before its m forwards and the backwards its
+  schedule orders first (1F1B: m - w of them, w = p - s - 1 warm-up forwards), so
+  ``T >= prefix + m f_s + (m - w) b_s + suffix``. Both depend only on the stage's own
+  boundaries (the transfers before it relaxed to its own incoming one, those after to its
+  outgoing one), so a dynamic programme gives, for every suffix of the chain, the least
+  achievable maximum: the bound used to prune.
 * Memory. Per-rank parameter, gradient and optimizer bytes plus in-flight activations; for
   one chunk per rank the in-flight count of stage s is fixed by the schedule (1F1B: p - s),
   so the suffix dynamic programme for memory is exact.
@@ -28,8 +32,8 @@ true value, so no split that could win is ever skipped:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 REL_TIE = 1e-9
 
@@ -67,6 +71,7 @@ class Problem:
     comm_ms: tuple[float, ...]  # comm_ms[k]: one-way transfer at cut k (index 0 unused)
     allowed_cuts: tuple[int, ...]
     inflight: tuple[int, ...]  # per stage for v == 1
+    schedule: str = "1f1b"
     memory_cap: float  # math.inf when uncapped
     alpha: float
     time_ref: float
@@ -106,11 +111,16 @@ class _Best:
 
 
 def search(problem: Problem, evaluate: Callable[[tuple[int, ...]], Score | None],
-           *, max_nodes: int = 2_000_000) -> SearchResult:
-    """Best split of the chain; ``evaluate`` scores a full split (None: over the cap)."""
-    if problem.virtual_stages == 1:
-        return _Pipeline(problem, evaluate, max_nodes).run()
-    return _Interleaved(problem, evaluate, max_nodes).run()
+           *, max_nodes: int = 2_000_000, seeds=()) -> SearchResult:
+    """Best split of the chain; ``evaluate`` scores a full split (None: over the cap).
+
+    seeds: splits to score first (good ones prune more; they never change the answer).
+    """
+    finder = (_Pipeline if problem.virtual_stages == 1 else _Interleaved)(
+        problem, evaluate, max_nodes)
+    for cuts in seeds:
+        finder.best.offer(tuple(cuts), evaluate(tuple(cuts)))
+    return finder.run()
 
 
 class _Pipeline:
@@ -121,9 +131,25 @@ class _Pipeline:
         self.best, self.nodes, self.leaves, self.exact = _Best(), 0, 0, True
         self.suffix_time, self.suffix_mem = self._suffix_bounds()
 
-    def stage_time(self, a: int, e: int, comm_before: float) -> float:
-        pc = self.pb.compute_prefix
-        return pc[a] + comm_before + self.pb.num_microbatches * (pc[e] - pc[a])
+    def stage_time(self, a: int, e: int, comm_before: float, stage: int) -> float:
+        """A lower bound on the step from stage ``stage`` holding units a..e-1.
+
+        Busy time plus the prefix before its first forward and after its last backward;
+        and (the round trip) its last backward waits for the last micro-batch to go through
+        every later unit and back, after the forwards and the backwards the schedule puts
+        before that micro-batch's forward.
+        """
+        pb, m = self.pb, self.pb.num_microbatches
+        pc, pf = pb.compute_prefix, pb.fwd_prefix
+        fwd, bwd = pf[e] - pf[a], pc[e] - pc[a] - (pf[e] - pf[a])
+        busy = pc[a] + comm_before + m * (fwd + bwd)
+        after = pc[pb.num_units] - pc[e] + (2 * pb.comm_ms[e] if e < pb.num_units else 0.0)
+        if pb.schedule == "gpipe":
+            trip = pc[a] + comm_before + m * fwd + max(m * bwd, after + bwd)
+        else:
+            warm = min(pb.num_ranks - stage - 1, m)
+            trip = pc[a] + comm_before + m * fwd + (m - warm) * bwd + after
+        return max(busy, trip)
 
     def stage_memory(self, a: int, e: int, stage: int) -> float:
         pb = self.pb
@@ -145,7 +171,7 @@ class _Pipeline:
                     m_stage = self.stage_memory(a, e, stage)
                     if m_stage > pb.memory_cap or time[r - 1][e] == math.inf:
                         continue
-                    t = max(self.stage_time(a, e, own), time[r - 1][e])
+                    t = max(self.stage_time(a, e, own, stage), time[r - 1][e])
                     time[r][a] = min(time[r][a], t)
                     mem[r][a] = min(mem[r][a], max(m_stage, mem[r - 1][e]))
         return time, mem
@@ -173,7 +199,7 @@ class _Pipeline:
             m_stage = self.stage_memory(a, e, stage)
             if rest_t == math.inf or m_stage > pb.memory_cap:
                 continue
-            t = max(part_time, self.stage_time(a, e, comm_before))
+            t = max(part_time, self.stage_time(a, e, comm_before, stage))
             m = max(part_mem, m_stage)
             bound_m = max(m, rest_m)
             children.append((pb.objective(max(t, rest_t), bound_m), bound_m, e, t, m))

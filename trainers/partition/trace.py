@@ -17,16 +17,23 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from trainers.partition.costs import (CountingMode, DeviceSpec, ShapeOnlyMode, logical_bytes,
-                                      median, placeholder)
+from trainers.partition.costs import (
+    CountingMode,
+    DeviceSpec,
+    ShapeOnlyMode,
+    logical_bytes,
+    median,
+    placeholder,
+)
 
 
 @dataclass
