@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -40,8 +41,16 @@ def _profile(args) -> Profile:
     from trainers.partition.models import profile_rag
 
     analytic = args.analytic if args.analytic is not None else args.model == "1b"
+    overrides = {}
+    if args.generator_layers or args.generator_hidden:
+        from rag_mm.config import model_config
+
+        gen = model_config(args.model).generator
+        hidden = args.generator_hidden or gen.hidden_size
+        overrides["generator"] = replace(gen, num_layers=args.generator_layers or gen.num_layers,
+                                         hidden_size=hidden, num_heads=max(1, hidden // 128))
     profile = profile_rag(args.model, analytic=analytic, batch_size=args.profile_batch,
-                          runs=args.runs)
+                          runs=args.runs, **overrides)
     if args.save_profile:
         Path(args.save_profile).write_text(json.dumps(profile.to_dict()))
     return profile
@@ -115,6 +124,9 @@ def main(argv=None) -> None:
     common.add_argument("--max-unit-share", type=float, default=1 / 32)
     common.add_argument("--tied", choices=["colocate", "replicate"], default="colocate")
     common.add_argument("--json", help="write the result as JSON here")
+    common.add_argument("--generator-layers", type=int, help="override the decoder depth")
+    common.add_argument("--generator-hidden", type=int,
+                        help="override the decoder width (heads of 128)")
 
     part = sub.add_parser("partition", parents=[common], help="cut into pipeline stages")
     mode = part.add_mutually_exclusive_group()
