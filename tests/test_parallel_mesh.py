@@ -22,11 +22,11 @@ def test_data_parallel_takes_the_rest_of_the_world():
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        (dict(world_size=6, pipeline_parallel_size=4), ["world size 6", "divisible", "= 4"]),
-        (dict(world_size=8, pipeline_parallel_size=2, tensor_parallel_size=2,
-              data_parallel_size=3), ["data_parallel_size=3", "12", "world size is 8"]),
-        (dict(world_size=4, tensor_parallel_size=0), ["tensor_parallel_size", ">= 1"]),
-        (dict(world_size=4, data_parallel_size=0), ["data_parallel_size", ">= 1"]),
+        ({"world_size": 6, "pipeline_parallel_size": 4}, ["world size 6", "divisible", "= 4"]),
+        ({"world_size": 8, "pipeline_parallel_size": 2, "tensor_parallel_size": 2,
+              "data_parallel_size": 3}, ["data_parallel_size=3", "12", "world size is 8"]),
+        ({"world_size": 4, "tensor_parallel_size": 0}, ["tensor_parallel_size", ">= 1"]),
+        ({"world_size": 4, "data_parallel_size": 0}, ["data_parallel_size", ">= 1"]),
     ],
 )
 def test_bad_sizes_name_the_flag_and_the_world(kwargs, words):

@@ -1,0 +1,208 @@
+"""Pipeline stages from unit lists, torch's schedules, and parity with one process.
+
+The distributed test runs every schedule on 2 gloo processes (pp=2) with the tiny RAG model
+and compares the loss, every gradient (query encoder included) and every parameter after
+one AdamW step with single-process training over the same micro-batches.
+
+Run: .venv/bin/pytest tests/test_parallel_pipeline.py -q       (about 40 s on 2 cores)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rag_mm.config import model_config
+from rag_mm.model import InMemoryBackend, build_model, synthetic_batch
+from trainers.parallel.mesh import ParallelConfigError, ParallelDims
+from trainers.parallel.pipeline import (
+    SCHEDULES,
+    PartitionError,
+    PipelineConfig,
+    StageModule,
+    build_pipeline,
+    check_batch,
+    check_partition,
+    check_schedule,
+    stage_ranks,
+)
+
+BATCH_SIZE = 4
+NUM_DOCS = 40
+LR = 1e-2
+# Adam's first step is lr * g / (|g| + eps): eps >> fp32 noise keeps g ~ 0 entries comparable
+ADAM_EPS = 1e-3
+TWO = [["retrieval", "blocks.0"], ["blocks.1", "head"]]
+FOUR = [["retrieval"], ["blocks.0"], ["blocks.1"], ["head"]]
+# name -> (schedule, stages, micro-batches); GPipe with one micro-batch is plain full-batch.
+CASES = {
+    "gpipe": ("gpipe", TWO, 1),
+    "1f1b": ("1f1b", TWO, 2),
+    "interleaved_1f1b": ("interleaved_1f1b", FOUR, 2),
+    "looped_bfs": ("looped_bfs", FOUR, 2),
+    "interleaved_zero_bubble": ("interleaved_zero_bubble", FOUR, 2),
+    "zbv_zero_bubble": ("zbv_zero_bubble", FOUR, 2),
+}
+if "dualpipev" in SCHEDULES:
+    CASES["dualpipev"] = ("dualpipev", FOUR, 4)
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    config = model_config("tiny")
+    return build_model(config, backend=InMemoryBackend.random(NUM_DOCS)), config
+
+
+# -- checks that need no processes ---------------------------------------------------------------
+def test_partition_must_cover_the_chain_in_order():
+    chain = ["retrieval", "blocks.0", "blocks.1", "head"]
+    check_partition(TWO, chain, [["retrieval"]])
+    with pytest.raises(PartitionError, match="missing: \\['head'\\]"):
+        check_partition([["retrieval", "blocks.0"], ["blocks.1"]], chain)
+    with pytest.raises(PartitionError, match="chain order"):
+        check_partition([["retrieval", "blocks.1"], ["blocks.0", "head"]], chain)
+    with pytest.raises(PartitionError, match="unknown: \\['blocks.7'\\]"):
+        check_partition([["retrieval", "blocks.0", "blocks.1"], ["blocks.7", "head"]], chain)
+    with pytest.raises(PartitionError, match="at least one unit"):
+        PipelineConfig(stages=[["retrieval"], []])
+
+
+def test_partition_that_splits_tied_weights_is_refused():
+    torch.manual_seed(0)
+    base = model_config("tiny")
+    config = replace(base, generator=replace(base.generator, tie_embeddings=True))
+    with torch.device("meta"):
+        model = build_model(config)
+    with pytest.raises(PartitionError, match="co-location group \\['retrieval', 'head'\\]"):
+        check_partition(TWO, [n for n, _ in model.units()], model.colocation_groups())
+
+
+@pytest.mark.parametrize(
+    "schedule, stages, micro, pp_size, words",
+    [
+        ("1f1b", TWO, 1, 2, ["num_microbatches >= the number of stages (2)"]),
+        ("gpipe", FOUR, 2, 2, ["one stage per pipeline rank", "4 stages"]),
+        ("interleaved_1f1b", FOUR, 5, 2, ["multiple of", "= 2, got 5"]),
+        ("interleaved_1f1b", FOUR, 2, 3, ["multiple of pipeline_parallel_size=3"]),
+        ("zbv_zero_bubble", FOUR * 2, 4, 2, ["exactly 2 stages per rank"]),
+    ],
+)
+def test_schedule_combinations_torch_rejects_fail_early(schedule, stages, micro, pp_size, words):
+    config = PipelineConfig(stages=stages, schedule=schedule, num_microbatches=micro)
+    with pytest.raises(ParallelConfigError) as info:
+        check_schedule(config, pp_size)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_bad_schedule_name_and_batch_split():
+    with pytest.raises(ParallelConfigError, match="schedule='2f2b' is unknown"):
+        PipelineConfig(stages=TWO, schedule="2f2b")
+    with pytest.raises(ParallelConfigError, match="batch size 6 is not divisible by "
+                                                  "num_microbatches=4"):
+        check_batch(6, 4)
+    check_batch(8, 4)
+
+
+def test_stage_ranks_loop_and_v():
+    assert stage_ranks(4, 2, "interleaved_1f1b") == [0, 1, 0, 1]
+    assert stage_ranks(4, 2, "zbv_zero_bubble") == [0, 1, 1, 0]
+    assert stage_ranks(2, 2, "1f1b") == [0, 1]
+
+
+def test_stage_modules_keep_model_names_and_compose_to_the_model():
+    model, config = tiny_model()
+    batch = synthetic_batch(config, 2, num_docs=NUM_DOCS)
+    units = dict(model.units())
+    keys = tuple(sorted(batch))
+    stages = [StageModule([(n, units[n]) for n in names], batch_keys=keys if i == 0 else None)
+              for i, names in enumerate(TWO)]
+    names = {n for stage in stages for n, _ in stage.named_parameters()}
+    assert names == {n for n, _ in model.named_parameters()}
+    carry = stages[0](*(batch[k] for k in keys))
+    losses = stages[1](*carry)
+    assert losses.shape == (2, 2)
+    expected = model(batch)["loss"]
+    assert torch.allclose(losses.mean(0).sum(), expected, rtol=1e-6, atol=1e-6)
+
+
+# -- two processes, every schedule ---------------------------------------------------------------
+def _pipeline_worker(rank: int, world_size: int, out_dir: str) -> None:
+    dims = ParallelDims(world_size=world_size, pipeline_parallel_size=world_size)
+    mesh = dims.build_mesh("cpu")
+    pp_group = mesh["pp"].get_group()
+    assert torch.distributed.get_process_group_ranks(pp_group) == dims.group_ranks("pp", rank)
+    for name, (schedule, stages, micro) in CASES.items():
+        model, config = tiny_model()
+        batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
+        pipe = build_pipeline(model, PipelineConfig(stages=stages, schedule=schedule,
+                                                    num_microbatches=micro),
+                              batch, pp_group=pp_group, device=torch.device("cpu"))
+        losses = pipe.step(batch)
+        params = [p for p in pipe.parameters() if p.requires_grad]
+        grads = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
+        torch.optim.AdamW(params, lr=LR, eps=ADAM_EPS).step()
+        values = {n: p.detach().clone() for n, p in pipe.named_parameters() if p.requires_grad}
+        torch.save({"losses": losses, "grads": grads, "values": values},
+                   Path(out_dir) / f"{name}_{rank}.pt")
+
+
+@functools.cache
+def reference_step(micro: int) -> dict:
+    """Single-process training: gradient accumulation over the same micro-batches."""
+    model, config = tiny_model()
+    batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
+    size = BATCH_SIZE // micro
+    total = 0.0
+    for i in range(micro):
+        loss = model({k: v[i * size:(i + 1) * size] for k, v in batch.items()})["loss"] / micro
+        loss.backward()
+        total += loss.item()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=ADAM_EPS).step()
+    values = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {"loss": total, "grads": grads, "values": values}
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory):
+    from trainers.parallel.local import run_local
+
+    out_dir = tmp_path_factory.mktemp("pipeline")
+    run_local(_pipeline_worker, 2, str(out_dir))
+    return out_dir
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_step_matches_single_process(case, pipeline_runs):
+    micro = CASES[case][2]
+    ref = reference_step(micro)
+    results = [torch.load(pipeline_runs / f"{case}_{r}.pt") for r in range(2)]
+    losses = [r["losses"] for r in results if r["losses"] is not None]
+    assert len(losses) == 1 and losses[0].shape == (BATCH_SIZE, 2)
+    assert losses[0].mean(0).sum().item() == pytest.approx(ref["loss"], rel=1e-6)
+    grads = {n: g for r in results for n, g in r["grads"].items()}
+    values = {n: v for r in results for n, v in r["values"].items()}
+    assert grads.keys() == ref["grads"].keys()
+    assert values.keys() == ref["values"].keys()
+    assert ref["grads"]["retrieval.query_encoder.image_proj.weight"].abs().sum() > 0
+    for name, expected in ref["grads"].items():
+        assert_fp32_close(grads[name], expected, name)
+    for name, expected in ref["values"].items():
+        assert_fp32_close(values[name], expected, name, slack=1e-3 * LR)
+
+
+def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, name: str, *,
+                      slack: float = 0.0) -> None:
+    """Equal up to fp32 summation order: relative 1e-5, absolute 1e-5 of the tensor's scale
+    (micro-batch sums cancel in small entries). After an Adam step, `slack` allows for
+    g / (|g| + eps) amplifying that noise where g ~ 0 (a wrong gradient moves by ~lr)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-8 + slack,
+                               msg=lambda detail: f"{name}: {detail}")

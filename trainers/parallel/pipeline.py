@@ -1,0 +1,326 @@
+"""Pipeline stages built by hand from a partition, run by torch's pipeline schedules.
+
+A partition is a list of stages, each a list of unit names over the model's declared chain
+(`model.units()`: `retrieval`, `blocks.0`, ..., `head`). Each stage becomes a `StageModule`
+that holds its units under their model names (so `blocks.1.attn.q_proj.weight` keeps its
+name, and checkpoints do not depend on the layout) and a `torch.distributed.pipelining.
+PipelineStage`. torch's schedules (`ScheduleGPipe`, `Schedule1F1B`, interleaved and
+zero-bubble) run the forward and backward of every micro-batch.
+
+What crosses a stage boundary is the model's carry, a tuple of tensors; the first stage
+takes the batch's tensors positionally (in sorted key order) and rebuilds the dict. Stage
+inputs and outputs are given to torch up front (static metadata), found once by running
+one micro-batch through the chain stage by stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import pipelining as pp
+
+from trainers.parallel.mesh import ParallelConfigError
+
+# name -> (torch schedule class, stages per rank: "one" or "many", rank layout "loop" or "v")
+SCHEDULES: dict[str, tuple[type, str, str]] = {
+    "gpipe": (pp.ScheduleGPipe, "one", "loop"),
+    "1f1b": (pp.Schedule1F1B, "one", "loop"),
+    "interleaved_1f1b": (pp.ScheduleInterleaved1F1B, "many", "loop"),
+    "looped_bfs": (pp.ScheduleLoopedBFS, "many", "loop"),
+    "interleaved_zero_bubble": (pp.ScheduleInterleavedZeroBubble, "many", "loop"),
+    "zbv_zero_bubble": (pp.ScheduleZBVZeroBubble, "many", "v"),
+}
+if hasattr(pp, "ScheduleDualPipeV"):
+    SCHEDULES["dualpipev"] = (pp.ScheduleDualPipeV, "many", "v")
+
+
+class PartitionError(ParallelConfigError):
+    """A partition that does not cover the model's chain, or splits a co-location group."""
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """How the model is cut and scheduled.
+
+    Args:
+        stages: unit names per stage, in chain order (e.g. [["retrieval", "blocks.0"],
+            ["blocks.1", "head"]]). With `pp` ranks, a "one"-stage-per-rank schedule needs
+            `pp` stages; interleaved and V schedules take a multiple of `pp`.
+        schedule: one of `SCHEDULES`.
+        num_microbatches: micro-batches per step; must divide the (per-replica) batch.
+    """
+
+    stages: list[list[str]]
+    schedule: str = "1f1b"
+    num_microbatches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ParallelConfigError(
+                f"schedule={self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}"
+            )
+        if self.num_microbatches < 1:
+            raise ParallelConfigError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
+        if not self.stages or any(not stage for stage in self.stages):
+            raise PartitionError(f"every stage needs at least one unit, got stages={self.stages}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+
+def check_partition(stages: list[list[str]], chain: list[str],
+                    colocation_groups: list[list[str]] = ()) -> None:
+    """Raise `PartitionError` unless `stages` cut `chain` into contiguous pieces, in order,
+    each unit once, with every co-location group inside one stage."""
+    flat = [name for stage in stages for name in stage]
+    if flat != list(chain):
+        unknown = sorted(set(flat) - set(chain))
+        missing = [name for name in chain if name not in flat]
+        raise PartitionError(
+            f"partition {stages} must list the model's units once each, in chain order "
+            f"{chain}; unknown: {unknown}, missing: {missing}"
+        )
+    stage_of = {name: index for index, stage in enumerate(stages) for name in stage}
+    for group in colocation_groups:
+        where = {name: stage_of[name] for name in group}
+        if len(set(where.values())) > 1:
+            raise PartitionError(
+                f"co-location group {group} is split across stages {where}; these units "
+                f"share weights or the retrieval sub-graph and must be in one stage"
+            )
+
+
+def check_schedule(config: PipelineConfig, pp_size: int) -> None:
+    """The schedule / stage count / micro-batch combinations torch accepts, checked early."""
+    _, per_rank, layout = SCHEDULES[config.schedule]
+    n, m = config.num_stages, config.num_microbatches
+    if per_rank == "one" and n != pp_size:
+        raise ParallelConfigError(
+            f"schedule={config.schedule!r} runs one stage per pipeline rank: the partition "
+            f"has {n} stages but pipeline_parallel_size={pp_size}; use {pp_size} stages or an "
+            f"interleaved schedule"
+        )
+    if per_rank == "many" and n % pp_size:
+        raise ParallelConfigError(
+            f"schedule={config.schedule!r} needs a multiple of pipeline_parallel_size="
+            f"{pp_size} stages, got {n}"
+        )
+    if layout == "v" and n != 2 * pp_size:
+        raise ParallelConfigError(
+            f"schedule={config.schedule!r} needs exactly 2 stages per rank "
+            f"({2 * pp_size} stages), got {n}"
+        )
+    if config.schedule in ("1f1b", "dualpipev") and m < n:
+        raise ParallelConfigError(
+            f"schedule={config.schedule!r} needs num_microbatches >= the number of stages "
+            f"({n}), got {m}"
+        )
+    if config.schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
+        rounds = max(1, m // pp_size)
+        if m % rounds:
+            raise ParallelConfigError(
+                f"schedule={config.schedule!r} needs num_microbatches to be a multiple of "
+                f"max(1, num_microbatches // pipeline_parallel_size) = {rounds}, got {m}"
+            )
+
+
+def check_batch(batch_size: int, num_microbatches: int) -> None:
+    if batch_size % num_microbatches:
+        raise ParallelConfigError(
+            f"batch size {batch_size} is not divisible by num_microbatches={num_microbatches}"
+        )
+
+
+def stage_ranks(num_stages: int, pp_size: int, schedule: str) -> list[int]:
+    """The pipeline rank that holds each stage: round-robin, or V-shaped (0..p-1, p-1..0)."""
+    if SCHEDULES[schedule][2] == "loop":
+        return [stage % pp_size for stage in range(num_stages)]
+    return [s if s < pp_size else 2 * pp_size - 1 - s for s in range(num_stages)]
+
+
+class StageModule(nn.Module):
+    """The units of one stage, kept under their model names, run in chain order.
+
+    The first stage takes the batch tensors positionally (`batch_keys` order) and gives the
+    first unit the batch dict; every other unit takes and returns the carry tuple.
+    """
+
+    def __init__(self, units: list[tuple[str, nn.Module]], *,
+                 batch_keys: tuple[str, ...] | None = None) -> None:
+        super().__init__()
+        self.unit_names = [name for name, _ in units]
+        self.batch_keys = batch_keys
+        for name, unit in units:
+            _set_submodule(self, name, unit)
+
+    def forward(self, *args: torch.Tensor):
+        names = self.unit_names
+        carry = args
+        if self.batch_keys is not None:
+            carry = self.get_submodule(names[0])(dict(zip(self.batch_keys, args, strict=True)))
+            names = names[1:]
+        for name in names:
+            carry = self.get_submodule(name)(*carry)
+        return carry
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Place `module` at dotted `path`, creating plain containers on the way."""
+    *parents, leaf = path.split(".")
+    node = root
+    for part in parents:
+        if not hasattr(node, part):
+            node.add_module(part, nn.Module())
+        node = getattr(node, part)
+    node.add_module(leaf, module)
+
+
+def microbatch_loss(losses: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+    """The training loss of one micro-batch from the head's (B, 2) per-example losses.
+
+    torch's schedules divide gradients by the micro-batch count, so the step's gradient is
+    that of the mean over the whole batch, as in `RAGModel.forward`."""
+    return losses.float().mean(dim=0).sum()
+
+
+@dataclass
+class _TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> _TensorSpec:
+        return cls(tuple(t.shape), t.dtype, t.requires_grad)
+
+    def example(self, device: torch.device) -> torch.Tensor:
+        """Zeros (valid as labels, masks and ids alike), flagged as the real tensor is."""
+        t = torch.zeros(self.shape, dtype=self.dtype, device=device)
+        return t.requires_grad_(self.requires_grad) if t.is_floating_point() else t
+
+
+@dataclass
+class Pipeline:
+    """This rank's stages of the model and the torch schedule that runs them.
+
+    Build with `build_pipeline`. `step(batch)` runs forward and backward of every
+    micro-batch and leaves gradients (already averaged over micro-batches) in `.grad`.
+    """
+
+    config: PipelineConfig
+    modules: list[StageModule]
+    stages: list[pp.PipelineStage]
+    schedule: object
+    batch_keys: tuple[str, ...]
+    batch_size: int
+    has_first: bool = field(init=False)
+    has_last: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.has_first = any(stage.is_first for stage in self.stages)
+        self.has_last = any(stage.is_last for stage in self.stages)
+
+    def parameters(self):
+        for module in self.modules:
+            yield from module.parameters()
+
+    def named_parameters(self):
+        """(model name, parameter) for every parameter this rank holds."""
+        for module in self.modules:
+            yield from module.named_parameters()
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Forward + backward over the micro-batches of `batch`; returns the per-example
+        (B, 2) losses on the rank that holds the last stage, None elsewhere."""
+        batch_size = len(batch[self.batch_keys[0]])
+        if batch_size != self.batch_size:
+            raise ParallelConfigError(
+                f"the pipeline was built for batches of {self.batch_size} (fixed stage "
+                f"shapes), got {batch_size}; use drop_last=True and one batch size"
+            )
+        kwargs = {}
+        if self.has_last:
+            kwargs["target"] = torch.zeros(batch_size, device=self.stages[0].device)
+        args = tuple(batch[k] for k in self.batch_keys) if self.has_first else ()
+        output = self.schedule.step(*args, **kwargs)
+        return output.detach() if self.has_last else None
+
+
+def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict, *,
+                   pp_group: dist.ProcessGroup, device: torch.device) -> Pipeline:
+    """Cut `model` (it must have `units()` and may have `colocation_groups()`) into the
+    stages of `config`, keep this rank's, and set up the schedule.
+
+    `example_batch` is one full (per-replica) batch; its first micro-batch fixes the shapes
+    that cross stage boundaries. Every rank of `pp_group` must call this together.
+    """
+    units = dict(model.units())
+    groups = model.colocation_groups() if hasattr(model, "colocation_groups") else []
+    check_partition(config.stages, list(units), groups)
+    pp_size = dist.get_world_size(pp_group)
+    check_schedule(config, pp_size)
+    batch_keys = tuple(sorted(k for k, v in example_batch.items() if isinstance(v, torch.Tensor)))
+    batch_size = len(example_batch[batch_keys[0]])
+    check_batch(batch_size, config.num_microbatches)
+
+    owners = stage_ranks(config.num_stages, pp_size, config.schedule)
+    pp_rank = dist.get_rank(pp_group)
+    local = [s for s in range(config.num_stages) if owners[s] == pp_rank]
+    modules = {
+        s: StageModule([(name, units[name]) for name in config.stages[s]],
+                       batch_keys=batch_keys if s == 0 else None).to(device)
+        for s in local
+    }
+    micro = config.num_microbatches
+    first_micro = tuple(example_batch[k][: batch_size // micro].to(device) for k in batch_keys)
+    io = _infer_stage_io(modules, owners, first_micro, pp_group, device)
+    stages = [
+        pp.PipelineStage(modules[s], s, config.num_stages, device,
+                         input_args=io[s][0], output_args=io[s][1], group=pp_group)
+        for s in local
+    ]
+    schedule_cls, per_rank, _ = SCHEDULES[config.schedule]
+    stage_arg = stages[0] if per_rank == "one" else stages
+    schedule = schedule_cls(stage_arg, n_microbatches=micro, loss_fn=microbatch_loss)
+    return Pipeline(config, [modules[s] for s in local], stages, schedule, batch_keys, batch_size)
+
+
+def _infer_stage_io(modules: dict[int, StageModule], owners: list[int], first_micro: tuple,
+                    pp_group: dist.ProcessGroup, device: torch.device) -> dict[int, tuple]:
+    """Example (inputs, outputs) of each local stage, found by running one micro-batch
+    stage by stage; shapes travel between ranks as small objects.
+
+    Later stages run on zeros of the right shape: values do not matter, but whether each
+    output needs a gradient does, so this runs with autograd on and nothing is kept."""
+    pp_rank = dist.get_rank(pp_group)
+    io: dict[int, tuple] = {}
+    specs: list[_TensorSpec] | None = None
+    for s, owner in enumerate(owners):
+        if owner != pp_rank:
+            continue
+        if s == 0:
+            inputs = first_micro
+        else:
+            if owners[s - 1] != pp_rank:
+                received = [None]
+                dist.recv_object_list(received, src=dist.get_global_rank(pp_group, owners[s - 1]),
+                                      group=pp_group, device=device)
+                specs = received[0]
+            inputs = tuple(spec.example(device) for spec in specs)
+        with torch.enable_grad():
+            outputs = modules[s](*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        specs = [_TensorSpec.of(t) for t in outputs]
+        io[s] = (tuple(_detached(t) for t in inputs), tuple(spec.example(device) for spec in specs))
+        if s + 1 < len(owners) and owners[s + 1] != pp_rank:
+            dist.send_object_list([specs], dst=dist.get_global_rank(pp_group, owners[s + 1]),
+                                  group=pp_group, device=device)
+    return io
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t.detach()
