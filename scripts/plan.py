@@ -57,7 +57,8 @@ def _profile(args) -> Profile:
 
 
 def _chain(args):
-    return chain_from_profile(_profile(args), declared=args.chain == "declared",
+    declared = None if args.chain == "auto" else args.chain == "declared"
+    return chain_from_profile(_profile(args), declared=declared,
                               tied=args.tied, max_unit_share=args.max_unit_share)
 
 
@@ -119,8 +120,9 @@ def main(argv=None) -> None:
     common.add_argument("--profile-batch", type=int, default=2,
                         help="samples in the traced micro-batch")
     common.add_argument("--runs", type=int, default=5, help="timed passes (median)")
-    common.add_argument("--chain", choices=["declared", "walk"], default="declared",
-                        help="the model's units() chain, or walk the module tree")
+    common.add_argument("--chain", choices=["auto", "declared", "walk"], default="auto",
+                        help="the model's units() chain (auto: when it has one), or walk "
+                             "the module tree")
     common.add_argument("--max-unit-share", type=float, default=1 / 32)
     common.add_argument("--tied", choices=["colocate", "replicate"], default="colocate")
     common.add_argument("--json", help="write the result as JSON here")

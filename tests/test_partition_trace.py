@@ -178,3 +178,36 @@ def test_same_profile_same_plan(measured):
     assert first.plan.cuts == second.plan.cuts
     assert first.plan.step_ms == second.plan.step_ms
     assert isinstance(first.chain, CostChain)
+
+
+def test_plan_script_writes_json_and_pictures(measured, tmp_path):
+    """scripts/plan.py partition from a saved profile: table, JSON, both pictures."""
+    import importlib.util
+    from pathlib import Path
+
+    from trainers.partition import plan
+    from trainers.partition.plan_io import read_json
+
+    saved = tmp_path / "profile.json"
+    saved.write_text(json.dumps(measured.to_dict()))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plan.py"
+    spec = importlib.util.spec_from_file_location("plan_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "plan.json"
+    module.main(["partition", "--from-profile", str(saved), "--tied", "replicate",
+                 "--stages", "3", "--microbatches", "6", "--json", str(out),
+                 "--png", str(tmp_path / "stages.png"),
+                 "--timeline-png", str(tmp_path / "timeline.png")])
+    data = read_json(out)
+    stages = data["optimal"]["stages"]
+    assert len(stages) == 3 and data["exact"]
+    assert [u for s in stages for u in s["units"]] == [u["name"] for u in data["units"]]
+    assert data["optimal"]["imbalance"] == pytest.approx(
+        max(s["compute_ms"] for s in stages) / (sum(s["compute_ms"] for s in stages) / 3))
+    assert set(data["baselines"]) == {"equal_layers", "balanced_params"}
+    assert (tmp_path / "stages.png").stat().st_size > 10_000
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+    same = plan(measured, PartitionConfig(num_stages=3, schedule=ScheduleSpec(
+        num_microbatches=6)), tied="replicate")
+    assert list(same.plan.cuts) == data["optimal"]["cuts"]

@@ -56,9 +56,12 @@ def format_layouts(ranked: list[Estimate], top: int = 15) -> str:
               f"{'bubble':>8}{'imbal':>7}{'tp ms':>9}{'dp ms':>8}{'GB/GPU tp/pp/dp':>22}")]
     for i, e in enumerate(fitting[:top], 1):
         comm = "/".join(f"{e.comm_bytes.get(k, 0) / 1e9:.1f}" for k in ("tp", "pp", "dp"))
-        lines.append(f"{i:>3} {e.layout.describe():<40}{e.step_ms:>10.1f}{e.samples_per_s:>11.1f}"
+        mark = "" if e.exact else " *"
+        lines.append(f"{i:>3} {e.layout.describe() + mark:<40}{e.step_ms:>10.1f}{e.samples_per_s:>11.1f}"
                      f"{e.memory_bytes / GIB:>9.2f}{e.bubble:>8.1%}{e.imbalance:>7.3f}"
                      f"{e.tp_ms:>9.1f}{e.dp_ms:>8.1f}{comm:>22}")
+    if any(not e.exact for e in fitting[:top]):
+        lines.append("  * partition search hit its node budget: best split found, not proven")
     return "\n".join(lines)
 
 
