@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from trainers.partition.chain import CostChain, MemoryModel, UnitCost
 from trainers.partition.costs import DeviceSpec
-from trainers.partition.partition import (InfeasibleError, PartitionConfig, PartitionResult,
-                                          plan_partition)
+from trainers.partition.partition import (
+    InfeasibleError,
+    PartitionConfig,
+    PartitionResult,
+    plan_partition,
+)
 from trainers.partition.planner import ClusterSpec, Layout, compare_source_case, rank_layouts
 from trainers.partition.schedule import ScheduleSpec
 from trainers.partition.trace import Profile, trace_model
