@@ -186,7 +186,7 @@ def test_plan_script_writes_json_and_pictures(measured, tmp_path):
     from pathlib import Path
 
     from trainers.partition import plan
-    from trainers.partition.plan_io import read_json
+    from trainers.partition.plan_io import read_json, stage_units
 
     saved = tmp_path / "profile.json"
     saved.write_text(json.dumps(measured.to_dict()))
@@ -202,7 +202,7 @@ def test_plan_script_writes_json_and_pictures(measured, tmp_path):
     data = read_json(out)
     stages = data["optimal"]["stages"]
     assert len(stages) == 3 and data["exact"]
-    assert [u for s in stages for u in s["units"]] == [u["name"] for u in data["units"]]
+    assert [u for s in stage_units(data) for u in s] == [u["name"] for u in data["units"]]
     assert data["optimal"]["imbalance"] == pytest.approx(
         max(s["compute_ms"] for s in stages) / (sum(s["compute_ms"] for s in stages) / 3))
     assert set(data["baselines"]) == {"equal_layers", "balanced_params"}

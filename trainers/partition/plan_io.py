@@ -77,6 +77,12 @@ def write_json(result: PartitionResult, path: str | Path, **extra) -> dict:
     return data
 
 
+def stage_units(data: dict, method: str = "optimal") -> list[list[str]]:
+    """Unit names per stage (chunk order): what ``trainers.parallel.pipeline`` takes."""
+    plan = data[method] if method == "optimal" else data["baselines"][method]
+    return [list(stage["units"]) for stage in plan["stages"]]
+
+
 def read_json(path: str | Path) -> dict:
     data = json.loads(Path(path).read_text())
     if data.get("format") != FORMAT:
