@@ -20,7 +20,7 @@ from itertools import pairwise
 
 from trainers.partition.chain import CostChain, MemoryModel
 from trainers.partition.schedule import ScheduleSpec, Simulation, simulate
-from trainers.partition.search import Problem, Score, SearchResult, search
+from trainers.partition.search import Problem, Score, SearchResult, fits_memory, search
 
 OPTIMIZE = {"speed": 0.0, "memory": 1.0}
 
@@ -381,15 +381,13 @@ def _infeasible(chain: CostChain, config: PartitionConfig) -> InfeasibleError:
 
 def smallest_fitting_stages(chain: CostChain, config: PartitionConfig) -> int | None:
     """Smallest p (one chunk per rank, 1F1B or GPipe as configured) with a split under the cap."""
-    from trainers.partition.search import _Pipeline
-
     name = "gpipe" if config.schedule.name == "gpipe" else "1f1b"
     for p in range(1, chain.num_segments() + 1):
         m = max(config.schedule.num_microbatches, p)
         trial = PartitionConfig(num_stages=p, schedule=ScheduleSpec(name=name, num_microbatches=m),
                                 memory_cap_bytes=config.memory_cap_bytes, memory=config.memory,
                                 link_gb_per_s=config.link_gb_per_s)
-        if _Pipeline(make_problem(chain, trial), None, 0).suffix_mem[p][0] < math.inf:
+        if fits_memory(make_problem(chain, trial)):
             return p
     return None
 

@@ -158,17 +158,14 @@ def estimate(chain: CostChain, cluster: ClusterSpec, layout: Layout, *, global_b
         return Estimate(layout, False, f"dp*pp*tp={dp * pp * tp} != {cluster.num_gpus} GPUs")
     if global_batch % (dp * m):
         return Estimate(layout, False, f"global batch {global_batch} not divisible by dp*m")
-    micro = global_batch // (dp * m)
     scale, memory = PRECISIONS[precision]
-    sharded = shard_chain(chain, cluster, tp, dp, micro, scale)
-    p2p_inter = tp * dp >= cluster.gpus_per_node and cluster.num_nodes > 1
-    link = cluster.inter_gb_per_s_per_gpu if p2p_inter else cluster.intra_node_gb_per_s
-    latency = cluster.inter_latency_us if p2p_inter else cluster.intra_latency_us
+    sharded = shard_chain(chain, cluster, tp, global_batch // (dp * m), scale)
+    link_gb_per_s, latency_us = _stage_link(cluster, tp, dp)
     config = PartitionConfig(
-        num_stages=pp, memory=memory, link_gb_per_s=link, link_latency_ms=latency / 1e3,
-        memory_cap_bytes=cluster.gpu.memory_gib * 2**30, max_nodes=max_nodes,
-        schedule=ScheduleSpec(name=layout.schedule, num_microbatches=m,
-                              virtual_stages=layout.virtual_stages))
+        num_stages=pp, memory=memory, link_gb_per_s=link_gb_per_s,
+        link_latency_ms=latency_us / 1e3, memory_cap_bytes=cluster.gpu.memory_gib * 2**30,
+        max_nodes=max_nodes, schedule=ScheduleSpec(name=layout.schedule, num_microbatches=m,
+                                                   virtual_stages=layout.virtual_stages))
     try:
         result = plan_partition(sharded, config)
     except InfeasibleError as err:
@@ -176,35 +173,48 @@ def estimate(chain: CostChain, cluster: ClusterSpec, layout: Layout, *, global_b
     except ValueError as err:
         return Estimate(layout, False, str(err))
     plan = result.plan
-    dp_span = group_span(cluster, dp, tp)
     rank_params = [0] * pp
     for stage in plan.stages:
         rank_params[stage.rank] += stage.param_count
     grad_bytes = max(rank_params) * (memory.grad_bytes_per_param or 4)
-    dp_ms = allreduce_ms(grad_bytes, dp_span, cluster)
-    optimizer_ms = max(rank_params) * 16 / (cluster.gpu.mem_gb_per_s * 1e9) * 1e3
+    dp_ms = allreduce_ms(grad_bytes, group_span(cluster, dp, tp), cluster)
+    optimizer_ms = max(rank_params) * 16 / (cluster.gpu.mem_gb_per_s * 1e9) * 1e3  # Adam r/w
+    tp_ms, comm = _traffic(result, sharded, cluster, layout)
+    comm["dp"] = grad_bytes * 2 * (dp - 1) / dp if dp > 1 else 0.0
+    step = plan.step_ms + dp_ms + optimizer_ms
+    return Estimate(layout, plan.fits, "" if plan.fits else "over memory", step,
+                    plan.step_ms, tp_ms, dp_ms, optimizer_ms, plan.bubble,
+                    plan.imbalance, max(plan.rank_memory_bytes), comm,
+                    global_batch / step * 1e3, result.exact, result)
+
+
+def _stage_link(cluster: ClusterSpec, tp: int, dp: int) -> tuple[float, float]:
+    """Per-GPU bandwidth and latency between pipeline neighbours (``tp * dp`` GPUs apart)."""
+    if tp * dp >= cluster.gpus_per_node and cluster.num_nodes > 1:
+        return cluster.inter_gb_per_s_per_gpu, cluster.inter_latency_us
+    return cluster.intra_node_gb_per_s, cluster.intra_latency_us
+
+
+def _traffic(result: PartitionResult, sharded: CostChain, cluster: ClusterSpec,
+             layout: Layout) -> tuple[float, dict]:
+    """Busiest rank's tensor-parallel all-reduce time per step, and bytes per GPU per step."""
+    pp, tp, m = layout.pp, layout.tp, layout.num_microbatches
     tp_span = group_span(cluster, tp, 1)
     tp_ms, tp_bytes, pp_bytes = [0.0] * pp, [0.0] * pp, [0.0] * pp
-    for stage in plan.stages:
+    for stage in result.plan.stages:
         for name in stage.units:
             unit = sharded.units[sharded.index_of(name)]
             operand = unit.out_bytes * tp  # each tensor rank all-reduces the whole activation
             tp_ms[stage.rank] += m * _tp_count(unit) * allreduce_ms(operand, tp_span, cluster)
             tp_bytes[stage.rank] += m * _tp_count(unit) * operand * 2 * (tp - 1) / tp
-    for chunk, cut in enumerate(plan.cuts, start=1):  # a boundary's sender and receiver
+    for chunk, cut in enumerate(result.plan.cuts, start=1):  # sender and receiver
         sent = 2 * m * sharded.units[cut - 1].out_bytes
         pp_bytes[(chunk - 1) % pp] += sent
         pp_bytes[chunk % pp] += sent
-    step = plan.step_ms + dp_ms + optimizer_ms
-    comm = {"tp": max(tp_bytes), "pp": max(pp_bytes),
-            "dp": grad_bytes * 2 * (dp - 1) / dp if dp > 1 else 0.0}
-    return Estimate(layout, plan.fits, "" if plan.fits else "over memory", step,
-                    plan.step_ms, max(tp_ms), dp_ms, optimizer_ms, plan.bubble,
-                    plan.imbalance, max(plan.rank_memory_bytes), comm,
-                    global_batch / step * 1e3, result.exact, result)
+    return max(tp_ms), {"tp": max(tp_bytes), "pp": max(pp_bytes)}
 
 
-def shard_chain(chain: CostChain, cluster: ClusterSpec, tp: int, dp: int, micro: int,
+def shard_chain(chain: CostChain, cluster: ClusterSpec, tp: int, micro: int,
                 scale: float) -> CostChain:
     """Per-GPU unit costs at micro-batch ``micro`` under ``tp``-way tensor parallelism."""
     if chain.microbatch_size is None:

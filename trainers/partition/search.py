@@ -123,6 +123,11 @@ def search(problem: Problem, evaluate: Callable[[tuple[int, ...]], Score | None]
     return finder.run()
 
 
+def fits_memory(problem: Problem) -> bool:
+    """Whether some split into one stage per rank keeps every stage under the memory cap."""
+    return _Pipeline(problem, None, 0).suffix_mem[problem.num_ranks][0] < math.inf
+
+
 class _Pipeline:
     """Branch and bound over p contiguous stages (one per rank)."""
 
