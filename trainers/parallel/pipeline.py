@@ -15,6 +15,7 @@ one micro-batch through the chain stage by stage.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -251,12 +252,14 @@ class Pipeline:
 
 
 def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict, *,
-                   pp_group: dist.ProcessGroup, device: torch.device) -> Pipeline:
+                   pp_group: dist.ProcessGroup, device: torch.device,
+                   parallelize: Callable[[nn.Module], object] | None = None) -> Pipeline:
     """Cut `model` (it must have `units()` and may have `colocation_groups()`) into the
     stages of `config`, keep this rank's, and set up the schedule.
 
     `example_batch` is one full (per-replica) batch; its first micro-batch fixes the shapes
-    that cross stage boundaries. Every rank of `pp_group` must call this together.
+    that cross stage boundaries. `parallelize` (e.g. tensor parallelism) is applied to each
+    local stage module before anything runs. Every rank of `pp_group` must call this together.
     """
     units = dict(model.units())
     groups = model.colocation_groups() if hasattr(model, "colocation_groups") else []
@@ -275,6 +278,9 @@ def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict
                        batch_keys=batch_keys if s == 0 else None).to(device)
         for s in local
     }
+    for module in modules.values():
+        if parallelize is not None:
+            parallelize(module)
     micro = config.num_microbatches
     first_micro = tuple(example_batch[k][: batch_size // micro].to(device) for k in batch_keys)
     io = _infer_stage_io(modules, owners, first_micro, pp_group, device)
