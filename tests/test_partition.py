@@ -272,3 +272,39 @@ def test_memory_knob_trades_time_for_memory():
     assert max(memory.plan.rank_memory_bytes) < max(speed.plan.rank_memory_bytes)
     assert speed.plan.step_ms < memory.plan.step_ms
     assert math.isfinite(memory.plan.imbalance)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(1, 4), v=st.integers(1, 3), k=st.integers(1, 3), data=st.data())
+def test_simulated_schedules_respect_every_dependency(p, v, k, data):
+    name = data.draw(st.sampled_from(["gpipe", "1f1b"])) if v == 1 else "interleaved_1f1b"
+    if name == "interleaved_1f1b" and p == 1:
+        return
+    m = p * k
+    chunks = p * v
+    times = st.floats(0.0, 5.0, allow_nan=False)
+    fwd = [data.draw(times) for _ in range(chunks)]
+    bwd = [data.draw(times) for _ in range(chunks)]
+    comm = [data.draw(times) for _ in range(chunks - 1)]
+    sim = simulate(fwd, bwd, comm, ScheduleSpec(name=name, num_microbatches=m, virtual_stages=v),
+                   num_ranks=p, act_bytes=[1.0] * chunks)
+    ops = {(op.kind, op.chunk, op.microbatch): op for op in sim.ops}
+    assert len(ops) == 2 * chunks * m
+    eps = 1e-9
+    for (kind, c, i), op in ops.items():
+        assert op.rank == c % p
+        if kind == "F" and c > 0:
+            assert op.start_ms >= ops[("F", c - 1, i)].end_ms + comm[c - 1] - eps
+        if kind == "B":
+            assert op.start_ms >= ops[("F", c, i)].end_ms - eps
+            if c < chunks - 1:
+                assert op.start_ms >= ops[("B", c + 1, i)].end_ms + comm[c] - eps
+    for r in range(p):
+        mine = [op for op in sim.ops if op.rank == r]  # in the rank's execution order
+        assert all(a.end_ms <= b.start_ms + eps for a, b in pairwise(mine))
+    assert sim.step_ms == pytest.approx(max(op.end_ms for op in sim.ops))
+    busy = sum(op.end_ms - op.start_ms for op in sim.ops)
+    if sim.step_ms > 0:
+        assert sim.bubble == pytest.approx(1 - busy / (p * sim.step_ms))
+    if name == "1f1b":
+        assert sim.peak_inflight == tuple(min(p - s, m) for s in range(p))
