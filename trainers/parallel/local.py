@@ -1,8 +1,9 @@
 """Run a function on N local CPU processes over gloo (tests and benchmarks).
 
 Real jobs start with `torchrun` or SLURM; this is the in-Python equivalent for one machine.
-Each process gets `fn(rank, world_size, *args)` with the default group initialised, and
-one intra-op thread so N processes share few cores fairly.
+Each process gets `fn(rank, world_size, *args)` with the default group initialised, the
+variables torchrun sets (so Lightning sees processes created externally), and one
+intra-op thread so N processes share few cores fairly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:

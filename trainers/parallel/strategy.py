@@ -1,0 +1,262 @@
+"""The Lightning strategy: pipeline x tensor x data parallel training on torch.distributed.
+
+    Trainer(strategy=PipelineStrategy(partition=[["retrieval", "blocks.0"], ["blocks.1", "head"]],
+                                      pipeline_parallel_size=2, num_microbatches=4))
+
+The LightningModule must hold the model as `.model`, with the unit chain `units()` (and
+`colocation_groups()`) of `rag_mm.model.RAGModel`. At setup the strategy builds the
+("dp", "pp", "tp") mesh, applies tensor parallelism, and keeps only this rank's pipeline
+units (the others become `RemoteUnit` placeholders, so parameters, optimizer state and
+state dicts hold this rank's share under the model's own names).
+
+A pipeline schedule runs forward and backward together, so the strategy owns the training
+step: `training_step` runs torch's schedule over the micro-batches, averages gradients over
+dp, logs `train/loss`, `train/generator_loss`, `train/retriever_loss` (the same numbers on
+every rank), and parks the new gradients until Lightning's `backward` (which runs after
+Lightning's `zero_grad`) adds them to whatever Lightning kept (gradient accumulation). Gradient clipping by norm uses the norm over all
+stages and shards. The module's own `training_step` is not called.
+
+Not yet: validation / test / predict loops, `partition="auto"`, FSDP2 / ZeRO sharding over
+dp (dp replicas all-reduce gradients), checkpoint resume and reshard.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from trainers.parallel.mesh import ParallelConfigError, ParallelDims
+from trainers.parallel.pipeline import (
+    Pipeline,
+    PipelineConfig,
+    build_pipeline,
+    check_partition,
+    check_schedule,
+    stage_ranks,
+)
+from trainers.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
+
+LOSS_NAMES = ("generator_loss", "retriever_loss")  # the columns of the head's (B, 2) losses
+
+
+class RemoteUnit(nn.Module):
+    """Stands in for a unit that lives on another pipeline rank."""
+
+    def __init__(self, name: str, pp_rank: int) -> None:
+        super().__init__()
+        self.unit_name, self.pp_rank = name, pp_rank
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            f"unit {self.unit_name!r} lives on pipeline rank {self.pp_rank}; under "
+            f"PipelineStrategy only the strategy's pipeline runs the model"
+        )
+
+
+class PipelineStrategy(ModelParallelStrategy):
+    """Pipeline (torch.distributed.pipelining) x tensor (DTensor) x data parallelism.
+
+    Args:
+        partition: unit names per pipeline stage, in chain order.
+        pipeline_parallel_size, tensor_parallel_size: ranks per pipeline / per layer.
+        data_parallel_size: replicas; None takes the rest of the world size.
+        num_microbatches: micro-batches per step; must divide the per-replica batch.
+        schedule: one of `trainers.parallel.pipeline.SCHEDULES` (`gpipe`, `1f1b`,
+            `interleaved_1f1b`, `looped_bfs`, `interleaved_zero_bubble`, `zbv_zero_bubble`,
+            `dualpipev`).
+        process_group_backend: default NCCL on GPUs, gloo on CPU.
+    """
+
+    def __init__(self, *, partition: list[list[str]], pipeline_parallel_size: int = 1,
+                 tensor_parallel_size: int = 1, data_parallel_size: int | None = None,
+                 num_microbatches: int = 1, schedule: str = "1f1b",
+                 process_group_backend: str | None = None,
+                 timeout: timedelta | None = default_pg_timeout) -> None:
+        super().__init__(data_parallel_size=1, tensor_parallel_size=1,
+                         save_distributed_checkpoint=True,
+                         process_group_backend=process_group_backend, timeout=timeout)
+        self.pipeline_config = PipelineConfig(stages=[list(s) for s in partition],
+                                              schedule=schedule, num_microbatches=num_microbatches)
+        self._sizes = {"pipeline_parallel_size": pipeline_parallel_size,
+                       "tensor_parallel_size": tensor_parallel_size,
+                       "data_parallel_size": data_parallel_size}
+        self.dims: ParallelDims | None = None
+        self.pipeline: Pipeline | None = None
+        self._parked: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    # -- processes and mesh ----------------------------------------------------------------------
+    def setup_environment(self) -> None:
+        ParallelStrategy.setup_environment(self)
+        self._setup_distributed()
+        self.dims = ParallelDims(world_size=self.world_size, **self._sizes)
+        check_schedule(self.pipeline_config, self.dims.pp)
+        self._device_mesh = self.dims.build_mesh(self.root_device.type)
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        dp_mesh = self.device_mesh["dp"]
+        return {"num_replicas": dp_mesh.size(), "rank": dp_mesh.get_local_rank()}
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.device_mesh["pp"].get_group()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.device_mesh["pp"].get_local_rank()
+
+    # -- model -----------------------------------------------------------------------------------
+    def _chain_model(self) -> nn.Module:
+        model = getattr(self.lightning_module, "model", None)
+        if model is None or not hasattr(model, "units"):
+            raise TypeError(
+                f"{type(self).__name__} needs the LightningModule to hold the model as `.model` "
+                f"with a `units()` chain (like rag_mm.model.RAGModel); "
+                f"{type(self.lightning_module).__name__} has none"
+            )
+        return model
+
+    def setup(self, trainer) -> None:
+        self.accelerator.setup(trainer)
+        model = self._chain_model()
+        names = [name for name, _ in model.units()]
+        groups = model.colocation_groups() if hasattr(model, "colocation_groups") else []
+        check_partition(self.pipeline_config.stages, names, groups)
+        check_tensor_parallel(model, self.dims.tp)
+        self._drop_remote_units(model)
+        if self.dims.tp > 1:
+            apply_tensor_parallel(model, self.device_mesh["tp"])
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
+
+    def _drop_remote_units(self, model: nn.Module) -> None:
+        config = self.pipeline_config
+        owners = stage_ranks(config.num_stages, self.dims.pp, config.schedule)
+        for stage, names in enumerate(config.stages):
+            if owners[stage] != self.pp_rank:
+                for name in names:
+                    model.set_submodule(name, RemoteUnit(name, owners[stage]))
+
+    def _pipeline_for(self, batch: dict[str, torch.Tensor]) -> Pipeline:
+        if self.pipeline is None:
+            self.pipeline = build_pipeline(self._chain_model(), self.pipeline_config, batch,
+                                           pp_group=self.pp_group, device=self.root_device)
+        return self.pipeline
+
+    # -- the training step -----------------------------------------------------------------------
+    def training_step(self, batch, batch_idx=None, *args, **kwargs) -> torch.Tensor:
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        earlier = self._take_grads()  # Lightning zeroes (or accumulates) these after this step
+        with self.precision_plugin.train_step_context():
+            losses = self._pipeline_for(tensors).step(tensors)
+        self._average_grads_over_dp()
+        self._parked = self._take_grads()
+        for param, grad in earlier:
+            param.grad = grad
+        means = self._share_losses(losses)
+        metrics = {"train/loss": means.sum()}
+        metrics.update({f"train/{n}": means[i] for i, n in enumerate(LOSS_NAMES)})
+        self.lightning_module.log_dict(metrics, prog_bar=True,
+                                       batch_size=self.pipeline.batch_size)
+        return means.sum()
+
+    def backward(self, closure_loss: torch.Tensor, optimizer, *args, **kwargs) -> torch.Tensor:
+        """The schedule already ran backward in `training_step`: hand its gradients back
+        (adding to any being accumulated), with the usual hooks around it."""
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        for param, grad in self._parked:
+            param.grad = grad if param.grad is None else param.grad + grad
+        self._parked = []
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def _local_params(self) -> list[nn.Parameter]:
+        return [p for p in self.lightning_module.parameters() if p.grad is not None]
+
+    def _take_grads(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        taken = [(p, p.grad) for p in self._local_params()]
+        for p, _ in taken:
+            p.grad = None
+        return taken
+
+    def _average_grads_over_dp(self) -> None:
+        if self.dims.dp == 1:
+            return
+        group = self.device_mesh["dp"].get_group()
+        for p in self._local_params():
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            dist.all_reduce(grad, group=group)
+            grad.div_(self.dims.dp)
+
+    def _share_losses(self, losses: torch.Tensor | None) -> torch.Tensor:
+        """(2,) batch-mean losses from the last stage, on every rank, averaged over dp."""
+        config = self.pipeline_config
+        last = stage_ranks(config.num_stages, self.dims.pp, config.schedule)[-1]
+        means = (losses.float().mean(0) if losses is not None
+                 else torch.zeros(len(LOSS_NAMES), device=self.root_device))
+        dist.broadcast(means, src=dist.get_global_rank(self.pp_group, last), group=self.pp_group)
+        if self.dims.dp > 1:
+            dist.all_reduce(means, group=self.device_mesh["dp"].get_group())
+            means /= self.dims.dp
+        return means
+
+    # -- gradient norms --------------------------------------------------------------------------
+    def grad_norm(self, parameters) -> torch.Tensor:
+        """The 2-norm of all gradients of the model, over every stage and shard."""
+        return total_grad_norm(parameters, self.pp_group, self.root_device)
+
+    def _clip_grad_by_norm(self, optimizer, clip_val: float) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        norm = self.grad_norm(params)
+        scale = min(1.0, float(clip_val) / (norm.item() + 1e-6))
+        if scale < 1.0:
+            for p in params:
+                p.grad.mul_(scale)
+
+    # -- loops not run through the pipeline yet --------------------------------------------------
+    def validation_step(self, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} does not run validation yet; pass "
+                           f"limit_val_batches=0 (and num_sanity_val_steps=0) to the Trainer")
+
+    test_step = predict_step = validation_step
+
+
+def total_grad_norm(parameters, pp_group: dist.ProcessGroup | None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """2-norm of the gradients of `parameters` (this rank's), whole over tensor-parallel
+    shards (DTensor) and summed over the pipeline ranks of `pp_group`."""
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for p in parameters:
+        if p.grad is None:
+            continue
+        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares = squares + norm.double().to(device) ** 2
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(squares, group=pp_group)
+    return squares.sqrt().float()
+
+
+__all__ = ["ParallelConfigError", "PipelineStrategy", "RemoteUnit", "total_grad_norm"]
