@@ -12,21 +12,23 @@ true value, so no split that could win is ever skipped:
   micro-batch 0 has crossed every unit before its first chunk (the prefix compute and the
   transfers there), and after its last backward that micro-batch's gradient must still cross
   them again. So ``T >= prefix(start_r) + comm_before(start_r) + m * load_r`` for every rank,
-  for any schedule the simulator runs. With one chunk per rank there is a second bound: the
-  stage's last backward waits for the last micro-batch's round trip through every later
-  unit (``suffix``), which it cannot start before its m forwards and the backwards its
-  schedule orders first (1F1B: m - w of them, w = p - s - 1 warm-up forwards), so
-  ``T >= prefix + m f_s + (m - w) b_s + suffix``. Both depend only on the stage's own
-  boundaries (the transfers before it relaxed to its own incoming one, those after to its
-  outgoing one), so a dynamic programme gives, for every suffix of the chain, the least
-  achievable maximum: the bound used to prune.
+  for any schedule the simulator runs. With one chunk per rank there are two more, from
+  the round trips through every later unit (``suffix``): the stage's last backward waits
+  for the last micro-batch's, after its m forwards and the backwards its schedule orders
+  first (1F1B, w = p - s - 1 warm-up forwards: ``T >= prefix + m f + (m - w) b + suffix``);
+  its first backward waits for micro-batch 0's, and everything after it in the schedule
+  still runs (``T >= prefix + f + suffix + (m - w - 1) f + m b``). All depend only on the
+  stage's own boundaries (the transfers before it relaxed to its own incoming one, those
+  after to its outgoing one), so a dynamic programme gives, for every suffix of the chain,
+  the least achievable maximum: the bound used to prune.
 * Memory. Per-rank parameter, gradient and optimizer bytes plus in-flight activations; for
   one chunk per rank the in-flight count of stage s is fixed by the schedule (1F1B: p - s),
   so the suffix dynamic programme for memory is exact.
 * Interleaved schedules (v > 1 chunks per rank): the same per-rank time bound; the rest of
   the chain is poured, as if divisible, into the ranks that still receive chunks (the least
-  level it can reach bounds the final maximum); static bytes bound the memory. Still exact, but the search can grow with p * v; ``max_nodes`` caps it and the
-  result then says ``exact=False``.
+  level it can reach bounds the final maximum); static bytes bound the memory. Still exact,
+  but the search can grow with p * v; ``max_nodes`` caps it and the result then says
+  ``exact=False``.
 """
 
 from __future__ import annotations
@@ -139,22 +141,25 @@ class _Pipeline:
     def stage_time(self, a: int, e: int, comm_before: float, stage: int) -> float:
         """A lower bound on the step from stage ``stage`` holding units a..e-1.
 
-        Busy time plus the prefix before its first forward and after its last backward;
-        and (the round trip) its last backward waits for the last micro-batch to go through
-        every later unit and back, after the forwards and the backwards the schedule puts
-        before that micro-batch's forward.
+        The prefix before its first forward and after its last backward, plus the most of:
+        its busy time; the wait for the last micro-batch's round trip through every later
+        unit before its last backward; the wait for micro-batch 0's round trip before its
+        first backward, after which the rest of its work still has to run (1F1B: every
+        backward and the forwards after the w + 1 it did first).
         """
         pb, m = self.pb, self.pb.num_microbatches
         pc, pf = pb.compute_prefix, pb.fwd_prefix
         fwd, bwd = pf[e] - pf[a], pc[e] - pc[a] - (pf[e] - pf[a])
-        busy = pc[a] + comm_before + m * (fwd + bwd)
+        start = pc[a] + comm_before
         after = pc[pb.num_units] - pc[e] + (2 * pb.comm_ms[e] if e < pb.num_units else 0.0)
         if pb.schedule == "gpipe":
-            trip = pc[a] + comm_before + m * fwd + max(m * bwd, after + bwd)
+            last_trip = m * fwd + max(m * bwd, after + bwd)
+            first_trip = max(m * fwd, fwd + after) + m * bwd
         else:
             warm = min(pb.num_ranks - stage - 1, m)
-            trip = pc[a] + comm_before + m * fwd + (m - warm) * bwd + after
-        return max(busy, trip)
+            last_trip = m * fwd + (m - warm) * bwd + after
+            first_trip = fwd + after + (m - warm - 1) * fwd + m * bwd
+        return start + max(m * (fwd + bwd), last_trip, first_trip)
 
     def stage_memory(self, a: int, e: int, stage: int) -> float:
         pb = self.pb
