@@ -1,11 +1,11 @@
 """PipelineStrategy in a real Lightning Trainer against single-process training.
 
-Two gloo processes run `Trainer.fit` of the tiny RAG module with pp=2 (1F1B, 2 micro-
-batches) for a few steps, with gradient clipping on; every step's logged loss and gradient
-norm (over both stages), and every parameter at the end, match a one-process Trainer on
-the same batches.
+Two gloo processes (pp=2, 1F1B, 2 micro-batches) and four (pp=2 x dp=2) run `Trainer.fit`
+of the tiny RAG module for a few steps with gradient clipping on; every step's logged loss
+and gradient norm (over all stages), and every parameter at the end, match a one-process
+Trainer on the same global batches.
 
-Run: .venv/bin/pytest tests/test_parallel_strategy.py -q       (about 40 s on 2 cores)
+Run: .venv/bin/pytest tests/test_parallel_strategy.py -q       (about 2 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -60,9 +60,12 @@ class Recorder(L.Callback):
         self.losses.append(trainer.callback_metrics["train/loss"].item())
 
 
-def fit(module, recorder: Recorder, **trainer_kwargs) -> None:
-    config = module.config
-    batches = [synthetic_batch(config, BATCH_SIZE, seed=i, num_docs=NUM_DOCS) for i in range(STEPS)]
+def make_batches(module, batch_size: int) -> list[dict]:
+    return [synthetic_batch(module.config, batch_size, seed=i, num_docs=NUM_DOCS)
+            for i in range(STEPS)]
+
+
+def fit(module, recorder: Recorder, batches: list[dict], **trainer_kwargs) -> None:
     trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, limit_val_batches=0,
                         num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -72,33 +75,39 @@ def fit(module, recorder: Recorder, **trainer_kwargs) -> None:
 
 
 def _strategy_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """pp=2 (x dp=2 with 4 processes): each replica reads its slice of the global batch."""
     module = make_module()
     recorder = Recorder()
+    dp = world_size // 2
     strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2, num_microbatches=2,
                                 schedule="1f1b")
-    fit(module, recorder, devices=world_size, strategy=strategy)
+    dp_rank = rank // 2  # ranks are (dp, pp) row-major
+    batches = [{k: v[dp_rank * BATCH_SIZE:(dp_rank + 1) * BATCH_SIZE] for k, v in b.items()}
+               for b in make_batches(module, dp * BATCH_SIZE)]
+    fit(module, recorder, batches, devices=world_size, strategy=strategy)
     values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     torch.save({"losses": recorder.losses, "norms": recorder.norms, "values": values},
                Path(out_dir) / f"fit_{rank}.pt")
 
 
-def reference_fit() -> dict:
-    """One process: the module's own training_step with gradient accumulation over the same
-    two micro-batches, expressed as a LightningModule that splits each batch."""
+def reference_fit(dp: int) -> dict:
+    """One process, the global batch in the same 2 * dp micro-batches, averaged."""
     module = make_module()
     initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     step = module.training_step
 
+    chunks = 2 * dp
+    size = BATCH_SIZE // 2
+
     def split_step(batch, batch_idx):  # the same micro-batches as the pipeline's
-        halves = [{k: v[i * 2:(i + 1) * 2] for k, v in batch.items()} for i in range(2)]
-        outs = [module.model(h) for h in halves]
-        loss = sum(o["loss"] for o in outs) / 2
+        parts = [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(chunks)]
+        loss = sum(module.model(part)["loss"] for part in parts) / chunks
         module.log("train/loss", loss)
         return loss
 
     module.training_step = split_step
     recorder = Recorder()
-    fit(module, recorder, devices=1)
+    fit(module, recorder, make_batches(module, dp * BATCH_SIZE), devices=1)
     module.training_step = step
     values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     return {"losses": recorder.losses, "norms": recorder.norms, "values": values,
@@ -116,12 +125,13 @@ def test_bad_configurations_fail_before_any_work():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_pp2_fit_matches_single_process_training(tmp_path):
+@pytest.mark.parametrize("world_size", [2, 4], ids=["pp2", "pp2xdp2"])
+def test_fit_matches_single_process_training(world_size, tmp_path):
     from trainers.parallel.local import run_local
 
-    run_local(_strategy_worker, 2, str(tmp_path))
-    results = [torch.load(tmp_path / f"fit_{r}.pt") for r in range(2)]
-    ref = reference_fit()
+    run_local(_strategy_worker, world_size, str(tmp_path))
+    results = [torch.load(tmp_path / f"fit_{r}.pt") for r in range(world_size)]
+    ref = reference_fit(dp=world_size // 2)
     for result in results:  # every rank logs the same numbers
         assert result["losses"] == pytest.approx(ref["losses"], rel=1e-5)
         assert result["norms"] == pytest.approx(ref["norms"], rel=1e-5)
