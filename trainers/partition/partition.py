@@ -198,7 +198,12 @@ def microbatch_chain(chain: CostChain, config: PartitionConfig) -> CostChain:
 def _check_sizes(chain: CostChain, config: PartitionConfig) -> None:
     segments = chain.num_segments()
     if config.num_chunks > segments:
-        merged = f" ({len(chain)} units before merging groups)" if segments < len(chain) else ""
+        merged = ""
+        if segments < len(chain):
+            spans = [f"{chain.units[min(g)].name}..{chain.units[max(g)].name}"
+                     for g in chain.groups if len(g) > 1 or min(g) != max(g)]
+            merged = (f" ({len(chain)} units before merging groups {spans}; a tied weight far "
+                      f"apart can be copied instead: chain_from_profile(tied='replicate'))")
         what = ("num_stages" if config.schedule.virtual_stages == 1
                 else f"num_stages * virtual_stages = {config.num_stages} * "
                      f"{config.schedule.virtual_stages}")
