@@ -16,23 +16,29 @@ every rank), and parks the new gradients until Lightning's `backward` (which run
 Lightning's `zero_grad`) adds them to whatever Lightning kept (gradient accumulation). Gradient clipping by norm uses the norm over all
 stages and shards. The module's own `training_step` is not called.
 
+Checkpoints are torch.distributed.checkpoint folders (ModelParallelStrategy's saving) under
+the model's own parameter names, so one saved under one layout resumes under another.
+
 Not yet: validation / test / predict loops, `partition="auto"`, FSDP2 / ZeRO sharding over
-dp (dp replicas all-reduce gradients), checkpoint resume and reshard.
+dp (dp replicas all-reduce gradients).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.tensor import DTensor
 
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
@@ -47,6 +53,7 @@ from trainers.parallel.pipeline import (
 from trainers.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
 
 LOSS_NAMES = ("generator_loss", "retriever_loss")  # the columns of the head's (B, 2) losses
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True)
 
 
 class RemoteUnit(nn.Module):
@@ -233,6 +240,43 @@ class PipelineStrategy(ModelParallelStrategy):
         if scale < 1.0:
             for p in params:
                 p.grad.mul_(scale)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Resume from a distributed checkpoint folder saved under any (pp, tp, dp) layout:
+        each rank reads the entries of the parameters it holds (DTensor shards resliced)."""
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not (path / _METADATA_FILENAME).is_file():
+            raise ValueError(
+                f"{path} is not a distributed checkpoint folder (no {_METADATA_FILENAME}); "
+                f"{type(self).__name__} resumes from the folders it (or ModelParallelStrategy) saves"
+            )
+        state = {"state_dict": get_model_state_dict(self.model)}
+        load(state, checkpoint_id=path)
+        self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            state = {key: get_optimizer_state_dict(self.model, optimizer, options=_FLAT)}
+            load(state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key],
+                                     options=_FLAT)
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """Optimizer state keyed by parameter name ("state.<name>.exp_avg",
+        "param_groups.<name>.lr"), so pipeline ranks never write the same entry and any
+        layout can read it back."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
+        return get_optimizer_state_dict(self.model, optimizer, options=_FLAT)
 
     # -- loops not run through the pipeline yet --------------------------------------------------
     def validation_step(self, *args, **kwargs):
