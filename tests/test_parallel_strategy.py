@@ -1,9 +1,9 @@
 """PipelineStrategy in a real Lightning Trainer against single-process training.
 
 Two gloo processes (pp=2, 1F1B, 2 micro-batches) and four (pp=2 x dp=2) run `Trainer.fit`
-of the tiny RAG module for a few steps with gradient clipping on; every step's logged loss
-and gradient norm (over all stages), and every parameter at the end, match a one-process
-Trainer on the same global batches.
+of the tiny RAG module for a few steps with gradient clipping on, validating after every
+step; every step's logged loss, gradient norm (over all stages) and validation loss, and
+every parameter at the end, match a one-process Trainer on the same global batches.
 
 Run: .venv/bin/pytest tests/test_parallel_strategy.py -q       (about 2 min on 2 cores)
 """
@@ -47,6 +47,10 @@ class Recorder(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.norms: list[float] = []
+        self.val_losses: list[float] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.val_losses.append(trainer.callback_metrics["val/loss"].item())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for p in pl_module.parameters() if p.grad is not None]
@@ -62,16 +66,19 @@ class Recorder(L.Callback):
 
 def make_batches(module, batch_size: int) -> list[dict]:
     return [synthetic_batch(module.config, batch_size, seed=i, num_docs=NUM_DOCS)
-            for i in range(STEPS)]
+            for i in range(STEPS + 1)]
 
 
 def fit(module, recorder: Recorder, batches: list[dict], **trainer_kwargs) -> None:
-    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, limit_val_batches=0,
+    """STEPS steps on batches[:-1], validating on batches[-1] after every step."""
+    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, val_check_interval=1,
                         num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, gradient_clip_val=1.0,
                         callbacks=[recorder], **trainer_kwargs)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    loader = torch.utils.data.DataLoader
+    trainer.fit(module, train_dataloaders=loader(batches[:-1], batch_size=None),
+                val_dataloaders=loader(batches[-1:], batch_size=None))
 
 
 def _strategy_worker(rank: int, world_size: int, out_dir: str) -> None:
@@ -86,8 +93,8 @@ def _strategy_worker(rank: int, world_size: int, out_dir: str) -> None:
                for b in make_batches(module, dp * BATCH_SIZE)]
     fit(module, recorder, batches, devices=world_size, strategy=strategy)
     values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    torch.save({"losses": recorder.losses, "norms": recorder.norms, "values": values},
-               Path(out_dir) / f"fit_{rank}.pt")
+    torch.save({"losses": recorder.losses, "norms": recorder.norms, "values": values,
+                "val_losses": recorder.val_losses}, Path(out_dir) / f"fit_{rank}.pt")
 
 
 def reference_fit(dp: int) -> dict:
@@ -99,19 +106,20 @@ def reference_fit(dp: int) -> dict:
     chunks = 2 * dp
     size = BATCH_SIZE // 2
 
-    def split_step(batch, batch_idx):  # the same micro-batches as the pipeline's
+    def split_step(batch, batch_idx, prefix="train"):  # the pipeline's micro-batches
         parts = [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(chunks)]
         loss = sum(module.model(part)["loss"] for part in parts) / chunks
-        module.log("train/loss", loss)
+        module.log(f"{prefix}/loss", loss)
         return loss
 
     module.training_step = split_step
+    module.validation_step = lambda batch, batch_idx: split_step(batch, batch_idx, "val")
     recorder = Recorder()
     fit(module, recorder, make_batches(module, dp * BATCH_SIZE), devices=1)
     module.training_step = step
     values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     return {"losses": recorder.losses, "norms": recorder.norms, "values": values,
-            "initial": initial}
+            "initial": initial, "val_losses": recorder.val_losses}
 
 
 def test_bad_configurations_fail_before_any_work():
@@ -121,6 +129,28 @@ def test_bad_configurations_fail_before_any_work():
         PipelineStrategy(partition=TWO, num_microbatches=0)
     with pytest.raises(PartitionError, match="at least one unit"):
         PipelineStrategy(partition=[["retrieval"], []])
+
+
+def test_lightning_cli_yaml_selects_the_strategy(tmp_path):
+    from trainers.cli import cli_main
+
+    recipe = tmp_path / "pp.yaml"
+    recipe.write_text(
+        "trainer:\n"
+        "  strategy:\n"
+        "    class_path: trainers.parallel.strategy.PipelineStrategy\n"
+        "    init_args:\n"
+        "      partition: [[retrieval, blocks.0], [blocks.1, head]]\n"
+        "      pipeline_parallel_size: 2\n"
+        "      num_microbatches: 4\n"
+        "      schedule: interleaved_1f1b\n")
+    cli = cli_main(["--config", str(recipe), "--model.size", "tiny",
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "1"], run=False)
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, PipelineStrategy)
+    assert strategy.pipeline_config.stages == TWO
+    assert strategy.pipeline_config.schedule == "interleaved_1f1b"
+    assert strategy.pipeline_config.num_microbatches == 4
 
 
 @pytest.mark.distributed
@@ -135,6 +165,8 @@ def test_fit_matches_single_process_training(world_size, tmp_path):
     for result in results:  # every rank logs the same numbers
         assert result["losses"] == pytest.approx(ref["losses"], rel=1e-5)
         assert result["norms"] == pytest.approx(ref["norms"], rel=1e-5)
+        assert len(ref["val_losses"]) == STEPS
+        assert result["val_losses"] == pytest.approx(ref["val_losses"], rel=1e-5)
     assert min(ref["norms"]) > 1.0  # clipping was active
     values = {n: v for r in results for n, v in r["values"].items()}
     assert values.keys() == ref["values"].keys()

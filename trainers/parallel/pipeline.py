@@ -237,6 +237,14 @@ class Pipeline:
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Forward + backward over the micro-batches of `batch`; returns the per-example
         (B, 2) losses on the rank that holds the last stage, None elsewhere."""
+        return self._run(batch, self.schedule.step)
+
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Forward only (no gradients), same return as `step`."""
+        with torch.no_grad():
+            return self._run(batch, self.schedule.eval)
+
+    def _run(self, batch: dict[str, torch.Tensor], run) -> torch.Tensor | None:
         batch_size = len(batch[self.batch_keys[0]])
         if batch_size != self.batch_size:
             raise ParallelConfigError(
@@ -247,7 +255,7 @@ class Pipeline:
         if self.has_last:
             kwargs["target"] = torch.zeros(batch_size, device=self.stages[0].device)
         args = tuple(batch[k] for k in self.batch_keys) if self.has_first else ()
-        output = self.schedule.step(*args, **kwargs)
+        output = run(*args, **kwargs)
         return output.detach() if self.has_last else None
 
 

@@ -13,14 +13,17 @@ A pipeline schedule runs forward and backward together, so the strategy owns the
 step: `training_step` runs torch's schedule over the micro-batches, averages gradients over
 dp, logs `train/loss`, `train/generator_loss`, `train/retriever_loss` (the same numbers on
 every rank), and parks the new gradients until Lightning's `backward` (which runs after
-Lightning's `zero_grad`) adds them to whatever Lightning kept (gradient accumulation). Gradient clipping by norm uses the norm over all
-stages and shards. The module's own `training_step` is not called.
+Lightning's `zero_grad`) adds them to whatever Lightning kept (gradient accumulation).
+Gradient clipping by norm uses the norm over all stages and shards. Validation and test
+steps run the pipeline forward only and log `val/...` / `test/...` losses. The module's own
+step methods are not called.
 
 Checkpoints are torch.distributed.checkpoint folders (ModelParallelStrategy's saving) under
-the model's own parameter names, so one saved under one layout resumes under another.
+the model's own parameter names, with per-parameter optimizer entries, so one saved under
+one layout resumes under another.
 
-Not yet: validation / test / predict loops, `partition="auto"`, FSDP2 / ZeRO sharding over
-dp (dp replicas all-reduce gradients).
+Not yet: prediction, `partition="auto"`, FSDP2 / ZeRO sharding over dp (dp replicas
+all-reduce gradients).
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ class PipelineStrategy(ModelParallelStrategy):
 
     # -- the training step -----------------------------------------------------------------------
     def training_step(self, batch, batch_idx=None, *args, **kwargs) -> torch.Tensor:
-        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        tensors = _tensors(batch)
         earlier = self._take_grads()  # Lightning zeroes (or accumulates) these after this step
         with self.precision_plugin.train_step_context():
             losses = self._pipeline_for(tensors).step(tensors)
@@ -178,10 +181,28 @@ class PipelineStrategy(ModelParallelStrategy):
         self._parked = self._take_grads()
         for param, grad in earlier:
             param.grad = grad
+        return self._log_losses(losses, "train")
+
+    def validation_step(self, batch, batch_idx=None, *args, **kwargs) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx=None, *args, **kwargs) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, prefix: str) -> torch.Tensor:
+        """The losses through the pipeline, forward only (the module's own evaluation step,
+        e.g. generation metrics, is not run)."""
+        with torch.inference_mode(False):  # Lightning evaluates under inference mode
+            tensors = {k: v.clone() for k, v in _tensors(batch).items()}
+            with self.precision_plugin.val_step_context():
+                losses = self._pipeline_for(tensors).evaluate(tensors)
+            return self._log_losses(losses, prefix)
+
+    def _log_losses(self, losses: torch.Tensor | None, prefix: str) -> torch.Tensor:
         means = self._share_losses(losses)
-        metrics = {"train/loss": means.sum()}
-        metrics.update({f"train/{n}": means[i] for i, n in enumerate(LOSS_NAMES)})
-        self.lightning_module.log_dict(metrics, prog_bar=True,
+        metrics = {f"{prefix}/loss": means.sum()}
+        metrics.update({f"{prefix}/{n}": means[i] for i, n in enumerate(LOSS_NAMES)})
+        self.lightning_module.log_dict(metrics, prog_bar=prefix != "test",
                                        batch_size=self.pipeline.batch_size)
         return means.sum()
 
@@ -278,12 +299,13 @@ class PipelineStrategy(ModelParallelStrategy):
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
         return get_optimizer_state_dict(self.model, optimizer, options=_FLAT)
 
-    # -- loops not run through the pipeline yet --------------------------------------------------
-    def validation_step(self, *args, **kwargs):
-        raise RuntimeError(f"{type(self).__name__} does not run validation yet; pass "
-                           f"limit_val_batches=0 (and num_sanity_val_steps=0) to the Trainer")
+    def predict_step(self, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} does not run prediction; load the "
+                           f"checkpoint into a single-device model to generate")
 
-    test_step = predict_step = validation_step
+
+def _tensors(batch: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def total_grad_norm(parameters, pp_group: dist.ProcessGroup | None,
