@@ -80,8 +80,9 @@ def test_resume_and_reshard(tmp_path):
         assert losses == pytest.approx(straight_losses[2:], rel=1e-6), name
         assert values.keys() == straight.keys()
         for key, expected in straight.items():
-            torch.testing.assert_close(values[key], expected, rtol=1e-5, atol=1e-6,
-                                       msg=lambda detail, key=key: f"{name} {key}: {detail}")
+            torch.testing.assert_close(
+                values[key], expected, rtol=1e-5, atol=1e-6,
+                msg=lambda detail, key=key, name=name: f"{name} {key}: {detail}")
     # pp=2 -> one plain process: every weight (frozen text tower too) comes back as saved.
     module = make_module()
     state = {"state_dict": module.state_dict()}
