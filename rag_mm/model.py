@@ -111,12 +111,13 @@ class RetrievalUnit(nn.Module):
             keys = candidates[:, : cfg.top_k]
         doc_logits = torch.einsum("bd,bkd->bk", q, self._vectors(keys, q)) / cfg.temperature
         doc_logits = doc_logits.masked_fill(torch.as_tensor(keys < 0, device=q.device), -torch.inf)
+        negatives = candidates if cfg.hard_negatives else np.full_like(candidates[:, :1], -1)
         contrastive = contrastive_loss(
             q,
             self._vectors(gold_keys.cpu().numpy(), q),
             gold_keys,
-            self._vectors(candidates, q),
-            torch.as_tensor(candidates, device=q.device),
+            self._vectors(negatives, q),
+            torch.as_tensor(negatives, device=q.device),
             cfg.temperature,
         )
         return Retrieved(keys, candidates, doc_logits, contrastive)
@@ -284,6 +285,13 @@ class RAGModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         losses = self.head(*self.run_chain(self.retrieval(batch))).mean(dim=0)
         return {"loss": losses.sum(), "generator_loss": losses[0], "retriever_loss": losses[1]}
+
+    def retriever_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The query encoder's contrastive loss alone: a cheap warm-up before joint training
+        (the generator is not run), so the gold document reaches the top-k sooner."""
+        retrieved = self.retrieval.retrieve(batch)
+        has_gold = batch["gold_keys"] >= 0
+        return retrieved.contrastive.sum() / has_gold.sum().clamp(min=1)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Retrieved]:

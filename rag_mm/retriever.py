@@ -92,14 +92,18 @@ class QueryEncoder(nn.Module):
 
     The text tower is the document encoder's (MiniLM by default), so at initialisation
     (`text_proj` = identity) a query is its prompt's sentence embedding, in the index's
-    space; training teaches the vision path to add what the picture shows.
+    space; training teaches the vision path to add what the picture shows. A frozen text
+    tower's prompt embeddings are cached by token ids (prompts repeat across examples).
     """
 
-    def __init__(self, text: TextEncoder, vision: VisionConfig, *, train_text: bool) -> None:
+    def __init__(self, text: TextEncoder, vision: VisionConfig, *, train_text: bool,
+                 cache_size: int = 100_000) -> None:
         super().__init__()
         self.text = text
         self.train_text = train_text
         self.text.requires_grad_(train_text)
+        self.cache_size = cache_size
+        self._text_cache: dict[bytes, torch.Tensor] = {}
         self.vision = VisionTower(vision)
         self.text_proj = nn.Linear(text.dim, text.dim, bias=False)
         self.image_proj = nn.Linear(vision.hidden_size, text.dim, bias=False)
@@ -114,9 +118,29 @@ class QueryEncoder(nn.Module):
     def forward(
         self, images: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     ) -> torch.Tensor:
-        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
-            text = self.text(prompt_ids, prompt_mask)
+        text = self.embed_text(prompt_ids, prompt_mask)
         return F.normalize(self.text_proj(text) + self.embed_image(images), dim=-1)
+
+    def embed_text(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        if self.train_text:
+            return self.text(prompt_ids, prompt_mask)
+        keys = [row.tobytes() for row in (prompt_ids * prompt_mask).cpu().numpy()]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        if missing:
+            rows = [keys.index(k) for k in missing]
+            with torch.no_grad():
+                fresh = self.text(prompt_ids[rows], prompt_mask[rows])
+            if len(self._text_cache) + len(missing) > self.cache_size:
+                self._text_cache.clear()
+            self._text_cache.update(zip(missing, fresh))
+        return torch.stack([self._text_cache[k] for k in keys])
+
+    def train(self, mode: bool = True):
+        self._text_cache.clear()  # weights may change between modes (e.g. a loaded state)
+        super().train(mode)
+        if not self.train_text:
+            self.text.eval()  # a frozen tower runs without dropout, in every mode
+        return self
 
     def init_weights(self) -> None:
         """text_proj = identity; image_proj normal(0, 0.02); the text tower keeps its weights."""

@@ -1,6 +1,6 @@
 """The end-to-end demo: every step of the framework on embedded defaults, resumable.
 
-    python scripts/demo.py [--out demo_out] [--steps 600] [--size demo]
+    python scripts/demo.py [--out demo_out] [--steps 900] [--warmup-steps 600] [--size demo]
 
 1. generate the synthetic multimodal knowledge task       (scripts/make_demo_data.py)
 2. embed the corpus with MiniLM and build the FAISS index (scripts/build_index.py)
@@ -29,6 +29,11 @@ def run(script: str, *args: str) -> None:
     subprocess.run(command, check=True)
 
 
+def index_complete(index: Path) -> bool:
+    manifest = index / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("status") == "complete"
+
+
 def trained(run_dir: Path, steps: int) -> bool:
     summary = run_dir / "train_summary.json"
     return summary.exists() and json.loads(summary.read_text())["steps"] >= steps
@@ -38,8 +43,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="demo_out", type=Path)
     p.add_argument("--size", default="demo")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--entities", type=int, default=120)
+    p.add_argument("--steps", type=int, default=900, help="joint training steps")
+    p.add_argument("--warmup-steps", type=int, default=600,
+                   help="retriever-only (contrastive) steps before joint training")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--entities", type=int, default=192)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     data, index = args.out / "data", args.out / "index"
@@ -48,14 +56,17 @@ def main(argv=None) -> None:
 
     if not (data / "meta.json").exists():
         run("make_demo_data.py", "--out", data, "--seed", args.seed, "--entities", args.entities)
-    if not (index / "manifest.json").exists() or not (index / "index.faiss").exists():
+    if not index_complete(index):
         run("build_index.py", "--corpus", data / "corpus.parquet", "--out", index)
-    common = ["--data", data, "--index", index, "--size", args.size, "--max-steps", args.steps,
-              "--seed", args.seed]
-    if not trained(rag_run, args.steps):
-        run("pretrain.py", *common, "--mode", "rag", "--out", rag_run, "--resume")
+    common = ["--data", data, "--index", index, "--size", args.size, "--seed", args.seed,
+              "--lr", args.lr]
+    rag_steps = args.steps + args.warmup_steps
+    if not trained(rag_run, rag_steps):
+        run("pretrain.py", *common, "--mode", "rag", "--max-steps", rag_steps,
+            "--retriever-warmup-steps", args.warmup_steps, "--out", rag_run, "--resume")
     if not trained(closed_run, args.steps):
-        run("pretrain.py", *common, "--mode", "closed_book", "--out", closed_run, "--resume")
+        run("pretrain.py", *common, "--mode", "closed_book", "--max-steps", args.steps,
+            "--out", closed_run, "--resume")
     run("evaluate.py", "--rag", rag_run / "checkpoints" / "last.ckpt",
         "--closed-book", closed_run / "checkpoints" / "last.ckpt",
         "--data", data, "--index", index, "--seed", args.seed,

@@ -35,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--val-every", type=int, default=200, help="validate every N steps")
+    p.add_argument("--retriever-warmup-steps", type=int, default=0,
+                   help="train the query encoder alone (contrastive) for the first N steps")
+    p.add_argument("--val-every", type=int, default=500, help="validate every N steps")
     p.add_argument("--precision", default="auto", help="auto | bf16-mixed | 32-true | 16-mixed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
@@ -60,7 +62,8 @@ def main(argv=None) -> Path:
     data = RAGDataModule(args.data, index_dir=args.index, model_size=args.size,
                          batch_size=args.batch_size)
     module = RAGModule(size=args.size, mode=args.mode, index_dir=args.index, top_k=args.top_k,
-                       lr=args.lr, warmup_steps=args.warmup_steps)
+                       lr=args.lr, warmup_steps=args.warmup_steps,
+                       retriever_warmup_steps=args.retriever_warmup_steps)
 
     # -- trainer -------------------------------------------------------------------------------
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True,

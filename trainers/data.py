@@ -113,18 +113,20 @@ class RAGDataModule(L.LightningDataModule):
                                    image_size=self.config.vision.image_size,
                                    fix_images=self.fix_images)
             self.reports[split] = result.report
-            dataset = self._check_targets(result.dataset, path)
+            dataset = self._check_targets(result, path)
             self.datasets[split] = self._add_gold_keys(dataset, index, path)
         if "train" not in self.datasets and stage in ("fit", None):
             raise DataError(f"no training examples: {self.paths['train']} does not exist")
 
-    def _check_targets(self, dataset, path: Path):
-        lengths = [len(t) for t in self.collate.targets(dataset["target"])]
+    def _check_targets(self, result, path: Path):
+        dataset = result.dataset
+        lengths = [len(t) for t in self.collate.targets(list(dataset["target"]))]
         too_long = [i for i, n in enumerate(lengths) if n > self.config.max_target_tokens]
         if too_long:
             row = too_long[0]
             raise DataError(
-                f"{path}: row {row}: target {dataset[row]['target']!r} is {lengths[row]} tokens "
+                f"{path}: row {int(result.source_rows[row])}: target {dataset[row]['target']!r} "
+                f"is {lengths[row]} tokens "
                 f"with [SEP]; model size {self.config.name!r} allows max_target_tokens="
                 f"{self.config.max_target_tokens} ({len(too_long)} rows too long)"
             )
@@ -134,7 +136,7 @@ class RAGDataModule(L.LightningDataModule):
     def _add_gold_keys(dataset, index, path: Path):
         if "gold_id" not in dataset.column_names or index is None:
             return dataset.add_column("gold_key", [-1] * len(dataset))
-        ids = dataset["gold_id"]
+        ids = list(dataset["gold_id"])
         present = [i for i, g in enumerate(ids) if g is not None]
         keys = np.full(len(ids), -1, dtype=np.int64)
         try:

@@ -30,12 +30,15 @@ class RAGModule(L.LightningModule):
         train_text_encoder: also fine-tune the query encoder's text tower.
         lr: peak AdamW learning rate; weight_decay: on matrices only.
         warmup_steps: linear warm-up, then cosine decay to 10% over the trainer's max_steps.
+        retriever_warmup_steps: first train the query encoder alone (contrastive loss on
+            (query, gold document), no generator: cheap), so the gold document is in the
+            top-k by the time the generator starts learning from retrieved documents.
     """
 
     def __init__(self, size: str = "demo", mode: str = "rag", index_dir: str | None = None,
                  top_k: int | None = None, contrastive_weight: float | None = None,
                  train_text_encoder: bool = False, lr: float = 1e-3, weight_decay: float = 0.01,
-                 warmup_steps: int = 50) -> None:
+                 warmup_steps: int = 50, retriever_warmup_steps: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         base = model_config(size, mode=mode)
@@ -63,6 +66,11 @@ class RAGModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
+        if self.global_step < self.hparams.retriever_warmup_steps and self.config.mode == "rag":
+            loss = self.model.retriever_loss(batch)
+            self.log("train/retriever_warmup_loss", loss, prog_bar=True,
+                     batch_size=len(batch["images"]))
+            return loss
         out = self.model(batch)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True,
                       batch_size=len(batch["images"]))

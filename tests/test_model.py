@@ -1,0 +1,155 @@
+"""The RAG model as plain nn.Modules: chain of units, losses, gradients, baselines, sizes.
+
+Run: `.venv/bin/python -m pytest tests/test_model.py -q`
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rag_mm.config import ModelConfig, VisionConfig, model_config
+from rag_mm.model import IGNORE, InMemoryBackend, build_model, synthetic_batch
+
+NUM_DOCS = 40
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return InMemoryBackend.random(NUM_DOCS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(backend):
+    torch.manual_seed(0)
+    return build_model(model_config("tiny"), backend=backend)
+
+
+def test_units_form_the_declared_chain(tiny):
+    names = [name for name, _ in tiny.units()]
+    assert names == ["retrieval", "blocks.0", "blocks.1", "head"]
+    assert tiny.colocation_groups() == [["retrieval"]]
+    covered = {id(p) for _, unit in tiny.units() for p in unit.parameters()}
+    assert covered == {id(p) for p in tiny.parameters()}
+
+
+def test_running_the_units_in_order_equals_forward(tiny):
+    batch = synthetic_batch(tiny.config, 4, num_docs=NUM_DOCS)
+    torch.manual_seed(1)
+    expected = tiny(batch)["loss"]
+    carry = tiny.retrieval(batch)
+    for name, unit in tiny.units()[1:-1]:
+        carry = unit(*carry)
+    losses = tiny.head(*carry)
+    assert losses.shape == (4, 2)
+    torch.testing.assert_close(losses.mean(0).sum(), expected)
+
+
+def test_rag_marginal_matches_a_direct_computation(tiny):
+    batch = synthetic_batch(tiny.config, 3, num_docs=NUM_DOCS)
+    hidden, valid, labels, doc_logits, contrastive = tiny.retrieval(batch)
+    hidden = tiny.run_chain((hidden, valid, labels, doc_logits, contrastive))[0]
+    logits = tiny.head.lm_head(tiny.head.norm(hidden)).log_softmax(-1)
+    k = doc_logits.shape[1]
+    seq_logp = torch.zeros(len(hidden))
+    for row in range(len(hidden)):
+        for pos in (labels[row] != IGNORE).nonzero().flatten():
+            seq_logp[row] += logits[row, pos, labels[row, pos]]
+    p_doc = doc_logits.softmax(-1)
+    expected = -torch.log((p_doc * seq_logp.view(-1, k).exp()).sum(-1))
+    got = tiny.head(hidden, valid, labels, doc_logits, contrastive)[:, 0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_generator_gradient_reaches_the_query_encoder_through_document_scores(backend):
+    torch.manual_seed(0)
+    config = model_config("tiny")
+    config = replace(config, retriever=replace(config.retriever, contrastive_weight=0.0))
+    model = build_model(config, backend=backend)
+    model(synthetic_batch(config, 4, num_docs=NUM_DOCS))["loss"].backward()
+    query = model.retrieval.query_encoder
+    assert query.image_proj.weight.grad.abs().sum() > 0
+    assert query.text_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in query.text.parameters())  # frozen text tower
+
+
+@pytest.mark.parametrize("mode,docs", [("closed_book", 1), ("gold", 1), ("random", 2), ("rag", 2)])
+def test_every_mode_trains_and_generates(backend, mode, docs):
+    torch.manual_seed(0)
+    config = model_config("tiny", mode=mode)
+    model = build_model(config, backend=backend)
+    batch = synthetic_batch(config, 4, num_docs=NUM_DOCS)
+    out = model(batch)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    tokens, retrieved = model.generate(batch)
+    assert tokens.shape == (4, config.max_target_tokens)
+    assert retrieved.keys.shape == (4, docs)
+
+
+def test_gold_mode_names_examples_without_gold(backend):
+    model = build_model(model_config("tiny", mode="gold"), backend=backend)
+    batch = synthetic_batch(model.config, 3, num_docs=NUM_DOCS)
+    batch["gold_keys"][1] = -1
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        model(batch)
+
+
+def test_retrieval_without_an_index_says_how_to_attach_one():
+    model = build_model(model_config("tiny"))
+    with pytest.raises(ValueError, match="attach"):
+        model(synthetic_batch(model.config, 2, num_docs=NUM_DOCS))
+
+
+def test_closed_book_ignores_documents_entirely():
+    model = build_model(model_config("tiny", mode="closed_book"))  # no backend needed
+    carry = model.retrieval(synthetic_batch(model.config, 2))
+    doc_tokens = carry[1][:, : model.config.max_doc_tokens]
+    assert not doc_tokens.any()
+
+
+def test_tied_embeddings_are_declared_as_a_colocation_group(backend):
+    config = model_config("tiny")
+    config = replace(config, generator=replace(config.generator, tie_embeddings=True))
+    model = build_model(config, backend=backend)
+    assert model.head.lm_head.weight is model.retrieval.tok_embed.weight
+    assert ["retrieval", "head"] in model.colocation_groups()
+
+
+def test_one_billion_configuration_on_meta_device():
+    with torch.device("meta"):
+        model = build_model(model_config("1b"))
+    total = sum(p.numel() for p in model.parameters())
+    assert 1.0e9 < total < 2.0e9
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_same_seed_same_weights(backend):
+    def weights():
+        torch.manual_seed(3)
+        return build_model(model_config("tiny"), backend=backend).state_dict()
+
+    first, second = weights(), weights()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name])
+
+
+def test_bad_configurations_are_refused():
+    with pytest.raises(ValueError, match="patch_size"):
+        VisionConfig(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="mode"):
+        ModelConfig(mode="oracle")
+    with pytest.raises(ValueError, match="unknown model size"):
+        model_config("7b")
+
+
+def test_frozen_text_cache_gives_the_uncached_embedding(tiny):
+    batch = synthetic_batch(tiny.config, 3)
+    encoder = tiny.retrieval.query_encoder
+    cached = encoder.embed_text(batch["prompt_ids"], batch["prompt_mask"])
+    again = encoder.embed_text(batch["prompt_ids"], batch["prompt_mask"])
+    direct = encoder.text(batch["prompt_ids"], batch["prompt_mask"])
+    torch.testing.assert_close(cached, direct)
+    torch.testing.assert_close(again, direct)
+    assert F.cosine_similarity(cached, direct).min() > 0.9999
