@@ -1,6 +1,6 @@
 """PipelineStrategy in a real Lightning Trainer against single-process training.
 
-Two gloo processes (pp=2, 1F1B, 2 micro-batches) and four (pp=2 x dp=2) run `Trainer.fit`
+Two gloo processes (pp=2, 1F1B, 2 micro-batches) and four (pp=2 x dp=2, FSDP2) run `Trainer.fit`
 of the tiny RAG module for a few steps with gradient clipping on, validating after every
 step; every step's logged loss, gradient norm (over all stages) and validation loss, and
 every parameter at the end, match a one-process Trainer on the same global batches.
@@ -81,6 +81,13 @@ def fit(module, recorder: Recorder, batches: list[dict], **trainer_kwargs) -> No
                 val_dataloaders=loader(batches[-1:], batch_size=None))
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP / TP shard (collective over its mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _strategy_worker(rank: int, world_size: int, out_dir: str, precision: str) -> None:
     """pp=2 (x dp=2 with 4 processes): each replica reads its slice of the global batch."""
     module = make_module()
@@ -92,7 +99,8 @@ def _strategy_worker(rank: int, world_size: int, out_dir: str, precision: str) -
     batches = [{k: v[dp_rank * BATCH_SIZE:(dp_rank + 1) * BATCH_SIZE] for k, v in b.items()}
                for b in make_batches(module, dp * BATCH_SIZE)]
     fit(module, recorder, batches, devices=world_size, strategy=strategy, precision=precision)
-    values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    values = {n: _full(p.detach()).clone() for n, p in module.named_parameters()
+              if p.requires_grad}
     torch.save({"losses": recorder.losses, "norms": recorder.norms, "values": values,
                 "val_losses": recorder.val_losses}, Path(out_dir) / f"fit_{rank}.pt")
 
@@ -167,7 +175,8 @@ def test_fit_matches_single_process_training(world_size, precision, tmp_path):
     rel = 1e-5 if precision == "32-true" else 1e-3  # bf16: same kernels, other sum orders
     for result in results:  # every rank logs the same numbers
         assert result["losses"] == pytest.approx(ref["losses"], rel=rel)
-        assert result["norms"] == pytest.approx(ref["norms"], rel=rel)
+        # FSDP sums each gradient's squares shard by shard (fp32 over ~1e6 entries).
+        assert result["norms"] == pytest.approx(ref["norms"], rel=max(rel, 1e-4))
         assert len(ref["val_losses"]) == STEPS
         assert result["val_losses"] == pytest.approx(ref["val_losses"], rel=rel)
     assert min(ref["norms"]) > 1.0  # clipping was active

@@ -10,8 +10,7 @@ units (the others become `RemoteUnit` placeholders, so parameters, optimizer sta
 state dicts hold this rank's share under the model's own names).
 
 A pipeline schedule runs forward and backward together, so the strategy owns the training
-step: `training_step` runs torch's schedule over the micro-batches, averages gradients over
-dp, logs `train/loss`, `train/generator_loss`, `train/retriever_loss` (the same numbers on
+step: `training_step` runs torch's schedule over the micro-batches, logs `train/loss`, `train/generator_loss`, `train/retriever_loss` (the same numbers on
 every rank), and parks the new gradients until Lightning's `backward` (which runs after
 Lightning's `zero_grad`) adds them to whatever Lightning kept (gradient accumulation).
 Gradient clipping by norm uses the norm over all stages and shards. Validation and test
@@ -22,8 +21,11 @@ Checkpoints are torch.distributed.checkpoint folders (ModelParallelStrategy's sa
 the model's own parameter names, with per-parameter optimizer entries, so one saved under
 one layout resumes under another.
 
-Not yet: prediction, `partition="auto"`, FSDP2 / ZeRO sharding over dp (dp replicas
-all-reduce gradients).
+Data parallelism is FSDP2: with dp > 1 every local unit is `fully_shard`-ed over the dp
+axis (parameters, gradients and optimizer state sharded; gradients averaged by the
+reduce-scatter), and each stage is the FSDP root of its units.
+
+Not yet: prediction, `partition="auto"`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
@@ -74,7 +77,7 @@ class RemoteUnit(nn.Module):
 
 
 class PipelineStrategy(ModelParallelStrategy):
-    """Pipeline (torch.distributed.pipelining) x tensor (DTensor) x data parallelism.
+    """Pipeline (torch.distributed.pipelining) x tensor (DTensor) x data (FSDP2) parallelism.
 
     Args:
         partition: unit names per pipeline stage, in chain order.
@@ -147,6 +150,9 @@ class PipelineStrategy(ModelParallelStrategy):
         self._drop_remote_units(model)
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.device_mesh["tp"])
+        if self.dims.dp > 1:
+            for name in self._local_unit_names():
+                fully_shard(model.get_submodule(name), mesh=self.device_mesh["dp"])
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()
@@ -157,18 +163,32 @@ class PipelineStrategy(ModelParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
 
-    def _drop_remote_units(self, model: nn.Module) -> None:
+    def _stage_owners(self) -> list[int]:
         config = self.pipeline_config
-        owners = stage_ranks(config.num_stages, self.dims.pp, config.schedule)
-        for stage, names in enumerate(config.stages):
+        return stage_ranks(config.num_stages, self.dims.pp, config.schedule)
+
+    def _local_unit_names(self) -> list[str]:
+        owners = self._stage_owners()
+        return [name for stage, names in enumerate(self.pipeline_config.stages)
+                if owners[stage] == self.pp_rank for name in names]
+
+    def _drop_remote_units(self, model: nn.Module) -> None:
+        owners = self._stage_owners()
+        for stage, names in enumerate(self.pipeline_config.stages):
             if owners[stage] != self.pp_rank:
                 for name in names:
                     model.set_submodule(name, RemoteUnit(name, owners[stage]))
 
     def _pipeline_for(self, batch: dict[str, torch.Tensor]) -> Pipeline:
+        """Built at the first batch (its shapes cross the stage boundaries). With dp > 1 each
+        stage is an FSDP2 root over its (already sharded) units, so micro-batches skip the
+        gradient reduce-scatter until the last one."""
         if self.pipeline is None:
+            dp_mesh = self.device_mesh["dp"]
+            shard = (lambda stage: fully_shard(stage, mesh=dp_mesh)) if self.dims.dp > 1 else None
             self.pipeline = build_pipeline(self._chain_model(), self.pipeline_config, batch,
-                                           pp_group=self.pp_group, device=self.root_device)
+                                           pp_group=self.pp_group, device=self.root_device,
+                                           parallelize=shard)
         return self.pipeline
 
     # -- the training step -----------------------------------------------------------------------
@@ -177,7 +197,6 @@ class PipelineStrategy(ModelParallelStrategy):
         earlier = self._take_grads()  # Lightning zeroes (or accumulates) these after this step
         with self.precision_plugin.train_step_context():
             losses = self._pipeline_for(tensors).step(tensors)
-        self._average_grads_over_dp()
         self._parked = self._take_grads()
         for param, grad in earlier:
             param.grad = grad
@@ -226,15 +245,6 @@ class PipelineStrategy(ModelParallelStrategy):
         for p, _ in taken:
             p.grad = None
         return taken
-
-    def _average_grads_over_dp(self) -> None:
-        if self.dims.dp == 1:
-            return
-        group = self.device_mesh["dp"].get_group()
-        for p in self._local_params():
-            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            dist.all_reduce(grad, group=group)
-            grad.div_(self.dims.dp)
 
     def _share_losses(self, losses: torch.Tensor | None) -> torch.Tensor:
         """(2,) batch-mean losses from the last stage, on every rank, averaged over dp."""
