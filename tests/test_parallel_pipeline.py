@@ -1,8 +1,9 @@
 """Pipeline stages from unit lists, torch's schedules, and parity with one process.
 
 The distributed test runs every schedule on 2 gloo processes (pp=2) with the tiny RAG model
-and compares the loss, every gradient (query encoder included) and every parameter after
-one AdamW step with single-process training over the same micro-batches.
+and compares the loss, the gradient norm over both stages, every gradient (query encoder
+included) and every parameter after one AdamW step with single-process training over the
+same micro-batches; also with tied embeddings forced onto different stages.
 
 Run: .venv/bin/pytest tests/test_parallel_pipeline.py -q       (about 40 s on 2 cores)
 """
@@ -49,11 +50,16 @@ CASES = {
 }
 if "dualpipev" in SCHEDULES:
     CASES["dualpipev"] = ("dualpipev", FOUR, 4)
+# Tied embeddings (token embedding = LM head) forced onto different stages.
+CASES["1f1b_split_tie"] = ("1f1b", TWO, 2)
+TIED = {"1f1b_split_tie"}
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, *, tied: bool = False):
     torch.manual_seed(seed)
     config = model_config("tiny")
+    if tied:
+        config = replace(config, generator=replace(config.generator, tie_embeddings=True))
     return build_model(config, backend=InMemoryBackend.random(NUM_DOCS)), config
 
 
@@ -136,25 +142,29 @@ def _pipeline_worker(rank: int, world_size: int, out_dir: str) -> None:
     mesh = dims.build_mesh("cpu")
     pp_group = mesh["pp"].get_group()
     assert torch.distributed.get_process_group_ranks(pp_group) == dims.group_ranks("pp", rank)
+    from trainers.parallel.strategy import total_grad_norm
+
     for name, (schedule, stages, micro) in CASES.items():
-        model, config = tiny_model()
+        model, config = tiny_model(tied=name in TIED)
         batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
         pipe = build_pipeline(model, PipelineConfig(stages=stages, schedule=schedule,
-                                                    num_microbatches=micro),
+                                                    num_microbatches=micro,
+                                                    split_tied_weights=name in TIED),
                               batch, pp_group=pp_group, device=torch.device("cpu"))
         losses = pipe.step(batch)
+        norm = total_grad_norm(pipe.norm_parameters(), pp_group)
         params = [p for p in pipe.parameters() if p.requires_grad]
         grads = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
         torch.optim.AdamW(params, lr=LR, eps=ADAM_EPS).step()
         values = {n: p.detach().clone() for n, p in pipe.named_parameters() if p.requires_grad}
-        torch.save({"losses": losses, "grads": grads, "values": values},
+        torch.save({"losses": losses, "grads": grads, "values": values, "norm": norm},
                    Path(out_dir) / f"{name}_{rank}.pt")
 
 
 @functools.cache
-def reference_step(micro: int) -> dict:
+def reference_step(micro: int, tied: bool = False) -> dict:
     """Single-process training: gradient accumulation over the same micro-batches."""
-    model, config = tiny_model()
+    model, config = tiny_model(tied=tied)
     batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
     size = BATCH_SIZE // micro
     total = 0.0
@@ -163,9 +173,10 @@ def reference_step(micro: int) -> dict:
         loss.backward()
         total += loss.item()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    norm = torch.nn.utils.get_total_norm(list(grads.values()))
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=ADAM_EPS).step()
     values = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"loss": total, "grads": grads, "values": values}
+    return {"loss": total, "grads": grads, "values": values, "norm": norm.item()}
 
 
 @pytest.fixture(scope="module")
@@ -182,13 +193,20 @@ def pipeline_runs(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_step_matches_single_process(case, pipeline_runs):
     micro = CASES[case][2]
-    ref = reference_step(micro)
+    ref = reference_step(micro, tied=case in TIED)
     results = [torch.load(pipeline_runs / f"{case}_{r}.pt") for r in range(2)]
     losses = [r["losses"] for r in results if r["losses"] is not None]
     assert len(losses) == 1 and losses[0].shape == (BATCH_SIZE, 2)
     assert losses[0].mean(0).sum().item() == pytest.approx(ref["loss"], rel=1e-6)
+    for result in results:  # the norm over all stages, a tied weight counted once
+        assert result["norm"].item() == pytest.approx(ref["norm"], rel=1e-5)
     grads = {n: g for r in results for n, g in r["grads"].items()}
     values = {n: v for r in results for n, v in r["values"].items()}
+    if case in TIED:  # one parameter in one process; a copy on each stage here
+        assert "head.lm_head.weight" not in ref["grads"]
+        for kept in (grads, values):
+            torch.testing.assert_close(kept.pop("head.lm_head.weight"),
+                                       kept["retrieval.tok_embed.weight"], rtol=0, atol=0)
     assert grads.keys() == ref["grads"].keys()
     assert values.keys() == ref["values"].keys()
     assert ref["grads"]["retrieval.query_encoder.image_proj.weight"].abs().sum() > 0

@@ -52,11 +52,15 @@ class PipelineConfig:
             `pp` stages; interleaved and V schedules take a multiple of `pp`.
         schedule: one of `SCHEDULES`.
         num_microbatches: micro-batches per step; must divide the (per-replica) batch.
+        split_tied_weights: allow co-located units that share a parameter (tied embeddings)
+            on different stages; each holder keeps a copy and their gradients are summed
+            after every step, so the copies stay equal.
     """
 
     stages: list[list[str]]
     schedule: str = "1f1b"
     num_microbatches: int = 1
+    split_tied_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -218,6 +222,8 @@ class Pipeline:
     schedule: object
     batch_keys: tuple[str, ...]
     batch_size: int
+    pp_group: dist.ProcessGroup | None = None
+    split_ties: list[_SplitTie] = field(default_factory=list)
     has_first: bool = field(init=False)
     has_last: bool = field(init=False)
 
@@ -234,10 +240,28 @@ class Pipeline:
         for module in self.modules:
             yield from module.named_parameters()
 
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, less tied copies another rank counts: summed over the
+        pipeline ranks, each parameter enters a gradient norm once."""
+        skip = {id(t.param) for t in self.split_ties if t.held and not t.counts}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    def _sum_split_tie_grads(self) -> None:
+        """Every holder of a tied parameter gets the sum of all holders' gradients (ranks
+        that hold none add zeros, so one all-reduce over the pipeline group serves)."""
+        for tie in self.split_ties:
+            grad = tie.param.grad if tie.held else None
+            buffer = grad if grad is not None else torch.zeros_like(tie.param)
+            dist.all_reduce(buffer, group=self.pp_group)
+            if tie.held:
+                tie.param.grad = buffer
+
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Forward + backward over the micro-batches of `batch`; returns the per-example
         (B, 2) losses on the rank that holds the last stage, None elsewhere."""
-        return self._run(batch, self.schedule.step)
+        losses = self._run(batch, self.schedule.step)
+        self._sum_split_tie_grads()
+        return losses
 
     def evaluate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Forward only (no gradients), same return as `step`."""
@@ -271,6 +295,9 @@ def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict
     """
     units = dict(model.units())
     groups = model.colocation_groups() if hasattr(model, "colocation_groups") else []
+    ties = tied_parameters(units)
+    if config.split_tied_weights:
+        groups = [g for g in groups if not any(set(g) >= set(holders) for _, holders in ties)]
     check_partition(config.stages, list(units), groups)
     pp_size = dist.get_world_size(pp_group)
     check_schedule(config, pp_size)
@@ -300,7 +327,35 @@ def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict
     schedule_cls, per_rank, _ = SCHEDULES[config.schedule]
     stage_arg = stages[0] if per_rank == "one" else stages
     schedule = schedule_cls(stage_arg, n_microbatches=micro, loss_fn=microbatch_loss)
-    return Pipeline(config, [modules[s] for s in local], stages, schedule, batch_keys, batch_size)
+    stage_of = {name: index for index, names in enumerate(config.stages) for name in names}
+    split = []
+    for param, holders in ties:
+        ranks = sorted({owners[stage_of[name]] for name in holders})
+        if len(ranks) > 1:
+            split.append(_SplitTie(param, pp_rank in ranks, pp_rank == ranks[0]))
+    return Pipeline(config, [modules[s] for s in local], stages, schedule, batch_keys, batch_size,
+                    pp_group, split)
+
+
+def tied_parameters(units: dict[str, nn.Module]) -> list[tuple[nn.Parameter, list[str]]]:
+    """Parameters that more than one unit holds, with those units, in chain order."""
+    holders: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, unit in units.items():
+        for param in unit.parameters():
+            entry = holders.setdefault(id(param), (param, []))
+            if name not in entry[1]:
+                entry[1].append(name)
+    return [entry for entry in holders.values() if len(entry[1]) > 1]
+
+
+@dataclass
+class _SplitTie:
+    """A parameter held on several pipeline ranks: its copy here (if held) and whether this
+    rank is the one that counts it (in gradient norms)."""
+
+    param: nn.Parameter
+    held: bool
+    counts: bool
 
 
 def _infer_stage_io(modules: dict[int, StageModule], owners: list[int], first_micro: tuple,
