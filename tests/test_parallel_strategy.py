@@ -1,6 +1,7 @@
 """PipelineStrategy in a real Lightning Trainer against single-process training.
 
-Two gloo processes (pp=2, 1F1B, 2 micro-batches) and four (pp=2 x dp=2, FSDP2) run `Trainer.fit`
+Two gloo processes (pp=2, 1F1B, 2 micro-batches; also bf16-mixed, and tied embeddings
+split across the stages) and four (pp=2 x dp=2, FSDP2) run `Trainer.fit`
 of the tiny RAG module for a few steps with gradient clipping on, validating after every
 step; every step's logged loss, gradient norm (over all stages) and validation loss, and
 every parameter at the end, match a one-process Trainer on the same global batches.
@@ -27,11 +28,19 @@ STEPS = 3
 TWO = [["retrieval", "blocks.0"], ["blocks.1", "head"]]
 
 
-def make_module():
+def make_module(*, tied: bool = False):
+    from dataclasses import replace
+
+    from rag_mm.model import build_model
     from trainers.module import RAGModule
 
     torch.manual_seed(0)
     module = RAGModule(size="tiny", mode="rag")
+    if tied:  # RAGModule has no flag for it: rebuild its model with tied embeddings
+        generator = replace(module.config.generator, tie_embeddings=True)
+        module.config = replace(module.config, generator=generator)
+        torch.manual_seed(0)
+        module.model = build_model(module.config)
     module.model.attach(InMemoryBackend.random(NUM_DOCS))
     # Adam's step is lr * m / (sqrt(v) + eps): with eps >> fp32 noise, gradients ~0 (summation
     # order) do not become +-lr updates, and several steps stay comparable. Parameters are
@@ -88,13 +97,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _strategy_worker(rank: int, world_size: int, out_dir: str, precision: str) -> None:
+def _strategy_worker(rank: int, world_size: int, out_dir: str, precision: str,
+                     tied: bool) -> None:
     """pp=2 (x dp=2 with 4 processes): each replica reads its slice of the global batch."""
-    module = make_module()
+    module = make_module(tied=tied)
     recorder = Recorder()
     dp = world_size // 2
     strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2, num_microbatches=2,
-                                schedule="1f1b")
+                                schedule="1f1b", split_tied_weights=tied)
     dp_rank = rank // 2  # ranks are (dp, pp) row-major
     batches = [{k: v[dp_rank * BATCH_SIZE:(dp_rank + 1) * BATCH_SIZE] for k, v in b.items()}
                for b in make_batches(module, dp * BATCH_SIZE)]
@@ -105,9 +115,9 @@ def _strategy_worker(rank: int, world_size: int, out_dir: str, precision: str) -
                 "val_losses": recorder.val_losses}, Path(out_dir) / f"fit_{rank}.pt")
 
 
-def reference_fit(dp: int, precision: str) -> dict:
+def reference_fit(dp: int, precision: str, tied: bool = False) -> dict:
     """One process, the global batch in the same 2 * dp micro-batches, averaged."""
-    module = make_module()
+    module = make_module(tied=tied)
     initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     step = module.training_step
 
@@ -163,15 +173,16 @@ def test_lightning_cli_yaml_selects_the_strategy(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, precision", [(2, "32-true"), (4, "32-true"),
-                                                   (2, "bf16-mixed")],
-                         ids=["pp2", "pp2xdp2", "pp2-bf16"])
-def test_fit_matches_single_process_training(world_size, precision, tmp_path):
+@pytest.mark.parametrize("world_size, precision, tied",
+                         [(2, "32-true", False), (4, "32-true", False), (2, "bf16-mixed", False),
+                          (2, "32-true", True)],
+                         ids=["pp2", "pp2xdp2", "pp2-bf16", "pp2-split-tie"])
+def test_fit_matches_single_process_training(world_size, precision, tied, tmp_path):
     from trainers.parallel.local import run_local
 
-    run_local(_strategy_worker, world_size, str(tmp_path), precision)
+    run_local(_strategy_worker, world_size, str(tmp_path), precision, tied)
     results = [torch.load(tmp_path / f"fit_{r}.pt") for r in range(world_size)]
-    ref = reference_fit(dp=world_size // 2, precision=precision)
+    ref = reference_fit(dp=world_size // 2, precision=precision, tied=tied)
     rel = 1e-5 if precision == "32-true" else 1e-3  # bf16: same kernels, other sum orders
     for result in results:  # every rank logs the same numbers
         assert result["losses"] == pytest.approx(ref["losses"], rel=rel)
@@ -181,6 +192,9 @@ def test_fit_matches_single_process_training(world_size, precision, tmp_path):
         assert result["val_losses"] == pytest.approx(ref["val_losses"], rel=rel)
     assert min(ref["norms"]) > 1.0  # clipping was active
     values = {n: v for r in results for n, v in r["values"].items()}
+    if tied:  # one parameter in one process; a copy on each stage here, kept equal
+        assert torch.equal(values.pop("model.head.lm_head.weight"),
+                           values["model.retrieval.tok_embed.weight"])
     assert values.keys() == ref["values"].keys()
     moved = sum(((ref["values"][n] - ref["initial"][n]) ** 2).sum() for n in values).sqrt()
     error = sum(((values[n] - ref["values"][n]) ** 2).sum() for n in values).sqrt()

@@ -240,18 +240,18 @@ class Pipeline:
         for module in self.modules:
             yield from module.named_parameters()
 
-    def norm_parameters(self) -> list[nn.Parameter]:
-        """This rank's parameters, less tied copies another rank counts: summed over the
-        pipeline ranks, each parameter enters a gradient norm once."""
+    def norm_parameters(self, parameters=None) -> list[nn.Parameter]:
+        """This rank's parameters (or those of `parameters`), less tied copies another rank
+        counts: summed over the pipeline ranks, each parameter enters a gradient norm once."""
         skip = {id(t.param) for t in self.split_ties if t.held and not t.counts}
-        return [p for p in self.parameters() if id(p) not in skip]
+        return [p for p in (parameters or self.parameters()) if id(p) not in skip]
 
     def _sum_split_tie_grads(self) -> None:
         """Every holder of a tied parameter gets the sum of all holders' gradients (ranks
         that hold none add zeros, so one all-reduce over the pipeline group serves)."""
         for tie in self.split_ties:
             grad = tie.param.grad if tie.held else None
-            buffer = grad if grad is not None else torch.zeros_like(tie.param)
+            buffer = grad if grad is not None else torch.zeros_like(tie.param.data)
             dist.all_reduce(buffer, group=self.pp_group)
             if tie.held:
                 tie.param.grad = buffer
@@ -285,20 +285,20 @@ class Pipeline:
 
 def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict, *,
                    pp_group: dist.ProcessGroup, device: torch.device,
-                   parallelize: Callable[[nn.Module], object] | None = None) -> Pipeline:
+                   parallelize: Callable[[nn.Module], object] | None = None,
+                   ties: list[tuple[nn.Parameter, list[str]]] | None = None) -> Pipeline:
     """Cut `model` (it must have `units()` and may have `colocation_groups()`) into the
     stages of `config`, keep this rank's, and set up the schedule.
 
     `example_batch` is one full (per-replica) batch; its first micro-batch fixes the shapes
     that cross stage boundaries. `parallelize` (e.g. tensor parallelism) is applied to each
-    local stage module before anything runs. Every rank of `pp_group` must call this together.
+    local stage module before anything runs. `ties` (from `tied_parameters`) is for a model
+    whose remote units were already dropped; by default it is found on `model`. Every rank
+    of `pp_group` must call this together.
     """
     units = dict(model.units())
-    groups = model.colocation_groups() if hasattr(model, "colocation_groups") else []
-    ties = tied_parameters(units)
-    if config.split_tied_weights:
-        groups = [g for g in groups if not any(set(g) >= set(holders) for _, holders in ties)]
-    check_partition(config.stages, list(units), groups)
+    ties = tied_parameters(units) if ties is None else ties
+    check_partition(config.stages, list(units), binding_groups(model, config, ties))
     pp_size = dist.get_world_size(pp_group)
     check_schedule(config, pp_size)
     batch_keys = tuple(sorted(k for k, v in example_batch.items() if isinstance(v, torch.Tensor)))
@@ -332,9 +332,21 @@ def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict
     for param, holders in ties:
         ranks = sorted({owners[stage_of[name]] for name in holders})
         if len(ranks) > 1:
-            split.append(_SplitTie(param, pp_rank in ranks, pp_rank == ranks[0]))
+            tie = _SplitTie(param, pp_rank in ranks, pp_rank == ranks[0])
+            _broadcast_tie(tie, dist.get_global_rank(pp_group, ranks[0]), pp_group)
+            split.append(tie)
     return Pipeline(config, [modules[s] for s in local], stages, schedule, batch_keys, batch_size,
                     pp_group, split)
+
+
+def binding_groups(model: nn.Module, config: PipelineConfig,
+                   ties: list[tuple[nn.Parameter, list[str]]]) -> list[list[str]]:
+    """The model's co-location groups that this config must keep whole: all of them, less
+    the tied-weight groups when `split_tied_weights` is set."""
+    groups = model.colocation_groups() if hasattr(model, "colocation_groups") else []
+    if not config.split_tied_weights:
+        return groups
+    return [g for g in groups if not any(set(g) >= set(holders) for _, holders in ties)]
 
 
 def tied_parameters(units: dict[str, nn.Module]) -> list[tuple[nn.Parameter, list[str]]]:
@@ -353,9 +365,15 @@ class _SplitTie:
     """A parameter held on several pipeline ranks: its copy here (if held) and whether this
     rank is the one that counts it (in gradient norms)."""
 
-    param: nn.Parameter
+    param: nn.Parameter  # on ranks that do not hold it: only its shape and dtype are used
     held: bool
     counts: bool
+
+
+def _broadcast_tie(tie: _SplitTie, src: int, pp_group: dist.ProcessGroup) -> None:
+    """Start every copy of a split tied parameter from the first holder's values."""
+    buffer = tie.param.data if tie.held else torch.empty_like(tie.param, device=tie.param.device)
+    dist.broadcast(buffer, src=src, group=pp_group)
 
 
 def _infer_stage_io(modules: dict[int, StageModule], owners: list[int], first_micro: tuple,

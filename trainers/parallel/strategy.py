@@ -51,10 +51,12 @@ from trainers.parallel.mesh import ParallelConfigError, ParallelDims
 from trainers.parallel.pipeline import (
     Pipeline,
     PipelineConfig,
+    binding_groups,
     build_pipeline,
     check_partition,
     check_schedule,
     stage_ranks,
+    tied_parameters,
 )
 from trainers.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
 
@@ -87,24 +89,30 @@ class PipelineStrategy(ModelParallelStrategy):
         schedule: one of `trainers.parallel.pipeline.SCHEDULES` (`gpipe`, `1f1b`,
             `interleaved_1f1b`, `looped_bfs`, `interleaved_zero_bubble`, `zbv_zero_bubble`,
             `dualpipev`).
+        split_tied_weights: allow tied units (e.g. `retrieval` and `head` with tied
+            embeddings) on different stages: each keeps a copy, their gradients are summed
+            every step and counted once in gradient norms (dp = tp = 1 only, so far).
         process_group_backend: default NCCL on GPUs, gloo on CPU.
     """
 
     def __init__(self, *, partition: list[list[str]], pipeline_parallel_size: int = 1,
                  tensor_parallel_size: int = 1, data_parallel_size: int | None = None,
                  num_microbatches: int = 1, schedule: str = "1f1b",
+                 split_tied_weights: bool = False,
                  process_group_backend: str | None = None,
                  timeout: timedelta | None = default_pg_timeout) -> None:
         super().__init__(data_parallel_size=1, tensor_parallel_size=1,
                          save_distributed_checkpoint=True,
                          process_group_backend=process_group_backend, timeout=timeout)
         self.pipeline_config = PipelineConfig(stages=[list(s) for s in partition],
-                                              schedule=schedule, num_microbatches=num_microbatches)
+                                              schedule=schedule, num_microbatches=num_microbatches,
+                                              split_tied_weights=split_tied_weights)
         self._sizes = {"pipeline_parallel_size": pipeline_parallel_size,
                        "tensor_parallel_size": tensor_parallel_size,
                        "data_parallel_size": data_parallel_size}
         self.dims: ParallelDims | None = None
         self.pipeline: Pipeline | None = None
+        self._ties: list = []
         self._parked: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     # -- processes and mesh ----------------------------------------------------------------------
@@ -143,9 +151,11 @@ class PipelineStrategy(ModelParallelStrategy):
     def setup(self, trainer) -> None:
         self.accelerator.setup(trainer)
         model = self._chain_model()
-        names = [name for name, _ in model.units()]
-        groups = model.colocation_groups() if hasattr(model, "colocation_groups") else []
-        check_partition(self.pipeline_config.stages, names, groups)
+        units = dict(model.units())
+        self._ties = tied_parameters(units)
+        check_partition(self.pipeline_config.stages, list(units),
+                        binding_groups(model, self.pipeline_config, self._ties))
+        self._check_split_ties()
         check_tensor_parallel(model, self.dims.tp)
         self._drop_remote_units(model)
         if self.dims.tp > 1:
@@ -162,6 +172,17 @@ class PipelineStrategy(ModelParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
+
+    def _check_split_ties(self) -> None:
+        stage_of = {n: i for i, names in enumerate(self.pipeline_config.stages) for n in names}
+        split = [holders for _, holders in self._ties
+                 if len({stage_of[name] for name in holders}) > 1]
+        if split and (self.dims.dp > 1 or self.dims.tp > 1):
+            raise ParallelConfigError(
+                f"split_tied_weights puts the tied units {split[0]} on different stages, which "
+                f"works with data_parallel_size=1 and tensor_parallel_size=1 only so far "
+                f"(got {self.dims.dp} and {self.dims.tp}); keep them in one stage"
+            )
 
     def _stage_owners(self) -> list[int]:
         config = self.pipeline_config
@@ -188,7 +209,7 @@ class PipelineStrategy(ModelParallelStrategy):
             shard = (lambda stage: fully_shard(stage, mesh=dp_mesh)) if self.dims.dp > 1 else None
             self.pipeline = build_pipeline(self._chain_model(), self.pipeline_config, batch,
                                            pp_group=self.pp_group, device=self.root_device,
-                                           parallelize=shard)
+                                           parallelize=shard, ties=self._ties)
         return self.pipeline
 
     # -- the training step -----------------------------------------------------------------------
@@ -260,7 +281,10 @@ class PipelineStrategy(ModelParallelStrategy):
 
     # -- gradient norms --------------------------------------------------------------------------
     def grad_norm(self, parameters) -> torch.Tensor:
-        """The 2-norm of all gradients of the model, over every stage and shard."""
+        """The 2-norm of all gradients of the model, over every stage and shard (a tied
+        weight split across stages counted once)."""
+        if self.pipeline is not None:
+            parameters = self.pipeline.norm_parameters(list(parameters))
         return total_grad_norm(parameters, self.pp_group, self.root_device)
 
     def _clip_grad_by_norm(self, optimizer, clip_val: float) -> None:
