@@ -18,6 +18,8 @@ per-example losses. Parallelism is applied from outside; nothing here knows abou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,15 +40,14 @@ Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 IGNORE = -100
 
 
+@dataclass
 class Retrieved:
-    """What one search produced for a batch: keys (B, k), candidates (B, C) and scores."""
+    """What one search produced for a batch."""
 
-    def __init__(self, keys: np.ndarray, candidates: np.ndarray, doc_logits: torch.Tensor,
-                 contrastive: torch.Tensor) -> None:
-        self.keys = keys
-        self.candidates = candidates
-        self.doc_logits = doc_logits
-        self.contrastive = contrastive
+    keys: np.ndarray  # (B, k) documents the generator reads; -1 = none
+    candidates: np.ndarray  # (B, C) the over-retrieved list (recall@C)
+    doc_logits: torch.Tensor  # (B, k) <q, d> / temperature
+    contrastive: torch.Tensor  # (B,) the retriever's loss per example
 
 
 class RetrievalUnit(nn.Module):
@@ -206,7 +207,7 @@ class RetrievalUnit(nn.Module):
 class DecoderBlock(Block):
     """A causal pre-norm block that passes the rest of the carry through untouched."""
 
-    def forward(self, hidden, key_valid, labels, doc_logits, contrastive) -> Carry:  # noqa: D102
+    def forward(self, hidden, key_valid, labels, doc_logits, contrastive) -> Carry:
         hidden = super().forward(hidden, causal_mask(key_valid))
         return hidden, key_valid, labels, doc_logits, contrastive
 
@@ -356,4 +357,4 @@ def synthetic_batch(config: ModelConfig, batch_size: int, *, seed: int = 0,
     }
 
 
-__all__ = ["RAGModel", "build_model", "synthetic_batch", "InMemoryBackend", "Carry"]
+__all__ = ["Carry", "InMemoryBackend", "RAGModel", "build_model", "synthetic_batch"]

@@ -105,7 +105,7 @@ def test_every_yaml_recipe_parses_against_the_cli(recipe):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "finetune.py"), "fit", "--config", str(recipe),
          "--print_config"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model:" in result.stdout and "data:" in result.stdout

@@ -74,7 +74,7 @@ class RAGDataModule(L.LightningDataModule):
                  val_path: str | None = None, test_path: str | None = None,
                  index_dir: str | None = None, model_size: str = "demo", batch_size: int = 32,
                  num_workers: int = 0, on_bad: str = "error", fix_images: bool = False,
-                 columns: ExampleColumns = ExampleColumns()) -> None:
+                 columns: ExampleColumns | None = None) -> None:
         super().__init__()
         self.paths = {s: self._split_path(s, data_dir, p)
                       for s, p in zip(SPLITS, (train_path, val_path, test_path))}
@@ -82,7 +82,8 @@ class RAGDataModule(L.LightningDataModule):
         self.config = model_config(model_size)
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.on_bad, self.fix_images, self.columns = on_bad, fix_images, columns
+        self.on_bad, self.fix_images = on_bad, fix_images
+        self.columns = columns or ExampleColumns()
         self.tokenizer = load_tokenizer(self.config.retriever.text_encoder)
         self.collate = Collator(
             self.tokenizer, image_size=self.config.vision.image_size,
