@@ -1,7 +1,7 @@
 """PipelineStrategy in a real Lightning Trainer against single-process training.
 
-Two gloo processes (pp=2, 1F1B, 2 micro-batches; also bf16-mixed, and tied embeddings
-split across the stages) and four (pp=2 x dp=2, FSDP2) run `Trainer.fit`
+Two gloo processes (pp=2, 1F1B, 2 micro-batches; also bf16-mixed with partition="auto",
+and tied embeddings split across the stages) and four (pp=2 x dp=2, FSDP2) run `Trainer.fit`
 of the tiny RAG module for a few steps with gradient clipping on, validating after every
 step; every step's logged loss, gradient norm (over all stages) and validation loss, and
 every parameter at the end, match a one-process Trainer on the same global batches.
@@ -103,8 +103,9 @@ def _strategy_worker(rank: int, world_size: int, out_dir: str, precision: str,
     module = make_module(tied=tied)
     recorder = Recorder()
     dp = world_size // 2
-    strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2, num_microbatches=2,
-                                schedule="1f1b", split_tied_weights=tied)
+    partition = "auto" if precision == "bf16-mixed" else TWO  # any valid split must match
+    strategy = PipelineStrategy(partition=partition, pipeline_parallel_size=2,
+                                num_microbatches=2, schedule="1f1b", split_tied_weights=tied)
     dp_rank = rank // 2  # ranks are (dp, pp) row-major
     batches = [{k: v[dp_rank * BATCH_SIZE:(dp_rank + 1) * BATCH_SIZE] for k, v in b.items()}
                for b in make_batches(module, dp * BATCH_SIZE)]
@@ -147,6 +148,21 @@ def test_bad_configurations_fail_before_any_work():
         PipelineStrategy(partition=TWO, num_microbatches=0)
     with pytest.raises(PartitionError, match="at least one unit"):
         PipelineStrategy(partition=[["retrieval"], []])
+
+
+@pytest.mark.parametrize("schedule, num_stages", [("1f1b", 2), ("interleaved_1f1b", 4),
+                                                  ("zbv_zero_bubble", 4)])
+def test_auto_partition_is_the_planners_valid_split(schedule, num_stages):
+    from rag_mm.config import model_config
+    from trainers.parallel.auto import auto_partition
+    from trainers.parallel.pipeline import check_partition
+
+    config = model_config("tiny")
+    stages = auto_partition(config, pp_size=2, schedule=schedule, num_microbatches=2)
+    assert len(stages) == num_stages
+    check_partition(stages, ["retrieval", "blocks.0", "blocks.1", "head"], [["retrieval"]])
+    with pytest.raises(ParallelConfigError, match="partition='even'"):
+        PipelineStrategy(partition="even")
 
 
 def test_lightning_cli_yaml_selects_the_strategy(tmp_path):

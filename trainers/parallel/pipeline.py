@@ -49,7 +49,8 @@ class PipelineConfig:
     Args:
         stages: unit names per stage, in chain order (e.g. [["retrieval", "blocks.0"],
             ["blocks.1", "head"]]). With `pp` ranks, a "one"-stage-per-rank schedule needs
-            `pp` stages; interleaved and V schedules take a multiple of `pp`.
+            `pp` stages; interleaved and V schedules take a multiple of `pp`. None: not
+            chosen yet (the strategy's `partition="auto"` fills it in at setup).
         schedule: one of `SCHEDULES`.
         num_microbatches: micro-batches per step; must divide the (per-replica) batch.
         split_tied_weights: allow co-located units that share a parameter (tied embeddings)
@@ -57,7 +58,7 @@ class PipelineConfig:
             after every step, so the copies stay equal.
     """
 
-    stages: list[list[str]]
+    stages: list[list[str]] | None
     schedule: str = "1f1b"
     num_microbatches: int = 1
     split_tied_weights: bool = False
@@ -69,7 +70,7 @@ class PipelineConfig:
             )
         if self.num_microbatches < 1:
             raise ParallelConfigError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
-        if not self.stages or any(not stage for stage in self.stages):
+        if self.stages is not None and (not self.stages or any(not s for s in self.stages)):
             raise PartitionError(f"every stage needs at least one unit, got stages={self.stages}")
 
     @property

@@ -25,11 +25,12 @@ Data parallelism is FSDP2: with dp > 1 every local unit is `fully_shard`-ed over
 axis (parameters, gradients and optimizer state sharded; gradients averaged by the
 reduce-scatter), and each stage is the FSDP root of its units.
 
-Not yet: prediction, `partition="auto"`.
+Not yet: prediction.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ class PipelineStrategy(ModelParallelStrategy):
     """Pipeline (torch.distributed.pipelining) x tensor (DTensor) x data (FSDP2) parallelism.
 
     Args:
-        partition: unit names per pipeline stage, in chain order.
+        partition: unit names per pipeline stage, in chain order, or "auto": the
+            partitioner's plan (`trainers.parallel.auto`), made at setup.
         pipeline_parallel_size, tensor_parallel_size: ranks per pipeline / per layer.
         data_parallel_size: replicas; None takes the rest of the world size.
         num_microbatches: micro-batches per step; must divide the per-replica batch.
@@ -95,7 +97,8 @@ class PipelineStrategy(ModelParallelStrategy):
         process_group_backend: default NCCL on GPUs, gloo on CPU.
     """
 
-    def __init__(self, *, partition: list[list[str]], pipeline_parallel_size: int = 1,
+    def __init__(self, *, partition: list[list[str]] | str = "auto",
+                 pipeline_parallel_size: int = 1,
                  tensor_parallel_size: int = 1, data_parallel_size: int | None = None,
                  num_microbatches: int = 1, schedule: str = "1f1b",
                  split_tied_weights: bool = False,
@@ -104,7 +107,11 @@ class PipelineStrategy(ModelParallelStrategy):
         super().__init__(data_parallel_size=1, tensor_parallel_size=1,
                          save_distributed_checkpoint=True,
                          process_group_backend=process_group_backend, timeout=timeout)
-        self.pipeline_config = PipelineConfig(stages=[list(s) for s in partition],
+        if isinstance(partition, str) and partition != "auto":
+            raise ParallelConfigError(
+                f"partition={partition!r}: use 'auto' or a list of unit-name lists per stage")
+        stages = None if partition == "auto" else [list(s) for s in partition]
+        self.pipeline_config = PipelineConfig(stages=stages,
                                               schedule=schedule, num_microbatches=num_microbatches,
                                               split_tied_weights=split_tied_weights)
         self._sizes = {"pipeline_parallel_size": pipeline_parallel_size,
@@ -120,7 +127,8 @@ class PipelineStrategy(ModelParallelStrategy):
         ParallelStrategy.setup_environment(self)
         self._setup_distributed()
         self.dims = ParallelDims(world_size=self.world_size, **self._sizes)
-        check_schedule(self.pipeline_config, self.dims.pp)
+        if self.pipeline_config.stages is not None:
+            check_schedule(self.pipeline_config, self.dims.pp)
         self._device_mesh = self.dims.build_mesh(self.root_device.type)
         self.lightning_module._device_mesh = self._device_mesh
 
@@ -151,6 +159,8 @@ class PipelineStrategy(ModelParallelStrategy):
     def setup(self, trainer) -> None:
         self.accelerator.setup(trainer)
         model = self._chain_model()
+        if self.pipeline_config.stages is None:
+            self._plan_partition(model)
         units = dict(model.units())
         self._ties = tied_parameters(units)
         check_partition(self.pipeline_config.stages, list(units),
@@ -172,6 +182,19 @@ class PipelineStrategy(ModelParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
+
+    def _plan_partition(self, model: nn.Module) -> None:
+        """`partition="auto"`: the partitioner's split of the model's chain."""
+        from trainers.parallel.auto import auto_partition
+
+        if not hasattr(model, "config"):
+            raise TypeError(f"partition='auto' needs a rag_mm model (with .config); give "
+                            f"{type(self).__name__} explicit stages instead")
+        config = self.pipeline_config
+        stages = auto_partition(model.config, pp_size=self.dims.pp, schedule=config.schedule,
+                                num_microbatches=config.num_microbatches)
+        self.pipeline_config = replace(config, stages=stages)
+        check_schedule(self.pipeline_config, self.dims.pp)
 
     def _check_split_ties(self) -> None:
         stage_of = {n: i for i, names in enumerate(self.pipeline_config.stages) for n in names}

@@ -1,0 +1,40 @@
+"""`partition="auto"`: the partitioner's plan for a `rag_mm` model, as stage unit lists.
+
+The model is costed analytically (meta device, shapes only, one example per micro-batch:
+the split depends on relative unit costs), cut by `trainers.partition.plan_partition`
+under the planner schedule of the same shape as the pipeline schedule, and returned as
+unit-name lists in stage order (chunk c of an interleaved plan is stage c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from trainers.parallel.pipeline import SCHEDULES
+
+
+def planner_schedule(schedule: str, num_microbatches: int):
+    """The planner's ScheduleSpec with the shape of `schedule`: one stage per rank ->
+    1F1B (GPipe for gpipe); several -> interleaved 1F1B with 2 stages per rank."""
+    from trainers.partition.schedule import ScheduleSpec
+
+    if SCHEDULES[schedule][1] == "one":
+        name = "gpipe" if schedule == "gpipe" else "1f1b"
+        return ScheduleSpec(name=name, num_microbatches=num_microbatches)
+    return ScheduleSpec(name="interleaved_1f1b", num_microbatches=num_microbatches,
+                        virtual_stages=2)
+
+
+def auto_partition(config, *, pp_size: int, schedule: str,
+                   num_microbatches: int) -> list[list[str]]:
+    """Stages (unit names) for a `rag_mm.config.ModelConfig` on `pp_size` pipeline ranks."""
+    from trainers.partition.models import profile_rag
+    from trainers.partition.partition import PartitionConfig, plan_partition
+    from trainers.partition.units import chain_from_profile
+
+    as_fields = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "name"}
+    profile = profile_rag("tiny", analytic=True, batch_size=1, **as_fields)
+    result = plan_partition(chain_from_profile(profile), PartitionConfig(
+        num_stages=pp_size, schedule=planner_schedule(schedule, num_microbatches)))
+    stages = sorted(result.plan.stages, key=lambda stage: stage.chunk)
+    return [list(stage.units) for stage in stages]
