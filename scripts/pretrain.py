@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--retriever-warmup-steps", type=int, default=0,
                    help="train the query encoder alone (contrastive) for the first N steps")
-    p.add_argument("--val-every", type=int, default=500, help="validate every N steps")
+    p.add_argument("--val-every", type=int, default=650, help="validate every N steps")
     p.add_argument("--precision", default="auto", help="auto | bf16-mixed | 32-true | 16-mixed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")

@@ -153,3 +153,14 @@ def test_frozen_text_cache_gives_the_uncached_embedding(tiny):
     torch.testing.assert_close(cached, direct)
     torch.testing.assert_close(again, direct)
     assert F.cosine_similarity(cached, direct).min() > 0.9999
+
+
+def test_gold_document_joins_the_top_k_only_in_training(backend):
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny"), backend=backend)
+    batch = synthetic_batch(model.config, 8, num_docs=NUM_DOCS)
+    gold = batch["gold_keys"].numpy()
+    assert (model.retrieval.retrieve(batch).keys == gold[:, None]).any(axis=1).all()
+    model.eval()
+    searched = model.retrieval.retrieve(batch)
+    assert (searched.keys == searched.candidates[:, :2]).all()
