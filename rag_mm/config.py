@@ -125,7 +125,9 @@ class ModelConfig:
 def _tiny() -> ModelConfig:
     return ModelConfig(
         name="tiny",
-        vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=2),
+        # the vision towers only see B images (not B x k sequences): cheap, and they must
+        # learn to recognise held-out combinations of attributes for retrieval to work
+        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4),
         generator=GeneratorConfig(hidden_size=64, num_layers=2, num_heads=2),
         retriever=RetrieverConfig(top_k=2, num_candidates=8),
         max_doc_tokens=16,

@@ -32,7 +32,7 @@ def test_tiny_rag_model_plans_with_its_declared_chain():
         num_stages=2, batch_size=4, schedule=ScheduleSpec(num_microbatches=2)))
     stages = [s.units for s in result.plan.stages]
     assert stages[0][0] == "retrieval" and stages[-1][-1] == "head"
-    walked = chain_from_profile(measured, declared=False, max_unit_share=0.02)
+    walked = chain_from_profile(measured, declared=False, max_unit_share=1e-6)  # descend wherever possible: timing-independent
     names = [u.name for u in walked.units]
     assert "blocks.0.attn_norm" in names and "blocks.0" not in names  # walked inside blocks
     # tok_embed runs three times inside the retrieval unit: not a chain, kept whole.
