@@ -76,8 +76,10 @@ def _tp_worker(rank: int, world_size: int, out_dir: str) -> None:
 
     mesh = ParallelDims(world_size=world_size, tensor_parallel_size=world_size).build_mesh()
     model, config = tiny_model()
+    heads = {name: m.num_heads for name, m in model.named_modules() if isinstance(m, Attention)}
     apply_tensor_parallel(model, mesh["tp"])
-    assert all(m.num_heads == 1 for m in model.modules() if isinstance(m, Attention))
+    local = {name: m.num_heads for name, m in model.named_modules() if isinstance(m, Attention)}
+    assert local == {name: count // world_size for name, count in heads.items()}
     assert isinstance(model.blocks[0].attn.q_proj.weight, DTensor)
     batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
     losses = model.head(*model.run_chain(model.retrieval(batch)))
