@@ -127,30 +127,27 @@ class RetrievalUnit(nn.Module):
 
     # -- context assembly ------------------------------------------------------------------
     def _document_tokens(self, keys: np.ndarray, device: torch.device):
-        """Token ids (N, max_doc_tokens), their mask, and the documents (None for key -1)."""
+        """Token ids (N, max_doc_tokens) and their mask; key -1 gives an empty document."""
         flat = [int(k) for k in keys.reshape(-1)]
-        wanted = sorted({k for k in flat if k >= 0})
-        docs = dict(zip(wanted, self._require_backend().documents(np.array(wanted)))) if wanted else {}
-        self._tokenize_missing(wanted, docs)
+        self._tokenize_missing(sorted({k for k in flat if k >= 0}))
         ids = torch.zeros(len(flat), self.config.max_doc_tokens, dtype=torch.long)
         mask = torch.zeros_like(ids, dtype=torch.bool)
         for row, key in enumerate(flat):
             tokens = self._doc_tokens.get(key, [])
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, : len(tokens)] = True
-        return ids.to(device), mask.to(device), [docs.get(k) for k in flat]
+        return ids.to(device), mask.to(device)
 
-    def _tokenize_missing(self, keys: list[int], docs: dict[int, dict]) -> None:
+    def _tokenize_missing(self, keys: list[int]) -> None:
+        """Tokenize (and cache) the documents not seen before; the store is read only for them."""
         missing = [k for k in keys if k not in self._doc_tokens]
         if not missing:
             return
         if len(self._doc_tokens) > 200_000:
             self._doc_tokens.clear()
+        texts = [d["text"] for d in self._require_backend().documents(np.array(missing))]
         encoded = self.tokenizer(
-            [docs[k]["text"] for k in missing],
-            add_special_tokens=False,
-            truncation=True,
-            max_length=self.config.max_doc_tokens,
+            texts, add_special_tokens=False, truncation=True, max_length=self.config.max_doc_tokens
         )["input_ids"]
         self._doc_tokens.update(zip(missing, encoded))
 
@@ -177,11 +174,14 @@ class RetrievalUnit(nn.Module):
         cfg = self.config
         k = retrieved.keys.shape[1]
         device = batch["images"].device
-        doc_ids, doc_mask, documents = self._document_tokens(retrieved.keys, device)
+        doc_ids, doc_mask = self._document_tokens(retrieved.keys, device)
         image = self._image_patches(batch["images"]).repeat_interleave(k, dim=0)
         segments = [self.tok_embed(doc_ids)]
         masks = [doc_mask]
         if cfg.use_doc_images:
+            flat = retrieved.keys.reshape(-1)
+            found = self._require_backend().documents(np.maximum(flat, 0))
+            documents = [doc if key >= 0 else None for key, doc in zip(flat, found)]
             doc_patches, doc_image_mask = self._doc_image_patches(documents, image)
             segments.append(doc_patches)
             masks.append(doc_image_mask)

@@ -5,6 +5,7 @@ Run: `.venv/bin/python -m pytest tests/test_model.py -q`
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,3 +165,20 @@ def test_gold_document_joins_the_top_k_only_in_training(backend):
     model.eval()
     searched = model.retrieval.retrieve(batch)
     assert (searched.keys == searched.candidates[:, :2]).all()
+
+
+def test_image_documents_reach_the_generator_when_enabled():
+    from PIL import Image
+
+    random = InMemoryBackend.random(6, seed=1)
+    images = [Image.new("RGB", (32, 32), (40 * i, 0, 0)) if i % 2 else None for i in range(6)]
+    backend = InMemoryBackend(random.vectors(np.arange(6)), [d["text"] for d in
+                              random.documents(np.arange(6))], images)
+    model = build_model(replace(model_config("tiny"), use_doc_images=True), backend=backend)
+    batch = synthetic_batch(model.config, 3, num_docs=6)
+    _, key_valid, *_ = model.retrieval(batch)
+    patches = model.config.vision.num_patches
+    image_slots = key_valid[:, model.config.max_doc_tokens : model.config.max_doc_tokens + patches]
+    keys = model.retrieval.retrieve(batch).keys.reshape(-1)
+    assert image_slots.all(dim=1).tolist() == [bool(k % 2) for k in keys]
+    assert torch.isfinite(model(batch)["loss"])
