@@ -1,12 +1,14 @@
 """PipelineStrategy in a real Lightning Trainer against single-process training.
 
 Two gloo processes (pp=2, 1F1B, 2 micro-batches; also bf16-mixed with partition="auto",
-and tied embeddings split across the stages) and four (pp=2 x dp=2, FSDP2) run `Trainer.fit`
-of the tiny RAG module for a few steps with gradient clipping on, validating after every
-step; every step's logged loss, gradient norm (over all stages) and validation loss, and
-every parameter at the end, match a one-process Trainer on the same global batches.
+and tied embeddings split across the stages; and dp=2 alone, FSDP2 over 2 replicas) and
+four (pp=2 x dp=2, FSDP2) run `Trainer.fit` of the tiny RAG module for a few steps with
+gradient clipping on, validating after every step; every step's logged loss, gradient norm
+(over all stages) and validation loss, and every parameter at the end, match a one-process
+Trainer on the same global batches. In fp32, step one's every gradient (query encoder
+included, gathered from the shards) and every value after the AdamW step match too.
 
-Run: .venv/bin/pytest tests/test_parallel_strategy.py -q       (about 2 min on 2 cores)
+Run: .venv/bin/pytest tests/test_parallel_strategy.py -q       (about 3 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from rag_mm.model import InMemoryBackend, synthetic_batch
+from tests.test_parallel_pipeline import ADAM_EPS, LR, assert_fp32_close
 from trainers.parallel.mesh import ParallelConfigError
 from trainers.parallel.pipeline import PartitionError
 from trainers.parallel.strategy import PipelineStrategy
@@ -26,6 +29,7 @@ NUM_DOCS = 40
 BATCH_SIZE = 4
 STEPS = 3
 TWO = [["retrieval", "blocks.0"], ["blocks.1", "head"]]
+ALL = [[unit for stage in TWO for unit in stage]]
 
 
 def make_module(*, tied: bool = False):
@@ -46,17 +50,22 @@ def make_module(*, tied: bool = False):
     # order) do not become +-lr updates, and several steps stay comparable. Parameters are
     # read when Lightning asks, after the strategy kept this rank's units.
     module.configure_optimizers = lambda: torch.optim.AdamW(
-        [p for p in module.parameters() if p.requires_grad], lr=1e-2, eps=1e-3)
+        [p for p in module.parameters() if p.requires_grad], lr=LR, eps=ADAM_EPS)
     return module
 
 
 class Recorder(L.Callback):
-    """Per step: the logged loss, and the gradient norm over the whole model before clipping."""
+    """Per step: the logged loss, and the gradient norm over the whole model before clipping;
+    with `first_step=True` also every gradient (before clipping) and value after step one,
+    gathered whole from the shards (a collective: every rank records)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, first_step: bool = False) -> None:
         self.losses: list[float] = []
         self.norms: list[float] = []
         self.val_losses: list[float] = []
+        self.first_step = first_step
+        self.grads: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self.val_losses.append(trainer.callback_metrics["val/loss"].item())
@@ -68,9 +77,15 @@ class Recorder(L.Callback):
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         self.norms.append(norm.item())
+        if self.first_step and len(self.norms) == 1:
+            self.grads = {n: _full(p.grad).clone() for n, p in pl_module.named_parameters()
+                          if p.grad is not None}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(trainer.callback_metrics["train/loss"].item())
+        if self.first_step and len(self.losses) == 1:
+            self.values = {n: _full(p.detach()).clone() for n, p in pl_module.named_parameters()
+                           if p.requires_grad}
 
 
 def make_batches(module, batch_size: int) -> list[dict]:
@@ -97,23 +112,25 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _strategy_worker(rank: int, world_size: int, out_dir: str, precision: str,
+def _strategy_worker(rank: int, world_size: int, out_dir: str, pp: int, precision: str,
                      tied: bool) -> None:
-    """pp=2 (x dp=2 with 4 processes): each replica reads its slice of the global batch."""
+    """pp=1 or 2 (x dp = the rest): each replica reads its slice of the global batch."""
     module = make_module(tied=tied)
-    recorder = Recorder()
-    dp = world_size // 2
-    partition = "auto" if precision == "bf16-mixed" else TWO  # any valid split must match
-    strategy = PipelineStrategy(partition=partition, pipeline_parallel_size=2,
-                                num_microbatches=2, schedule="1f1b", split_tied_weights=tied)
-    dp_rank = rank // 2  # ranks are (dp, pp) row-major
+    recorder = Recorder(first_step=True)
+    dp = world_size // pp
+    partition = "auto" if precision == "bf16-mixed" else TWO if pp == 2 else ALL
+    strategy = PipelineStrategy(partition=partition, pipeline_parallel_size=pp,
+                                num_microbatches=2, schedule="1f1b" if pp == 2 else "gpipe",
+                                split_tied_weights=tied)
+    dp_rank = rank // pp  # ranks are (dp, pp) row-major
     batches = [{k: v[dp_rank * BATCH_SIZE:(dp_rank + 1) * BATCH_SIZE] for k, v in b.items()}
                for b in make_batches(module, dp * BATCH_SIZE)]
     fit(module, recorder, batches, devices=world_size, strategy=strategy, precision=precision)
     values = {n: _full(p.detach()).clone() for n, p in module.named_parameters()
               if p.requires_grad}
     torch.save({"losses": recorder.losses, "norms": recorder.norms, "values": values,
-                "val_losses": recorder.val_losses}, Path(out_dir) / f"fit_{rank}.pt")
+                "val_losses": recorder.val_losses, "grads": recorder.grads,
+                "first_values": recorder.values}, Path(out_dir) / f"fit_{rank}.pt")
 
 
 def reference_fit(dp: int, precision: str, tied: bool = False) -> dict:
@@ -133,12 +150,13 @@ def reference_fit(dp: int, precision: str, tied: bool = False) -> dict:
 
     module.training_step = split_step
     module.validation_step = lambda batch, batch_idx: split_step(batch, batch_idx, "val")
-    recorder = Recorder()
+    recorder = Recorder(first_step=True)
     fit(module, recorder, make_batches(module, dp * BATCH_SIZE), devices=1, precision=precision)
     module.training_step = step
     values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     return {"losses": recorder.losses, "norms": recorder.norms, "values": values,
-            "initial": initial, "val_losses": recorder.val_losses}
+            "initial": initial, "val_losses": recorder.val_losses, "grads": recorder.grads,
+            "first_values": recorder.values}
 
 
 def test_bad_configurations_fail_before_any_work():
@@ -189,16 +207,17 @@ def test_lightning_cli_yaml_selects_the_strategy(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, precision, tied",
-                         [(2, "32-true", False), (4, "32-true", False), (2, "bf16-mixed", False),
-                          (2, "32-true", True)],
-                         ids=["pp2", "pp2xdp2", "pp2-bf16", "pp2-split-tie"])
-def test_fit_matches_single_process_training(world_size, precision, tied, tmp_path):
+@pytest.mark.parametrize("world_size, pp, precision, tied",
+                         [(2, 2, "32-true", False), (4, 2, "32-true", False),
+                          (2, 1, "32-true", False), (2, 2, "bf16-mixed", False),
+                          (2, 2, "32-true", True)],
+                         ids=["pp2", "pp2xdp2", "dp2", "pp2-bf16", "pp2-split-tie"])
+def test_fit_matches_single_process_training(world_size, pp, precision, tied, tmp_path):
     from trainers.parallel.local import run_local
 
-    run_local(_strategy_worker, world_size, str(tmp_path), precision, tied)
+    run_local(_strategy_worker, world_size, str(tmp_path), pp, precision, tied)
     results = [torch.load(tmp_path / f"fit_{r}.pt") for r in range(world_size)]
-    ref = reference_fit(dp=world_size // 2, precision=precision, tied=tied)
+    ref = reference_fit(dp=world_size // pp, precision=precision, tied=tied)
     rel = 1e-5 if precision == "32-true" else 1e-3  # bf16: same kernels, other sum orders
     for result in results:  # every rank logs the same numbers
         assert result["losses"] == pytest.approx(ref["losses"], rel=rel)
@@ -218,3 +237,19 @@ def test_fit_matches_single_process_training(world_size, precision, tied, tmp_pa
     # bf16 autocast: relative error of the parameters' movement grows with the vision tower
     # (measured 4.4e-4 with tiny's 2-layer, 64-wide towers); fp32 stays below 1e-4.
     assert error < (1e-4 if precision == "32-true" else 2e-3) * moved, (error.item(), moved.item())
+    if precision == "32-true":
+        _assert_first_step_matches(results, ref, tied)
+
+
+def _assert_first_step_matches(results: list[dict], ref: dict, tied: bool) -> None:
+    """Step one: every gradient (query encoder included) and every value after AdamW."""
+    for key in ("grads", "first_values"):
+        kept = {n: v for r in results for n, v in r[key].items()}
+        if tied:
+            torch.testing.assert_close(kept.pop("model.head.lm_head.weight"),
+                                       kept["model.retrieval.tok_embed.weight"], rtol=0, atol=0)
+        assert kept.keys() == ref[key].keys(), key
+        slack = 0.0 if key == "grads" else 1e-3 * LR  # see assert_fp32_close
+        for name, expected in ref[key].items():
+            assert_fp32_close(kept[name], expected, name, slack=slack)
+    assert ref["grads"]["model.retrieval.query_encoder.image_proj.weight"].abs().sum() > 0
