@@ -55,9 +55,10 @@ CASES["1f1b_split_tie"] = ("1f1b", TWO, 2)
 TIED = {"1f1b_split_tie"}
 
 
-def tiny_model(seed: int = 0, *, tied: bool = False):
+def tiny_model(seed: int = 0, *, tied: bool = False, **overrides):
+    """The tiny RAG model over random documents; `overrides`: ModelConfig fields."""
     torch.manual_seed(seed)
-    config = model_config("tiny")
+    config = model_config("tiny", **overrides)
     if tied:
         config = replace(config, generator=replace(config.generator, tie_embeddings=True))
     return build_model(config, backend=InMemoryBackend.random(NUM_DOCS)), config
@@ -162,9 +163,9 @@ def _pipeline_worker(rank: int, world_size: int, out_dir: str) -> None:
 
 
 @functools.cache
-def reference_step(micro: int, tied: bool = False) -> dict:
+def reference_step(micro: int, tied: bool = False, **overrides) -> dict:
     """Single-process training: gradient accumulation over the same micro-batches."""
-    model, config = tiny_model(tied=tied)
+    model, config = tiny_model(tied=tied, **overrides)
     batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
     size = BATCH_SIZE // micro
     total = 0.0

@@ -195,7 +195,8 @@ def test_lightning_cli_yaml_selects_the_strategy(tmp_path):
         "      partition: [[retrieval, blocks.0], [blocks.1, head]]\n"
         "      pipeline_parallel_size: 2\n"
         "      num_microbatches: 4\n"
-        "      schedule: interleaved_1f1b\n")
+        "      schedule: interleaved_1f1b\n"
+        "      sequence_parallel: true\n")
     cli = cli_main(["--config", str(recipe), "--model.size", "tiny",
                     "--trainer.accelerator", "cpu", "--trainer.devices", "1"], run=False)
     strategy = cli.trainer.strategy
@@ -203,6 +204,7 @@ def test_lightning_cli_yaml_selects_the_strategy(tmp_path):
     assert strategy.pipeline_config.stages == TWO
     assert strategy.pipeline_config.schedule == "interleaved_1f1b"
     assert strategy.pipeline_config.num_microbatches == 4
+    assert strategy.sequence_parallel is True
 
 
 @pytest.mark.distributed

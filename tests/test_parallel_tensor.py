@@ -1,10 +1,13 @@
-"""Tensor parallelism (DTensor, column/row-wise attention and MLP): plan, checks, parity.
+"""Tensor parallelism (DTensor, column/row-wise attention and MLP; optional sequence
+parallel norms): plan, checks, parity.
 
-The distributed tests compare tp=2 (2 gloo processes) and pp=2 x tp=2 (4 processes, 1F1B)
-with single-process training of the tiny RAG model: loss, every gradient (gathered from
-the shards) and every parameter after one AdamW step.
+The distributed tests compare tp=2 (2 gloo processes) and pp=2 x tp=2 (4 processes, 1F1B),
+each also with sequence parallel (on a tiny model with 48-position sequences), with
+single-process training of the tiny RAG model: loss, every gradient (gathered from the
+shards) and every parameter after one AdamW step. Sequence parallel over 47 positions
+must be refused with an error naming the length and tp.
 
-Run: .venv/bin/pytest tests/test_parallel_tensor.py -q       (about 60 s on 2 cores)
+Run: .venv/bin/pytest tests/test_parallel_tensor.py -q       (about 75 s on 2 cores)
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from rag_mm.layers import Attention
 from rag_mm.model import synthetic_batch
@@ -30,6 +33,10 @@ from tests.test_parallel_pipeline import (
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
 from trainers.parallel.pipeline import PipelineConfig, build_pipeline
 from trainers.parallel.tensor import check_tensor_parallel, tensor_parallel_plan
+
+# tiny's fused sequence: 16 document + 16 image + 13 prompt + 3 target = 48 positions
+# (its own 12 prompt tokens make 47, which sequence parallel over tp=2 must refuse)
+EVEN = {"max_prompt_tokens": 13}
 
 
 def test_plan_splits_every_attention_and_mlp_layer():
@@ -72,6 +79,7 @@ def _save_step(named_params, losses, path: Path, save: bool) -> None:
 
 
 def _tp_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """Plain tp, then sequence parallel on a model with even sequences, then odd ones."""
     from trainers.parallel.tensor import apply_tensor_parallel
 
     mesh = ParallelDims(world_size=world_size, tensor_parallel_size=world_size).build_mesh()
@@ -81,27 +89,52 @@ def _tp_worker(rank: int, world_size: int, out_dir: str) -> None:
     local = {name: m.num_heads for name, m in model.named_modules() if isinstance(m, Attention)}
     assert local == {name: count // world_size for name, count in heads.items()}
     assert isinstance(model.blocks[0].attn.q_proj.weight, DTensor)
+    _train_step(model, config, Path(out_dir) / f"tp_{rank}.pt")
+
+    model, config = tiny_model(**EVEN)
+    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
+    seen = []
+    model.blocks[0].mlp_norm.register_forward_hook(lambda m, i, out: seen.append(out.to_local()))
+    _train_step(model, config, Path(out_dir) / f"sp_{rank}.pt")
+    assert seen[0].shape[1] == config.seq_len // world_size  # the norm ran on its share
+    assert model.blocks[0].mlp_norm.weight.grad.placements == (Replicate(),)  # summed
+
+    model, config = tiny_model()  # 47 positions
+    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
+    batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
+    try:
+        model.run_chain(model.retrieval(batch))
+        error = None
+    except ParallelConfigError as exc:
+        error = str(exc)
+    torch.save(error, Path(out_dir) / f"odd_{rank}.pt")
+
+
+def _train_step(model, config, path: Path) -> None:
     batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
     losses = model.head(*model.run_chain(model.retrieval(batch)))
     losses.mean(0).sum().backward()
-    _save_step(model.named_parameters(), losses.detach(), Path(out_dir) / f"tp_{rank}.pt",
-               save=True)
+    _save_step(model.named_parameters(), losses.detach(), path, save=True)
 
 
 def _pp_tp_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """pp=2 x tp=2, 1F1B over 2 micro-batches; then the same with sequence parallel."""
     from trainers.parallel.tensor import apply_tensor_parallel
 
     dims = ParallelDims(world_size=world_size, pipeline_parallel_size=2, tensor_parallel_size=2)
     mesh = dims.build_mesh()
-    model, config = tiny_model()
-    batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
-    pipe = build_pipeline(model, PipelineConfig(stages=TWO, schedule="1f1b", num_microbatches=2),
-                          batch, pp_group=mesh["pp"].get_group(), device=torch.device("cpu"),
-                          parallelize=lambda m: apply_tensor_parallel(m, mesh["tp"]))
-    losses = pipe.step(batch)
     coords = dims.coordinates(rank)
-    _save_step(pipe.named_parameters(), losses, Path(out_dir) / f"pptp_{coords['pp']}.pt",
-               save=coords["tp"] == 0)
+    for name, sequence_parallel, overrides in (("pptp", False, {}), ("ppsp", True, EVEN)):
+        model, config = tiny_model(**overrides)
+        batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
+        pipe = build_pipeline(
+            model, PipelineConfig(stages=TWO, schedule="1f1b", num_microbatches=2), batch,
+            pp_group=mesh["pp"].get_group(), device=torch.device("cpu"),
+            parallelize=lambda m, sp=sequence_parallel: apply_tensor_parallel(
+                m, mesh["tp"], sequence_parallel=sp))
+        losses = pipe.step(batch)
+        _save_step(pipe.named_parameters(), losses, Path(out_dir) / f"{name}_{coords['pp']}.pt",
+                   save=coords["tp"] == 0)
 
 
 def _collect(paths: list[Path]) -> tuple[list, dict, dict]:
@@ -112,8 +145,8 @@ def _collect(paths: list[Path]) -> tuple[list, dict, dict]:
     return losses, grads, values
 
 
-def _assert_matches_reference(losses, grads, values, micro: int) -> None:
-    ref = reference_step(micro)
+def _assert_matches_reference(losses, grads, values, micro: int, **overrides) -> None:
+    ref = reference_step(micro, **overrides)
     assert losses and all(loss.shape == (BATCH_SIZE, 2) for loss in losses)
     for loss in losses:
         assert loss.mean(0).sum().item() == pytest.approx(ref["loss"], rel=1e-6)
@@ -124,23 +157,50 @@ def _assert_matches_reference(losses, grads, values, micro: int) -> None:
         assert_fp32_close(values[name], expected, name, slack=1e-3 * LR)
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_tp2_step_matches_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
     from trainers.parallel.local import run_local
 
-    run_local(_tp_worker, 2, str(tmp_path))
-    losses, grads, values = _collect([tmp_path / f"tp_{r}.pt" for r in range(2)])
+    out_dir = tmp_path_factory.mktemp("tensor")
+    run_local(_tp_worker, 2, str(out_dir))
+    return out_dir
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tp2_step_matches_single_process(tp_runs):
+    losses, grads, values = _collect([tp_runs / f"tp_{r}.pt" for r in range(2)])
     assert len(losses) == 2  # every tp rank holds the full loss
     _assert_matches_reference(losses, grads, values, micro=1)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_pp2_tp2_step_matches_single_process(tmp_path):
+def test_tp2_sequence_parallel_step_matches_single_process(tp_runs):
+    losses, grads, values = _collect([tp_runs / f"sp_{r}.pt" for r in range(2)])
+    assert len(losses) == 2
+    _assert_matches_reference(losses, grads, values, micro=1, **EVEN)
+    for rank in range(2):
+        error = torch.load(tp_runs / f"odd_{rank}.pt")
+        assert error == ("sequence_parallel: blocks.0 gets sequences of length 47, not "
+                         "divisible by tensor_parallel_size=2; choose sequence lengths that "
+                         "divide, or sequence_parallel=False")
+
+
+@pytest.fixture(scope="module")
+def pp_tp_runs(tmp_path_factory):
     from trainers.parallel.local import run_local
 
-    run_local(_pp_tp_worker, 4, str(tmp_path))
-    losses, grads, values = _collect([tmp_path / f"pptp_{p}.pt" for p in range(2)])
+    out_dir = tmp_path_factory.mktemp("pipeline_tensor")
+    run_local(_pp_tp_worker, 4, str(out_dir))
+    return out_dir
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("name, overrides", [("pptp", {}), ("ppsp", EVEN)],
+                         ids=["tp", "sequence-parallel"])
+def test_pp2_tp2_step_matches_single_process(name, overrides, pp_tp_runs):
+    losses, grads, values = _collect([pp_tp_runs / f"{name}_{p}.pt" for p in range(2)])
     assert len(losses) == 1
-    _assert_matches_reference(losses, grads, values, micro=2)
+    _assert_matches_reference(losses, grads, values, micro=2, **overrides)

@@ -91,6 +91,9 @@ class PipelineStrategy(ModelParallelStrategy):
         schedule: one of `trainers.parallel.pipeline.SCHEDULES` (`gpipe`, `1f1b`,
             `interleaved_1f1b`, `looped_bfs`, `interleaved_zero_bubble`, `zbv_zero_bubble`,
             `dualpipev`).
+        sequence_parallel: with tensor_parallel_size > 1, also shard every transformer
+            block's norms and residual stream on the sequence dim (`trainers.parallel.
+            tensor`); each block's sequence length must divide by tensor_parallel_size.
         split_tied_weights: allow tied units (e.g. `retrieval` and `head` with tied
             embeddings) on different stages: each keeps a copy, their gradients are summed
             every step and counted once in gradient norms (dp = tp = 1 only, so far).
@@ -101,7 +104,7 @@ class PipelineStrategy(ModelParallelStrategy):
                  pipeline_parallel_size: int = 1,
                  tensor_parallel_size: int = 1, data_parallel_size: int | None = None,
                  num_microbatches: int = 1, schedule: str = "1f1b",
-                 split_tied_weights: bool = False,
+                 sequence_parallel: bool = False, split_tied_weights: bool = False,
                  process_group_backend: str | None = None,
                  timeout: timedelta | None = default_pg_timeout) -> None:
         super().__init__(data_parallel_size=1, tensor_parallel_size=1,
@@ -117,6 +120,7 @@ class PipelineStrategy(ModelParallelStrategy):
         self._sizes = {"pipeline_parallel_size": pipeline_parallel_size,
                        "tensor_parallel_size": tensor_parallel_size,
                        "data_parallel_size": data_parallel_size}
+        self.sequence_parallel = sequence_parallel
         self.dims: ParallelDims | None = None
         self.pipeline: Pipeline | None = None
         self._ties: list = []
@@ -169,7 +173,8 @@ class PipelineStrategy(ModelParallelStrategy):
         check_tensor_parallel(model, self.dims.tp)
         self._drop_remote_units(model)
         if self.dims.tp > 1:
-            apply_tensor_parallel(model, self.device_mesh["tp"])
+            apply_tensor_parallel(model, self.device_mesh["tp"],
+                                  sequence_parallel=self.sequence_parallel)
         if self.dims.dp > 1:
             for name in self._local_unit_names():
                 fully_shard(model.get_submodule(name), mesh=self.device_mesh["dp"])
