@@ -2,12 +2,13 @@
 parallel norms): plan, checks, parity.
 
 The distributed tests compare tp=2 (2 gloo processes) and pp=2 x tp=2 (4 processes, 1F1B),
-each also with sequence parallel (on a tiny model with 48-position sequences), with
+each also with sequence parallel (on a tiny model with 48-position sequences), and dp=2 x
+tp=2 with sequence parallel (FSDP2 over the tensor-parallel DTensors, 4 processes), with
 single-process training of the tiny RAG model: loss, every gradient (gathered from the
 shards) and every parameter after one AdamW step. Sequence parallel over 47 positions
 must be refused with an error naming the length and tp.
 
-Run: .venv/bin/pytest tests/test_parallel_tensor.py -q       (about 75 s on 2 cores)
+Run: .venv/bin/pytest tests/test_parallel_tensor.py -q       (about 70 s on 2 cores)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from trainers.parallel.tensor import check_tensor_parallel, tensor_parallel_plan
 # tiny's fused sequence: 16 document + 16 image + 13 prompt + 3 target = 48 positions
 # (its own 12 prompt tokens make 47, which sequence parallel over tp=2 must refuse)
 EVEN = {"max_prompt_tokens": 13}
+ALL = [[unit for stage in TWO for unit in stage]]
 
 
 def test_plan_splits_every_attention_and_mlp_layer():
@@ -135,6 +137,33 @@ def _pp_tp_worker(rank: int, world_size: int, out_dir: str) -> None:
         losses = pipe.step(batch)
         _save_step(pipe.named_parameters(), losses, Path(out_dir) / f"{name}_{coords['pp']}.pt",
                    save=coords["tp"] == 0)
+    _dp_tp_sequence_parallel_step(rank, world_size, out_dir)
+
+
+def _dp_tp_sequence_parallel_step(rank: int, world_size: int, out_dir: str) -> None:
+    """dp=2 x tp=2 with sequence parallel, one stage: FSDP2 over tensor-parallel DTensors as
+    the strategy shards them (every unit, then the stage as root); each replica reads half
+    the batch in one micro-batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    from trainers.parallel.tensor import apply_tensor_parallel
+
+    dims = ParallelDims(world_size=world_size, tensor_parallel_size=2)
+    mesh = dims.build_mesh()
+    coords = dims.coordinates(rank)
+    model, config = tiny_model(**EVEN)
+    batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
+    half = BATCH_SIZE // 2
+    batch = {k: v[coords["dp"] * half:(coords["dp"] + 1) * half] for k, v in batch.items()}
+    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
+    for _, unit in model.units():
+        fully_shard(unit, mesh=mesh["dp"])
+    pipe = build_pipeline(model, PipelineConfig(stages=ALL, schedule="gpipe"), batch,
+                          pp_group=mesh["pp"].get_group(), device=torch.device("cpu"),
+                          parallelize=lambda stage: fully_shard(stage, mesh=mesh["dp"]))
+    losses = pipe.step(batch)
+    _save_step(pipe.named_parameters(), losses, Path(out_dir) / f"dpsp_{rank}.pt",
+               save=coords["tp"] == 0)
 
 
 def _collect(paths: list[Path]) -> tuple[list, dict, dict]:
@@ -194,6 +223,23 @@ def pp_tp_runs(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("pipeline_tensor")
     run_local(_pp_tp_worker, 4, str(out_dir))
     return out_dir
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dp2_tp2_sequence_parallel_step_matches_single_process(pp_tp_runs):
+    replicas = [torch.load(pp_tp_runs / f"dpsp_{r}.pt") for r in (0, 2)]  # tp rank 0 of each
+    ref = reference_step(2, **EVEN)  # the two halves as micro-batches
+    assert all(r["losses"].shape == (BATCH_SIZE // 2, 2) for r in replicas)
+    loss = sum(r["losses"].mean(0).sum().item() for r in replicas) / 2
+    assert loss == pytest.approx(ref["loss"], rel=1e-6)
+    grads, values = replicas[0]["grads"], replicas[0]["values"]  # gathered over dp and tp
+    assert grads.keys() == ref["grads"].keys() and values.keys() == ref["values"].keys()
+    for name, expected in ref["grads"].items():
+        assert_fp32_close(grads[name], expected, name)
+        assert torch.equal(replicas[1]["grads"][name], grads[name]), name
+    for name, expected in ref["values"].items():
+        assert_fp32_close(values[name], expected, name, slack=1e-3 * LR)
 
 
 @pytest.mark.distributed
