@@ -5,9 +5,10 @@
 
 The LightningModule must hold the model as `.model`, with the unit chain `units()` (and
 `colocation_groups()`) of `rag_mm.model.RAGModel`. At setup the strategy builds the
-("dp", "pp", "tp") mesh, applies tensor parallelism, and keeps only this rank's pipeline
-units (the others become `RemoteUnit` placeholders, so parameters, optimizer state and
-state dicts hold this rank's share under the model's own names).
+("dp", "pp", "tp") mesh, applies tensor parallelism (with `sequence_parallel`, also over
+the sequence dim inside every block), and keeps only this rank's pipeline units (the
+others become `RemoteUnit` placeholders, so parameters, optimizer state and state dicts
+hold this rank's share under the model's own names).
 
 A pipeline schedule runs forward and backward together, so the strategy owns the training
 step: `training_step` runs torch's schedule over the micro-batches, logs `train/loss`, `train/generator_loss`, `train/retriever_loss` (the same numbers on
