@@ -75,6 +75,11 @@ class RetrieverConfig:
     # missed it, so the generator always has a document to copy from. Without it the demo's
     # generator learned to memorise training facts instead (held-out exact match 9%).
     gold_in_training: bool = True
+    # Every training example's gold document is a negative for every other query (besides the
+    # in-batch ones): up to this many, a fixed sample beyond; 0 = in-batch only. Taken from the
+    # training set's gold ids (`RAGModel.set_shared_negatives`), so held-out documents are never
+    # pushed away. On the demo task, batch 32: held-out recall@1 27% -> 48-60% (3000 steps).
+    shared_negatives: int = 4096
     temperature: float = 0.05  # document score = <q, d> / temperature
     contrastive_weight: float = 1.0  # weight of the in-batch + hard-negative loss on (q, gold)
 
@@ -85,6 +90,8 @@ class RetrieverConfig:
             raise ValueError(
                 f"retriever num_candidates={self.num_candidates} must be >= top_k={self.top_k}"
             )
+        if self.shared_negatives < 0:
+            raise ValueError(f"retriever shared_negatives must be >= 0, got {self.shared_negatives}")
         if self.temperature <= 0:
             raise ValueError(f"retriever temperature must be > 0, got {self.temperature}")
 

@@ -68,12 +68,24 @@ class RetrievalUnit(nn.Module):
         self.tokenizer = load_tokenizer(config.retriever.text_encoder)
         self.backend: RetrievalBackend | None = None
         self._doc_tokens: dict[int, list[int]] = {}
+        self.shared_negative_keys = np.zeros(0, dtype=np.int64)
 
     # -- retrieval -------------------------------------------------------------------------
     def attach(self, backend: RetrievalBackend | None) -> None:
         """Use `backend` for search and document lookup (not a parameter, not saved)."""
         self.backend = backend
         self._doc_tokens.clear()
+
+    def set_shared_negatives(self, keys) -> None:
+        """Documents that are negatives for every training query (see
+        `RetrieverConfig.shared_negatives`): the unique keys >= 0 of `keys`, a fixed sample of
+        at most that many. Give the training set's gold keys: never held-out documents."""
+        keys = np.unique(np.asarray(keys, dtype=np.int64))
+        keys = keys[keys >= 0]
+        limit = self.config.retriever.shared_negatives
+        if len(keys) > limit:
+            keys = np.sort(np.random.default_rng(0).choice(keys, size=limit, replace=False))
+        self.shared_negative_keys = keys
 
     def _require_backend(self) -> RetrievalBackend:
         if self.backend is None:
@@ -115,6 +127,7 @@ class RetrievalUnit(nn.Module):
         doc_logits = torch.einsum("bd,bkd->bk", q, self._vectors(keys, q)) / cfg.temperature
         doc_logits = doc_logits.masked_fill(torch.as_tensor(keys < 0, device=q.device), -torch.inf)
         negatives = candidates if cfg.hard_negatives else np.full_like(candidates[:, :1], -1)
+        shared = self.shared_negative_keys if self.training else self.shared_negative_keys[:0]
         contrastive = contrastive_loss(
             q,
             self._vectors(gold_keys.cpu().numpy(), q),
@@ -122,6 +135,8 @@ class RetrievalUnit(nn.Module):
             self._vectors(negatives, q),
             torch.as_tensor(negatives, device=q.device),
             cfg.temperature,
+            self._vectors(shared, q),
+            torch.as_tensor(shared, device=q.device),
         )
         return Retrieved(keys, candidates, doc_logits, contrastive)
 
@@ -276,6 +291,9 @@ class RAGModel(nn.Module):
 
     def attach(self, backend: RetrievalBackend | None) -> None:
         self.retrieval.attach(backend)
+
+    def set_shared_negatives(self, keys) -> None:
+        self.retrieval.set_shared_negatives(keys)
 
     def init_weights(self) -> None:
         """Random init of everything but the pretrained text tower (see `layers.init_weights`);

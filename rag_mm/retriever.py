@@ -155,20 +155,32 @@ def contrastive_loss(
     negative_vectors: torch.Tensor,
     negative_keys: torch.Tensor,
     temperature: float,
+    shared_vectors: torch.Tensor | None = None,
+    shared_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-example InfoNCE of q against its gold document, with in-batch and hard negatives.
+    """Per-example InfoNCE of q against its gold document, with in-batch, hard and shared
+    negatives.
 
     q, gold_vectors: (B, D); gold_keys: (B,) with -1 for "no gold" (such rows give 0);
     negative_vectors: (B, C, D) and negative_keys: (B, C) from over-retrieval. Candidates
-    that are the example's own gold (or missing, -1) are masked out of the negatives.
+    that are the example's own gold (or missing, -1) are masked out of the negatives, and a
+    gold shared by several examples is one in-batch negative for the others.
+    shared_vectors (P, D) and shared_keys (P,) are negatives for every query; those that are
+    a gold document of the batch are masked (they already count as in-batch columns).
     """
     has_gold = gold_keys >= 0
     same_doc = gold_keys[None, :] == gold_keys[:, None]
     eye = torch.eye(len(q), dtype=torch.bool, device=q.device)
-    in_batch = (q @ gold_vectors.T).masked_fill((same_doc & ~eye) | ~has_gold[None, :], -torch.inf)
+    repeated = (same_doc & torch.ones_like(eye).tril(-1)).any(dim=1)  # gold seen in a row above
+    hidden = ((same_doc | repeated[None, :]) & ~eye) | ~has_gold[None, :]  # each doc counts once
+    in_batch = (q @ gold_vectors.T).masked_fill(hidden, -torch.inf)
     hard = torch.einsum("bd,bcd->bc", q, negative_vectors)
     hard = hard.masked_fill((negative_keys == gold_keys[:, None]) | (negative_keys < 0), -torch.inf)
-    logits = torch.cat([in_batch, hard], dim=1) / temperature
+    columns = [in_batch, hard]
+    if shared_vectors is not None and len(shared_vectors):
+        in_batch_gold = (shared_keys[:, None] == gold_keys[None, :]).any(dim=1)
+        columns.append((q @ shared_vectors.T).masked_fill(in_batch_gold[None, :], -torch.inf))
+    logits = torch.cat(columns, dim=1) / temperature
     safe_target = torch.arange(len(q), device=q.device)
     loss = F.cross_entropy(logits, safe_target, reduction="none")
     return torch.where(has_gold, loss, torch.zeros_like(loss))

@@ -182,3 +182,53 @@ def test_image_documents_reach_the_generator_when_enabled():
     keys = model.retrieval.retrieve(batch).keys.reshape(-1)
     assert image_slots.all(dim=1).tolist() == [bool(k % 2) for k in keys]
     assert torch.isfinite(model(batch)["loss"])
+
+
+def test_shared_negatives_enter_the_softmax_once():
+    from rag_mm.retriever import contrastive_loss
+
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(3, 8), dim=-1)
+    docs = F.normalize(torch.randn(6, 8), dim=-1)
+    gold = torch.tensor([0, 1, 1])
+    none = torch.full((3, 1), -1)
+    shared_keys = torch.tensor([1, 4, 5])  # doc 1 is a gold of the batch: already a column
+    got = contrastive_loss(q, docs[gold], gold, docs[none.clamp(min=0)], none, 0.1,
+                           docs[shared_keys], shared_keys)
+    for row in range(3):
+        # in-batch golds (a duplicate gold counts once) + the shared docs not in the batch
+        others = sorted({0, 1} - {int(gold[row])} | {4, 5})
+        logits = (q[row] @ docs[[int(gold[row]), *others]].T) / 0.1
+        torch.testing.assert_close(got[row], -F.log_softmax(logits, dim=0)[0])
+    empty = contrastive_loss(q, docs[gold], gold, docs[none.clamp(min=0)], none, 0.1,
+                             docs[:0], shared_keys[:0])
+    plain = contrastive_loss(q, docs[gold], gold, docs[none.clamp(min=0)], none, 0.1)
+    torch.testing.assert_close(empty, plain)
+    assert (got > plain).all()  # more negatives, larger loss
+
+
+def test_shared_negatives_are_training_gold_keys_capped_and_train_only(backend):
+    torch.manual_seed(0)
+    config = model_config("tiny")
+    model = build_model(replace(config, retriever=replace(config.retriever, shared_negatives=5)),
+                        backend=backend)
+    model.set_shared_negatives([3, 3, -1, 7, 1])
+    assert model.retrieval.shared_negative_keys.tolist() == [1, 3, 7]
+    model.set_shared_negatives(np.arange(20))
+    kept = model.retrieval.shared_negative_keys
+    assert len(kept) == 5 and len(set(kept.tolist())) == 5 and kept.max() < 20
+    batch = synthetic_batch(model.config, 4, num_docs=NUM_DOCS)
+    with_pool = model.retrieval.retrieve(batch).contrastive
+    model.set_shared_negatives([])
+    without = model.retrieval.retrieve(batch).contrastive
+    assert (with_pool > without).all()
+    model.set_shared_negatives(np.arange(20))
+    model.eval()  # evaluation losses use in-batch negatives only
+    torch.testing.assert_close(model.retrieval.retrieve(batch).contrastive,
+                               model.retrieval.retrieve(batch).contrastive)
+    model.set_shared_negatives([])
+    evaluated_without = model.retrieval.retrieve(batch).contrastive
+    model.set_shared_negatives(np.arange(20))
+    torch.testing.assert_close(model.retrieval.retrieve(batch).contrastive, evaluated_without)
+    with pytest.raises(ValueError, match="shared_negatives"):
+        replace(config.retriever, shared_negatives=-1)

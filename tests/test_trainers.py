@@ -3,6 +3,7 @@
 Run: `.venv/bin/python -m pytest tests/test_trainers.py -q`
 """
 
+import itertools
 import json
 import subprocess
 import sys
@@ -76,6 +77,9 @@ def test_fit_checkpoint_and_evaluate(demo, tmp_path):
                         default_root_dir=tmp_path, limit_val_batches=1, val_check_interval=4,
                         num_sanity_val_steps=0, enable_model_summary=False)
     trainer.fit(module, datamodule=data)
+    train_golds = set(data.gold_keys("train").tolist())
+    shared = module.model.retrieval.shared_negative_keys.tolist()
+    assert shared and set(shared) == train_golds - {-1}  # never a held-out document
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
     loaded = RAGModule.load_from_checkpoint(ckpt, map_location="cpu")
@@ -109,3 +113,16 @@ def test_every_yaml_recipe_parses_against_the_cli(recipe):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model:" in result.stdout and "data:" in result.stdout
+
+
+def test_retriever_warmup_and_joint_training_each_get_a_warmup_and_decay():
+    from trainers.module import phase_bounds, warmup_cosine
+
+    assert phase_bounds(100, 0) == [(0, 100)]
+    assert phase_bounds(100, 100) == [(0, 100)]
+    assert phase_bounds(100, 60) == [(0, 60), (60, 100)]
+    factors = [warmup_cosine(s, 40, 10) for s in range(40)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
+    assert factors[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))  # decays after the warm-up
+    assert warmup_cosine(0, 4, 50) == pytest.approx(0.5)  # short phases warm up in half

@@ -146,6 +146,12 @@ class RAGDataModule(L.LightningDataModule):
             raise DataError(f"{path}: gold_id not in the index {index.path}: {err}") from None
         return dataset.add_column("gold_key", keys.tolist())
 
+    def gold_keys(self, split: str = "train") -> np.ndarray:
+        """The index keys of a split's gold documents (-1 where none), after `setup`."""
+        if split not in self.datasets:
+            return np.zeros(0, dtype=np.int64)
+        return np.asarray(self.datasets[split]["gold_key"], dtype=np.int64)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise DataError(f"no {split} examples: {self.paths[split]} does not exist")

@@ -29,7 +29,8 @@ class RAGModule(L.LightningModule):
         contrastive_weight: weight of the retriever's (q, gold) loss (default: the size's).
         train_text_encoder: also fine-tune the query encoder's text tower.
         lr: peak AdamW learning rate; weight_decay: on matrices only.
-        warmup_steps: linear warm-up, then cosine decay to 10% over the trainer's max_steps.
+        warmup_steps: linear warm-up, then cosine decay to 10% over the trainer's max_steps
+            (each phase has its own: the retriever warm-up, then joint training).
         retriever_warmup_steps: first train the query encoder alone (contrastive loss on
             (query, gold document), no generator: cheap), so the gold document is in the
             top-k by the time the generator starts learning from retrieved documents.
@@ -57,6 +58,10 @@ class RAGModule(L.LightningModule):
             import retrieval_index
 
             self.model.attach(retrieval_index.load(self.hparams.index_dir))
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if stage == "fit" and hasattr(datamodule, "gold_keys"):
+            # the training set's gold documents are negatives for every query (never held-out ones)
+            self.model.set_shared_negatives(datamodule.gold_keys("train"))
 
     def set_mode(self, mode: str) -> None:
         """Evaluate the same weights under another document source (baselines)."""
@@ -112,16 +117,32 @@ class RAGModule(L.LightningModule):
             lr=self.hparams.lr, betas=(0.9, 0.95),
         )
         total = max(self.trainer.max_steps, 1) if self.trainer else 1
-        warmup = self.hparams.warmup_steps
+        phases = phase_bounds(total, self.hparams.retriever_warmup_steps
+                              if self.config.mode == "rag" else 0)
 
         def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            start, end = next((a, b) for a, b in phases if step < b or b == phases[-1][1])
+            return warmup_cosine(step - start, end - start, self.hparams.warmup_steps)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def phase_bounds(total: int, retriever_warmup: int) -> list[tuple[int, int]]:
+    """[(start, end)) step ranges that each get their own warm-up and decay: the retriever's
+    warm-up phase, then joint training (whose generator starts from scratch)."""
+    if 0 < retriever_warmup < total:
+        return [(0, retriever_warmup), (retriever_warmup, total)]
+    return [(0, total)]
+
+
+def warmup_cosine(step: int, length: int, warmup: int) -> float:
+    """LR factor: linear warm-up over `warmup` steps, then cosine decay to 10% at `length`."""
+    warmup = min(warmup, max(1, length // 2))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, length - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def exact_match(predicted: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor
