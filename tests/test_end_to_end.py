@@ -4,7 +4,7 @@ Held-out entities' facts are only in the corpus, so a closed-book model is at ch
 jointly trained RAG model that finds and copies the passage is not. Also checks that the
 query encoder's recall@k on held-out queries improves with training.
 
-Run: `.venv/bin/python -m pytest tests/test_end_to_end.py -q` (5-10 minutes on 2 cores).
+Run: `.venv/bin/python -m pytest tests/test_end_to_end.py -q` (about 2 minutes on 2 cores).
 """
 
 import lightning as L
@@ -17,12 +17,12 @@ from trainers.data import RAGDataModule
 from trainers.evaluate import evaluate, format_table
 from trainers.module import RAGModule
 
-# Established with these seeds and steps on the 2-core CPU (two runs: RAG 10.3%, closed-book
-# 0.0%, gold document 75.5%, recall@2 0% -> 29%): RAG exact match - closed-book exact match
-# on held-out entities. Retrieval precision, not the generator, limits the margin.
-MARGIN = 0.05
+# Established with these seeds and steps on the 2-core CPU (RAG 31.0%, closed-book 0.0%,
+# gold document 88.9%, recall@2 0% -> 54.0%, recall@1 33.7%): RAG exact match - closed-book
+# exact match on held-out entities. Retrieval precision, not the generator, limits the margin.
+MARGIN = 0.20
 STEPS = {"rag": 500, "closed_book": 100}
-WARMUP = 800
+WARMUP = 2000
 
 
 def train(mode: str, data: RAGDataModule, index_dir: str, tmp_path) -> RAGModule:
@@ -54,4 +54,4 @@ def test_rag_beats_closed_book_on_held_out_entities(tmp_path):
     assert exact["RAG (retrieved top-k)"] - exact["closed-book"] >= MARGIN
     recall = results["retriever"]
     k = f"recall@{modules['rag'].config.retriever.top_k}"
-    assert recall["after training"][k] > recall["before training"][k] + 0.2
+    assert recall["after training"][k] > recall["before training"][k] + 0.35
