@@ -220,6 +220,11 @@ class RetrievalUnit(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> Carry:
         return self.assemble(batch, self.retrieve(batch))
 
+    def answer_carry(self, batch: dict[str, torch.Tensor], retrieved: Retrieved,
+                     answers: GreedyAnswers) -> Carry:
+        """The carry for decoding the next answer token: `batch` with the answer so far."""
+        return self.assemble(answers.inputs(batch), retrieved)
+
 
 def with_gold(keys: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """`keys` with each row's last entry replaced by its gold key where the row lacks it."""
@@ -243,6 +248,7 @@ class Head(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.contrastive_weight = config.retriever.contrastive_weight
+        self.max_target_tokens = config.max_target_tokens
         self.norm = nn.LayerNorm(config.generator.hidden_size)
         self.lm_head = nn.Linear(config.generator.hidden_size, config.generator.vocab_size, bias=False)
 
@@ -261,6 +267,54 @@ class Head(nn.Module):
         marginal = torch.logsumexp(F.log_softmax(doc_logits.float(), dim=-1) + seq_logp, dim=-1)
         return torch.stack([-marginal, self.contrastive_weight * contrastive.float()], dim=-1)
 
+    def next_token_logprobs(self, hidden, key_valid, labels, doc_logits, contrastive, *,
+                            step: int) -> torch.Tensor:
+        """(B, V) log sum_k softmax(s)_k p(y | doc_k, image, prompt, answer[:step]): the
+        documents' mixed distribution of answer token `step`, from a carry assembled with the
+        answer so far (`RetrievalUnit.answer_carry`)."""
+        batch_size = doc_logits.shape[0]
+        position = hidden.shape[1] - self.max_target_tokens + step - 1  # predicts token `step`
+        logp = F.log_softmax(self.lm_head(self.norm(hidden[:, position])).float(), dim=-1)
+        doc_logp = F.log_softmax(doc_logits.float(), dim=-1)
+        return torch.logsumexp(doc_logp[..., None] + logp.view(batch_size, -1, logp.shape[-1]), 1)
+
+
+@dataclass
+class GreedyAnswers:
+    """Greedy answers being decoded, one row per example: the tokens so far (0 after [SEP]
+    and where not decoded yet), which rows have ended, and the next position."""
+
+    tokens: torch.Tensor  # (B, max_target_tokens)
+    done: torch.Tensor  # (B,) bool
+    sep_token_id: int
+    step: int = 0
+
+    @classmethod
+    def start(cls, batch_size: int, length: int, sep_token_id: int,
+              device: torch.device) -> GreedyAnswers:
+        tokens = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+        return cls(tokens, torch.zeros(batch_size, dtype=torch.bool, device=device), sep_token_id)
+
+    @property
+    def finished(self) -> bool:
+        return self.step == self.tokens.shape[1] or bool(self.done.all())
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`batch` with the answer so far as its target (the rest masked out)."""
+        mask = torch.zeros_like(self.tokens, dtype=torch.bool)
+        mask[:, : self.step] = True
+        return {**batch, "target_ids": self.tokens, "target_mask": mask}
+
+    def choose(self, mixed_logprobs: torch.Tensor) -> torch.Tensor:
+        """(B,) the most likely next tokens; 0 for rows that have ended."""
+        return torch.where(self.done, torch.zeros_like(self.done, dtype=torch.long),
+                           mixed_logprobs.argmax(-1))
+
+    def append(self, next_tokens: torch.Tensor) -> None:
+        self.tokens[:, self.step] = next_tokens
+        self.done |= next_tokens == self.sep_token_id
+        self.step += 1
+
 
 class RAGModel(nn.Module):
     """Retrieval unit, decoder blocks and head; `forward(batch)` returns the losses."""
@@ -274,6 +328,7 @@ class RAGModel(nn.Module):
             DecoderBlock(gen.hidden_size, gen.num_heads, gen.mlp_ratio) for _ in range(gen.num_layers)
         )
         self.head = Head(config)
+        self.sep_token_id = self.retrieval.tokenizer.sep_token_id  # ends a generated answer
         if gen.tie_embeddings:
             self.head.lm_head.weight = self.retrieval.tok_embed.weight
 
@@ -322,34 +377,23 @@ class RAGModel(nn.Module):
         has_gold = batch["gold_keys"] >= 0
         return retrieved.contrastive.sum() / has_gold.sum().clamp(min=1)
 
+    def start_answers(self, batch: dict[str, torch.Tensor]) -> GreedyAnswers:
+        batch_size, device = len(batch["images"]), batch["images"].device
+        return GreedyAnswers.start(batch_size, self.config.max_target_tokens, self.sep_token_id,
+                                   device)
+
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Retrieved]:
         """Greedy answer tokens (B, max_target_tokens), mixing documents at every step:
-        next = argmax_y sum_k softmax(s)_k p(y | doc_k, image, prompt, y_<t)."""
-        cfg = self.config
+        next = argmax_y sum_k softmax(s)_k p(y | doc_k, image, prompt, y_<t). Each step reruns
+        the whole chain on the answer so far; a pipeline drives the same pieces stage by stage
+        (`trainers.parallel.answer`)."""
         retrieved = self.retrieval.retrieve(batch)
-        batch_size = len(batch["images"])
-        tokens = torch.zeros(batch_size, cfg.max_target_tokens, dtype=torch.long,
-                             device=batch["images"].device)
-        done = torch.zeros(batch_size, dtype=torch.bool, device=tokens.device)
-        doc_logp = F.log_softmax(retrieved.doc_logits.float(), dim=-1)
-        sep = self.retrieval.tokenizer.sep_token_id
-        start = cfg.seq_len - cfg.max_target_tokens
-        for step in range(cfg.max_target_tokens):
-            mask = torch.zeros_like(tokens, dtype=torch.bool)
-            mask[:, :step] = True
-            carry = self.retrieval.assemble(
-                {**batch, "target_ids": tokens, "target_mask": mask}, retrieved
-            )
-            hidden = self.run_chain(carry)[0][:, start + step - 1]
-            logp = F.log_softmax(self.head.lm_head(self.head.norm(hidden)).float(), dim=-1)
-            mixed = torch.logsumexp(doc_logp[..., None] + logp.view(batch_size, -1, logp.shape[-1]), 1)
-            next_token = torch.where(done, torch.zeros_like(done, dtype=torch.long), mixed.argmax(-1))
-            tokens[:, step] = next_token
-            done |= next_token == sep
-            if done.all():
-                break
-        return tokens, retrieved
+        answers = self.start_answers(batch)
+        while not answers.finished:
+            carry = self.run_chain(self.retrieval.answer_carry(batch, retrieved, answers))
+            answers.append(answers.choose(self.head.next_token_logprobs(*carry, step=answers.step)))
+        return answers.tokens, retrieved
 
 
 def build_model(config: ModelConfig, *, backend: RetrievalBackend | None = None) -> RAGModel:
@@ -385,4 +429,5 @@ def synthetic_batch(config: ModelConfig, batch_size: int, *, seed: int = 0,
     }
 
 
-__all__ = ["Carry", "InMemoryBackend", "RAGModel", "build_model", "synthetic_batch"]
+__all__ = ["Carry", "GreedyAnswers", "InMemoryBackend", "RAGModel", "build_model",
+           "synthetic_batch"]

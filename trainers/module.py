@@ -97,13 +97,20 @@ class RAGModule(L.LightningModule):
     def answer_metrics(self, batch) -> dict[str, torch.Tensor]:
         """Exact match of the greedy answer, and recall@k of the gold document."""
         tokens, retrieved = self.model.generate(batch)
+        return rates(self.answer_counts(batch, tokens, retrieved.keys))
+
+    def answer_counts(self, batch, tokens: torch.Tensor, keys: np.ndarray
+                      ) -> dict[str, torch.Tensor]:
+        """{metric: (hits, examples)} behind `answer_metrics`, for generated `tokens` (B, T) and
+        retrieved document `keys` (B, k); counts of data-parallel replicas add up."""
         exact = exact_match(tokens, batch["target_ids"], batch["target_mask"])
-        metrics = {"exact_match": exact.float().mean()}
+        counts = {"exact_match": torch.tensor([exact.sum().item(), len(exact)], dtype=torch.float64)}
         gold = batch["gold_keys"].cpu().numpy()
-        if self.config.mode == "rag" and (gold >= 0).any():
-            hit = (retrieved.keys == gold[:, None]).any(axis=1)[gold >= 0]
-            metrics[f"recall@{retrieved.keys.shape[1]}"] = torch.tensor(float(np.mean(hit)))
-        return metrics
+        if self.config.mode == "rag":
+            hit = (keys == gold[:, None]).any(axis=1)[gold >= 0]
+            counts[f"recall@{keys.shape[1]}"] = torch.tensor([hit.sum(), len(hit)],
+                                                             dtype=torch.float64)
+        return counts
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -143,6 +150,11 @@ def warmup_cosine(step: int, length: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, length - warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def rates(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{metric: hits / examples} of `RAGModule.answer_counts`, leaving out metrics with none."""
+    return {name: (hits / total).float() for name, (hits, total) in counts.items() if total > 0}
 
 
 def exact_match(predicted: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor

@@ -15,8 +15,10 @@ step: `training_step` runs torch's schedule over the micro-batches, logs `train/
 every rank), and parks the new gradients until Lightning's `backward` (which runs after
 Lightning's `zero_grad`) adds them to whatever Lightning kept (gradient accumulation).
 Gradient clipping by norm uses the norm over all stages and shards. Validation and test
-steps run the pipeline forward only and log `val/...` / `test/...` losses. The module's own
-step methods are not called.
+steps run the pipeline forward only and log `val/...` / `test/...` losses, and the module's
+generation metrics (its `answer_counts`: exact match, recall@k) from greedy answers decoded
+through the pipeline (`trainers.parallel.answer`). The module's own step methods are not
+called.
 
 Checkpoints are torch.distributed.checkpoint folders (ModelParallelStrategy's saving) under
 the model's own parameter names, with per-parameter optimizer entries, so one saved under
@@ -49,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from trainers.parallel.answer import pipeline_generate
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
 from trainers.parallel.pipeline import (
     Pipeline,
@@ -259,13 +262,39 @@ class PipelineStrategy(ModelParallelStrategy):
         return self._eval_step(batch, "test")
 
     def _eval_step(self, batch, prefix: str) -> torch.Tensor:
-        """The losses through the pipeline, forward only (the module's own evaluation step,
-        e.g. generation metrics, is not run)."""
+        """The losses through the pipeline, forward only, and the module's generation
+        metrics (`answer_counts`: exact match, recall@k) from greedy answers decoded through
+        the pipeline (the module's own evaluation step is not run)."""
         with torch.inference_mode(False):  # Lightning evaluates under inference mode
             tensors = {k: v.clone() for k, v in _tensors(batch).items()}
             with self.precision_plugin.val_step_context():
                 losses = self._pipeline_for(tensors).evaluate(tensors)
-            return self._log_losses(losses, prefix)
+                answers = self._answer_metrics(tensors)
+            loss = self._log_losses(losses, prefix)
+            if answers:
+                self.lightning_module.log_dict(
+                    {f"{prefix}/{name}": value for name, value in answers.items()},
+                    prog_bar=prefix != "test", batch_size=self.pipeline.batch_size)
+            return loss
+
+    def _answer_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The module's `answer_counts` of the answers decoded through the pipeline, summed
+        over dp, as rates: what `answer_metrics` gives for the global batch in one process."""
+        from trainers.module import rates
+
+        module = self.lightning_module
+        if not hasattr(module, "answer_counts"):
+            return {}
+        dp_group = self.device_mesh["dp"].get_group() if self.dims.dp > 1 else None
+        tokens, keys = pipeline_generate(self._chain_model(), self.pipeline, batch,
+                                         dp_group=dp_group)
+        counts = module.answer_counts(batch, tokens, keys)
+        if dp_group is not None:
+            names = sorted(counts)
+            summed = torch.stack([counts[name] for name in names]).to(self.root_device)
+            dist.all_reduce(summed, group=dp_group)
+            counts = dict(zip(names, summed.cpu(), strict=True))
+        return rates(counts)
 
     def _log_losses(self, losses: torch.Tensor | None, prefix: str) -> torch.Tensor:
         means = self._share_losses(losses)
