@@ -2,11 +2,13 @@
 
 Two gloo processes (pp=2, 1F1B, 2 micro-batches; also bf16-mixed with partition="auto",
 and tied embeddings split across the stages; and dp=2 alone, FSDP2 over 2 replicas) and
-four (pp=2 x dp=2, FSDP2) run `Trainer.fit` of the tiny RAG module for a few steps with
-gradient clipping on, validating after every step; every step's logged loss, gradient norm
-(over all stages) and validation loss, and every parameter at the end, match a one-process
-Trainer on the same global batches. In fp32, step one's every gradient (query encoder
-included, gathered from the shards) and every value after the AdamW step match too.
+four (pp=2 x dp=2, FSDP2; and with tied embeddings split across the stages, pp=2 x dp=2 and
+pp=2 x tp=2) run `Trainer.fit` of the tiny RAG module for a few steps with gradient
+clipping on, validating after every step; every step's logged loss, gradient norm (over
+all stages, a split tied weight counted once) and validation loss, and every parameter at
+the end, match a one-process Trainer on the same global batches. In fp32, step one's every
+gradient (query encoder included, gathered from the shards) and every value after the
+AdamW step match too.
 
 Run: .venv/bin/pytest tests/test_parallel_strategy.py -q       (about 3 min on 2 cores)
 """
@@ -112,17 +114,18 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _strategy_worker(rank: int, world_size: int, out_dir: str, pp: int, precision: str,
-                     tied: bool) -> None:
-    """pp=1 or 2 (x dp = the rest): each replica reads its slice of the global batch."""
+def _strategy_worker(rank: int, world_size: int, out_dir: str, pp: int, tp: int,
+                     precision: str, tied: bool) -> None:
+    """pp=1 or 2 x tp (x dp = the rest): each replica reads its slice of the global batch."""
     module = make_module(tied=tied)
     recorder = Recorder(first_step=True)
-    dp = world_size // pp
+    dp = world_size // (pp * tp)
     partition = "auto" if precision == "bf16-mixed" else TWO if pp == 2 else ALL
     strategy = PipelineStrategy(partition=partition, pipeline_parallel_size=pp,
-                                num_microbatches=2, schedule="1f1b" if pp == 2 else "gpipe",
+                                tensor_parallel_size=tp, num_microbatches=2,
+                                schedule="1f1b" if pp == 2 else "gpipe",
                                 split_tied_weights=tied)
-    dp_rank = rank // pp  # ranks are (dp, pp) row-major
+    dp_rank = rank // (pp * tp)  # ranks are (dp, pp, tp) row-major
     batches = [{k: v[dp_rank * BATCH_SIZE:(dp_rank + 1) * BATCH_SIZE] for k, v in b.items()}
                for b in make_batches(module, dp * BATCH_SIZE)]
     fit(module, recorder, batches, devices=world_size, strategy=strategy, precision=precision)
@@ -168,6 +171,26 @@ def test_bad_configurations_fail_before_any_work():
         PipelineStrategy(partition=[["retrieval"], []])
 
 
+def test_split_tie_that_tensor_parallelism_would_shard_is_refused(monkeypatch):
+    from trainers.parallel import strategy as strategy_module
+    from trainers.parallel.mesh import ParallelDims
+    from trainers.parallel.pipeline import tied_parameters
+
+    model = make_module(tied=True).model
+    strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2, tensor_parallel_size=2,
+                                split_tied_weights=True)
+    strategy.dims = ParallelDims(world_size=4, pipeline_parallel_size=2, tensor_parallel_size=2)
+    strategy._ties = tied_parameters(dict(model.units()))
+    assert [tie.holders for tie in strategy._ties] == [["retrieval", "head"]]
+    strategy._check_split_ties(model)  # attention and MLP only: the tied embedding stays whole
+    plan = strategy_module.tensor_parallel_plan
+    monkeypatch.setattr(strategy_module, "tensor_parallel_plan",  # a vocab-parallel LM head
+                        lambda m, **kw: {**plan(m, **kw), "head.lm_head": None})
+    with pytest.raises(ParallelConfigError, match=r"head\.lm_head\.weight \(tied across "
+                                                  r"\['retrieval', 'head'\]\) would be sharded"):
+        strategy._check_split_ties(model)
+
+
 @pytest.mark.parametrize("schedule, num_stages", [("1f1b", 2), ("interleaved_1f1b", 4),
                                                   ("zbv_zero_bubble", 4)])
 def test_auto_partition_is_the_planners_valid_split(schedule, num_stages):
@@ -209,17 +232,19 @@ def test_lightning_cli_yaml_selects_the_strategy(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, pp, precision, tied",
-                         [(2, 2, "32-true", False), (4, 2, "32-true", False),
-                          (2, 1, "32-true", False), (2, 2, "bf16-mixed", False),
-                          (2, 2, "32-true", True)],
-                         ids=["pp2", "pp2xdp2", "dp2", "pp2-bf16", "pp2-split-tie"])
-def test_fit_matches_single_process_training(world_size, pp, precision, tied, tmp_path):
+@pytest.mark.parametrize("world_size, pp, tp, precision, tied",
+                         [(2, 2, 1, "32-true", False), (4, 2, 1, "32-true", False),
+                          (2, 1, 1, "32-true", False), (2, 2, 1, "bf16-mixed", False),
+                          (2, 2, 1, "32-true", True), (4, 2, 1, "32-true", True),
+                          (4, 2, 2, "32-true", True)],
+                         ids=["pp2", "pp2xdp2", "dp2", "pp2-bf16", "pp2-split-tie",
+                              "pp2xdp2-split-tie", "pp2xtp2-split-tie"])
+def test_fit_matches_single_process_training(world_size, pp, tp, precision, tied, tmp_path):
     from trainers.parallel.local import run_local
 
-    run_local(_strategy_worker, world_size, str(tmp_path), pp, precision, tied)
+    run_local(_strategy_worker, world_size, str(tmp_path), pp, tp, precision, tied)
     results = [torch.load(tmp_path / f"fit_{r}.pt") for r in range(world_size)]
-    ref = reference_fit(dp=world_size // pp, precision=precision, tied=tied)
+    ref = reference_fit(dp=world_size // (pp * tp), precision=precision, tied=tied)
     rel = 1e-5 if precision == "32-true" else 1e-3  # bf16: same kernels, other sum orders
     for result in results:  # every rank logs the same numbers
         assert result["losses"] == pytest.approx(ref["losses"], rel=rel)

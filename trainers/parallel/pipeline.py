@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import pipelining as pp
+from torch.distributed.tensor import DTensor
 
 from trainers.parallel.mesh import ParallelConfigError
 
@@ -247,15 +248,22 @@ class Pipeline:
         skip = {id(t.param) for t in self.split_ties if t.held and not t.counts}
         return [p for p in (parameters or self.parameters()) if id(p) not in skip]
 
+    @torch.no_grad()
     def _sum_split_tie_grads(self) -> None:
-        """Every holder of a tied parameter gets the sum of all holders' gradients (ranks
-        that hold none add zeros, so one all-reduce over the pipeline group serves)."""
+        """Every holder of a tied parameter gets the sum of all holders' gradients, added in
+        the same order everywhere (so the copies stay equal). Under FSDP2 each holder's
+        gradient is already its dp shard, averaged over dp, and the shards of all copies
+        cover the same rows: summing the shards of the pipeline ranks is enough."""
         for tie in self.split_ties:
-            grad = tie.param.grad if tie.held else None
-            buffer = grad if grad is not None else torch.zeros_like(tie.param.data)
-            dist.all_reduce(buffer, group=self.pp_group)
             if tie.held:
-                tie.param.grad = buffer
+                if tie.param.grad is None:
+                    tie.param.grad = torch.zeros_like(tie.param)
+                grad = tie.param.grad
+                parts = _exchange(_local(grad), tie.ranks, self.pp_group)
+                total = parts[0].clone()
+                for part in parts[1:]:
+                    total += part
+                _local(grad).copy_(total)
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Forward + backward over the micro-batches of `batch`; returns the per-example
@@ -287,7 +295,7 @@ class Pipeline:
 def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict, *,
                    pp_group: dist.ProcessGroup, device: torch.device,
                    parallelize: Callable[[nn.Module], object] | None = None,
-                   ties: list[tuple[nn.Parameter, list[str]]] | None = None) -> Pipeline:
+                   ties: list[Tie] | None = None) -> Pipeline:
     """Cut `model` (it must have `units()` and may have `colocation_groups()`) into the
     stages of `config`, keep this rank's, and set up the schedule.
 
@@ -329,52 +337,98 @@ def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict
     stage_arg = stages[0] if per_rank == "one" else stages
     schedule = schedule_cls(stage_arg, n_microbatches=micro, loss_fn=microbatch_loss)
     stage_of = {name: index for index, names in enumerate(config.stages) for name in names}
-    split = []
-    for param, holders in ties:
-        ranks = sorted({owners[stage_of[name]] for name in holders})
-        if len(ranks) > 1:
-            tie = _SplitTie(param, pp_rank in ranks, pp_rank == ranks[0])
-            _broadcast_tie(tie, dist.get_global_rank(pp_group, ranks[0]), pp_group)
-            split.append(tie)
+    split = [t for t in (_split_tie(tie, modules, owners, stage_of, pp_group) for tie in ties)
+             if t is not None]
     return Pipeline(config, [modules[s] for s in local], stages, schedule, batch_keys, batch_size,
                     pp_group, split)
 
 
 def binding_groups(model: nn.Module, config: PipelineConfig,
-                   ties: list[tuple[nn.Parameter, list[str]]]) -> list[list[str]]:
+                   ties: list[Tie]) -> list[list[str]]:
     """The model's co-location groups that this config must keep whole: all of them, less
     the tied-weight groups when `split_tied_weights` is set."""
     groups = model.colocation_groups() if hasattr(model, "colocation_groups") else []
     if not config.split_tied_weights:
         return groups
-    return [g for g in groups if not any(set(g) >= set(holders) for _, holders in ties)]
+    return [g for g in groups if not any(set(g) >= set(tie.holders) for tie in ties)]
 
 
-def tied_parameters(units: dict[str, nn.Module]) -> list[tuple[nn.Parameter, list[str]]]:
-    """Parameters that more than one unit holds, with those units, in chain order."""
-    holders: dict[int, tuple[nn.Parameter, list[str]]] = {}
+@dataclass
+class Tie:
+    """A parameter that more than one unit holds (tied weights)."""
+
+    param: nn.Parameter  # as built, before any sharding
+    paths: dict[str, str]  # holder unit -> the parameter's model name through it, chain order
+
+    @property
+    def holders(self) -> list[str]:
+        return list(self.paths)
+
+
+def tied_parameters(units: dict[str, nn.Module]) -> list[Tie]:
+    """Parameters that more than one unit holds, with their names through each holder."""
+    ties: dict[int, Tie] = {}
     for name, unit in units.items():
-        for param in unit.parameters():
-            entry = holders.setdefault(id(param), (param, []))
-            if name not in entry[1]:
-                entry[1].append(name)
-    return [entry for entry in holders.values() if len(entry[1]) > 1]
+        for local_name, param in unit.named_parameters(remove_duplicate=False):
+            tie = ties.setdefault(id(param), Tie(param, {}))
+            tie.paths.setdefault(name, f"{name}.{local_name}")
+    return [tie for tie in ties.values() if len(tie.paths) > 1]
 
 
 @dataclass
 class _SplitTie:
-    """A parameter held on several pipeline ranks: its copy here (if held) and whether this
-    rank is the one that counts it (in gradient norms)."""
+    """A tied parameter whose holders are on several pipeline ranks: this rank's copy (as
+    it is now: plain, or an FSDP2 shard over dp, sharded alike on every holder), the
+    holders' pipeline ranks, and whether this rank counts it in gradient norms."""
 
-    param: nn.Parameter  # on ranks that do not hold it: only its shape and dtype are used
-    held: bool
+    param: nn.Parameter | None  # None where this rank holds no copy
+    ranks: list[int]
     counts: bool
 
+    @property
+    def held(self) -> bool:
+        return self.param is not None
 
-def _broadcast_tie(tie: _SplitTie, src: int, pp_group: dist.ProcessGroup) -> None:
-    """Start every copy of a split tied parameter from the first holder's values."""
-    buffer = tie.param.data if tie.held else torch.empty_like(tie.param, device=tie.param.device)
-    dist.broadcast(buffer, src=src, group=pp_group)
+
+def _split_tie(tie: Tie, modules: dict[int, StageModule], owners: list[int],
+               stage_of: dict[str, int], pp_group: dist.ProcessGroup) -> _SplitTie | None:
+    """The tie as this rank sees it, if its holders are on more than one pipeline rank; every
+    copy then starts from the first holder's values."""
+    ranks = sorted({owners[stage_of[unit]] for unit in tie.holders})
+    if len(ranks) == 1:
+        return None
+    local = {modules[stage_of[unit]].get_parameter(path) for unit, path in tie.paths.items()
+             if stage_of[unit] in modules}
+    assert len(local) <= 1, f"one copy of a split tied weight per rank, got {len(local)}"
+    pp_rank = dist.get_rank(pp_group)
+    split = _SplitTie(next(iter(local), None), ranks, counts=pp_rank == ranks[0])
+    if split.held:
+        with torch.no_grad():
+            first = _exchange(_local(split.param), ranks, pp_group)[0]
+            _local(split.param).copy_(first)
+    return split
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t` (its FSDP2 shard), writable in place."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _exchange(tensor: torch.Tensor, ranks: list[int], group: dist.ProcessGroup
+              ) -> list[torch.Tensor]:
+    """Every pipeline rank of `ranks` (this one among them) sends `tensor` to the others:
+    their tensors, in `ranks` order."""
+    me = dist.get_rank(group)
+    parts = {rank: tensor if rank == me else torch.empty_like(tensor) for rank in ranks}
+    ops = []
+    for rank in ranks:
+        if rank != me:
+            peer = dist.get_global_rank(group, rank)
+            ops += [dist.P2POp(dist.isend, tensor.contiguous(), peer, group),
+                    dist.P2POp(dist.irecv, parts[rank], peer, group)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return [parts[rank] for rank in ranks]
 
 
 def _infer_stage_io(modules: dict[int, StageModule], owners: list[int], first_micro: tuple,

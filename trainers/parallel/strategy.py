@@ -63,7 +63,11 @@ from trainers.parallel.pipeline import (
     stage_ranks,
     tied_parameters,
 )
-from trainers.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
+from trainers.parallel.tensor import (
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    tensor_parallel_plan,
+)
 
 LOSS_NAMES = ("generator_loss", "retriever_loss")  # the columns of the head's (B, 2) losses
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True)
@@ -100,7 +104,8 @@ class PipelineStrategy(ModelParallelStrategy):
             tensor`); each block's sequence length must divide by tensor_parallel_size.
         split_tied_weights: allow tied units (e.g. `retrieval` and `head` with tied
             embeddings) on different stages: each keeps a copy, their gradients are summed
-            every step and counted once in gradient norms (dp = tp = 1 only, so far).
+            every step (FSDP2 shards over dp shard for shard) and counted once in gradient
+            norms. Refused if tensor parallelism shards the tied weight.
         process_group_backend: default NCCL on GPUs, gloo on CPU.
     """
 
@@ -173,8 +178,8 @@ class PipelineStrategy(ModelParallelStrategy):
         self._ties = tied_parameters(units)
         check_partition(self.pipeline_config.stages, list(units),
                         binding_groups(model, self.pipeline_config, self._ties))
-        self._check_split_ties()
         check_tensor_parallel(model, self.dims.tp)
+        self._check_split_ties(model)
         self._drop_remote_units(model)
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.device_mesh["tp"],
@@ -205,16 +210,24 @@ class PipelineStrategy(ModelParallelStrategy):
         self.pipeline_config = replace(config, stages=stages)
         check_schedule(self.pipeline_config, self.dims.pp)
 
-    def _check_split_ties(self) -> None:
+    def _check_split_ties(self, model: nn.Module) -> None:
+        """Copies of a tied weight on different stages are summed as whole tensors (or as
+        FSDP2 shards over dp, cut alike on every copy). Refuse a tensor-parallel plan that
+        would shard a copy (e.g. a vocab-parallel LM head): its pieces would not line up."""
+        if self.dims.tp == 1:
+            return
         stage_of = {n: i for i, names in enumerate(self.pipeline_config.stages) for n in names}
-        split = [holders for _, holders in self._ties
-                 if len({stage_of[name] for name in holders}) > 1]
-        if split and (self.dims.dp > 1 or self.dims.tp > 1):
-            raise ParallelConfigError(
-                f"split_tied_weights puts the tied units {split[0]} on different stages, which "
-                f"works with data_parallel_size=1 and tensor_parallel_size=1 only so far "
-                f"(got {self.dims.dp} and {self.dims.tp}); keep them in one stage"
-            )
+        planned = set(tensor_parallel_plan(model, sequence_parallel=self.sequence_parallel))
+        for tie in self._ties:
+            if len({stage_of[name] for name in tie.holders}) == 1:
+                continue
+            for path in tie.paths.values():
+                if path.rsplit(".", 1)[0] in planned:
+                    raise ParallelConfigError(
+                        f"split_tied_weights: {path} (tied across {tie.holders}) would be "
+                        f"sharded by tensor parallelism, and sharded copies cannot be summed "
+                        f"piece for piece; keep the tied units in one stage"
+                    )
 
     def _stage_owners(self) -> list[int]:
         config = self.pipeline_config
