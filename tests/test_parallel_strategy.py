@@ -32,6 +32,7 @@ BATCH_SIZE = 4
 STEPS = 3
 TWO = [["retrieval", "blocks.0"], ["blocks.1", "head"]]
 ALL = [[unit for stage in TWO for unit in stage]]
+TIED_NAMES = ("model.retrieval.tok_embed.weight", "model.head.lm_head.weight")
 
 
 def make_module(*, tied: bool = False):
@@ -254,7 +255,10 @@ def test_fit_matches_single_process_training(world_size, pp, tp, precision, tied
         assert result["val_losses"] == pytest.approx(ref["val_losses"], rel=rel)
     assert min(ref["norms"]) > 1.0  # clipping was active
     values = {n: v for r in results for n, v in r["values"].items()}
-    if tied:  # one parameter in one process; a copy on each stage here, kept equal
+    if tied:  # every rank's copy (both stages, every tp / dp rank) stays the same
+        copies = [r["values"][n] for r in results for n in TIED_NAMES if n in r["values"]]
+        assert len(copies) == world_size and all(torch.equal(c, copies[0]) for c in copies)
+        # one parameter in one process: compare the one copy
         assert torch.equal(values.pop("model.head.lm_head.weight"),
                            values["model.retrieval.tok_embed.weight"])
     assert values.keys() == ref["values"].keys()
