@@ -69,12 +69,14 @@ class RetrievalUnit(nn.Module):
         self.backend: RetrievalBackend | None = None
         self._doc_tokens: dict[int, list[int]] = {}
         self.shared_negative_keys = np.zeros(0, dtype=np.int64)
+        self._shared: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, keys) cache
 
     # -- retrieval -------------------------------------------------------------------------
     def attach(self, backend: RetrievalBackend | None) -> None:
         """Use `backend` for search and document lookup (not a parameter, not saved)."""
         self.backend = backend
         self._doc_tokens.clear()
+        self._shared = None
 
     def set_shared_negatives(self, keys) -> None:
         """Documents that are negatives for every training query (see
@@ -86,6 +88,19 @@ class RetrievalUnit(nn.Module):
         if len(keys) > limit:
             keys = np.sort(np.random.default_rng(0).choice(keys, size=limit, replace=False))
         self.shared_negative_keys = keys
+        self._shared = None
+
+    def _shared_negatives(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vectors (P, D), keys (P,)) of the shared negatives, read from the index once per
+        backend, device and dtype; none outside training (evaluation uses in-batch only)."""
+        if not self.training or not len(self.shared_negative_keys):
+            return like.new_zeros(0, like.shape[-1]), torch.zeros(0, dtype=torch.long,
+                                                                  device=like.device)
+        cached = self._shared
+        if cached is None or cached[0].device != like.device or cached[0].dtype != like.dtype:
+            keys = self.shared_negative_keys
+            self._shared = (self._vectors(keys, like), torch.as_tensor(keys, device=like.device))
+        return self._shared
 
     def _require_backend(self) -> RetrievalBackend:
         if self.backend is None:
@@ -127,7 +142,7 @@ class RetrievalUnit(nn.Module):
         doc_logits = torch.einsum("bd,bkd->bk", q, self._vectors(keys, q)) / cfg.temperature
         doc_logits = doc_logits.masked_fill(torch.as_tensor(keys < 0, device=q.device), -torch.inf)
         negatives = candidates if cfg.hard_negatives else np.full_like(candidates[:, :1], -1)
-        shared = self.shared_negative_keys if self.training else self.shared_negative_keys[:0]
+        shared_vectors, shared_keys = self._shared_negatives(q)
         contrastive = contrastive_loss(
             q,
             self._vectors(gold_keys.cpu().numpy(), q),
@@ -135,8 +150,8 @@ class RetrievalUnit(nn.Module):
             self._vectors(negatives, q),
             torch.as_tensor(negatives, device=q.device),
             cfg.temperature,
-            self._vectors(shared, q),
-            torch.as_tensor(shared, device=q.device),
+            shared_vectors,
+            shared_keys,
         )
         return Retrieved(keys, candidates, doc_logits, contrastive)
 

@@ -128,7 +128,7 @@ class RAGModule(L.LightningModule):
                               if self.config.mode == "rag" else 0)
 
         def schedule(step: int) -> float:
-            start, end = next((a, b) for a, b in phases if step < b or b == phases[-1][1])
+            start, end = [phase for phase in phases if phase[0] <= step][-1]
             return warmup_cosine(step - start, end - start, self.hparams.warmup_steps)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
