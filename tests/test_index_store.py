@@ -12,7 +12,7 @@ from PIL import Image
 
 import retrieval_index as ri
 from retrieval_index.store import DocumentStore, write_store
-from tests.test_index import HashEmbedder, make_rows, tiny_dirs  # noqa: F401  (fixture)
+from tests.helpers.index import HashEmbedder, make_rows
 
 
 def image(i: int, size=(6, 4)) -> Image.Image:
@@ -99,7 +99,7 @@ def test_bad_corpora_name_the_row_or_column(rows, match, tmp_path):
     assert not (tmp_path / "docs.arrow").exists()
 
 
-def test_text_embedder_refuses_image_documents_naming_the_row(tiny_dirs, tmp_path):  # noqa: F811
+def test_text_embedder_refuses_image_documents_naming_the_row(tiny_dirs, tmp_path):
     rows = make_rows(30)
     rows[17]["image"] = image(17)
     embedder = ri.TextDocumentEmbedder.from_folder(tiny_dirs[0])

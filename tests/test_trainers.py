@@ -16,22 +16,11 @@ import torch
 
 import retrieval_index
 from rag_mm.data import DataError
-from rag_mm.demo_data import make_demo_data
 from trainers.data import RAGDataModule
 from trainers.evaluate import evaluate, format_table
 from trainers.module import RAGModule, exact_match
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """A small demo task and its exact index (built with the bundled MiniLM)."""
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_data(root / "data", seed=1, num_entities=24, examples_per_fact=2)
-    corpus = pd.read_parquet(root / "data" / "corpus.parquet")
-    retrieval_index.build_index(corpus.to_dict("records"), root / "index", progress=False)
-    return root
 
 
 def test_batches_carry_index_keys_of_the_gold_documents(demo):

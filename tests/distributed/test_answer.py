@@ -8,7 +8,7 @@ per batch some targets are the model's own greedy answers and some gold keys one
 retrieved documents. Every rank must log the one-process values, and the answer tokens and
 retrieved keys themselves must equal `RAGModel.generate`'s.
 
-Run: .venv/bin/pytest tests/test_parallel_answer.py -q
+Run: .venv/bin/pytest tests/distributed/test_answer.py -q
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from rag_mm.model import synthetic_batch
-from tests.test_parallel_strategy import NUM_DOCS, TWO, make_module
+from tests.helpers.parallel import NUM_DOCS, TWO, make_module
 from trainers.parallel.strategy import PipelineStrategy
 
 GLOBAL_BATCH = 4

@@ -8,7 +8,7 @@ single-process training of the tiny RAG model: loss, every gradient (gathered fr
 shards) and every parameter after one AdamW step. Sequence parallel over 47 positions
 must be refused with an error naming the length and tp.
 
-Run: .venv/bin/pytest tests/test_parallel_tensor.py -q       (about 70 s on 2 cores)
+Run: .venv/bin/pytest tests/distributed/test_tensor.py -q       (about 70 s on 2 cores)
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from rag_mm.layers import Attention
 from rag_mm.model import synthetic_batch
-from tests.test_parallel_pipeline import (
+from tests.helpers.parallel import (
     ADAM_EPS,
+    ALL,
     BATCH_SIZE,
     LR,
     NUM_DOCS,
     TWO,
     assert_fp32_close,
+    full_tensor,
     reference_step,
     tiny_model,
 )
@@ -38,7 +40,6 @@ from trainers.parallel.tensor import check_tensor_parallel, tensor_parallel_plan
 # tiny's fused sequence: 16 document + 16 image + 13 prompt + 3 target = 48 positions
 # (its own 12 prompt tokens make 47, which sequence parallel over tp=2 must refuse)
 EVEN = {"max_prompt_tokens": 13}
-ALL = [[unit for stage in TWO for unit in stage]]
 
 
 def test_plan_splits_every_attention_and_mlp_layer():
@@ -66,16 +67,12 @@ def test_head_count_must_divide_by_tp():
         check_tensor_parallel(model, 4)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def _save_step(named_params, losses, path: Path, save: bool) -> None:
     """Gather every gradient and (after one AdamW step) value; collective over tp."""
     named_params = list(named_params)
-    grads = {n: _full(p.grad).clone() for n, p in named_params if p.grad is not None}
+    grads = {n: full_tensor(p.grad).clone() for n, p in named_params if p.grad is not None}
     torch.optim.AdamW([p for _, p in named_params if p.requires_grad], lr=LR, eps=ADAM_EPS).step()
-    values = {n: _full(p.detach()).clone() for n, p in named_params if p.requires_grad}
+    values = {n: full_tensor(p.detach()).clone() for n, p in named_params if p.requires_grad}
     if save:
         torch.save({"losses": losses, "grads": grads, "values": values}, path)
 

@@ -11,7 +11,7 @@ torch.distributed.checkpoint folder (and, apart, two epochs uninterrupted); then
   parameter) matches the uninterrupted one-process run, and a plain process reads each
   four-process checkpoint back as the weights it saved.
 
-Run: .venv/bin/pytest tests/test_parallel_checkpoint.py -q     (about 2 min on 2 cores)
+Run: .venv/bin/pytest tests/distributed/test_checkpoint.py -q     (about 2 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import lightning as L
 import pytest
 import torch
 
-from tests.test_parallel_pipeline import LR, assert_fp32_close
-from tests.test_parallel_strategy import (
+from tests.helpers.parallel import (
     ALL,
     BATCH_SIZE,
+    LR,
     TWO,
     Recorder,
-    _full,
+    assert_fp32_close,
+    full_tensor,
     make_batches,
     make_module,
 )
@@ -54,7 +55,7 @@ def train(out: Path, name: str, *, pp: int, tp: int = 1, dp: int = 1, epochs: in
                 ckpt_path=resume)
     if save is not None:
         trainer.save_checkpoint(save)
-    values = {n: _full(p.detach()).clone() for n, p in module.named_parameters()
+    values = {n: full_tensor(p.detach()).clone() for n, p in module.named_parameters()
               if p.requires_grad}
     torch.save({"losses": recorder.losses, "values": values},
                out / f"{name}_{trainer.global_rank}.pt")

@@ -5,12 +5,11 @@ and compares the loss, the gradient norm over both stages, every gradient (query
 included) and every parameter after one AdamW step with single-process training over the
 same micro-batches; also with tied embeddings forced onto different stages.
 
-Run: .venv/bin/pytest tests/test_parallel_pipeline.py -q       (about 40 s on 2 cores)
+Run: .venv/bin/pytest tests/distributed/test_pipeline.py -q       (about 40 s on 2 cores)
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,17 @@ import pytest
 import torch
 
 from rag_mm.config import model_config
-from rag_mm.model import InMemoryBackend, build_model, synthetic_batch
+from rag_mm.model import build_model, synthetic_batch
+from tests.helpers.parallel import (
+    ADAM_EPS,
+    BATCH_SIZE,
+    LR,
+    NUM_DOCS,
+    TWO,
+    assert_fp32_close,
+    reference_step,
+    tiny_model,
+)
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
 from trainers.parallel.pipeline import (
     SCHEDULES,
@@ -32,12 +41,6 @@ from trainers.parallel.pipeline import (
     stage_ranks,
 )
 
-BATCH_SIZE = 4
-NUM_DOCS = 40
-LR = 1e-2
-# Adam's first step is lr * g / (|g| + eps): eps >> fp32 noise keeps g ~ 0 entries comparable
-ADAM_EPS = 1e-3
-TWO = [["retrieval", "blocks.0"], ["blocks.1", "head"]]
 FOUR = [["retrieval"], ["blocks.0"], ["blocks.1"], ["head"]]
 # name -> (schedule, stages, micro-batches); GPipe with one micro-batch is plain full-batch.
 CASES = {
@@ -53,15 +56,6 @@ if "dualpipev" in SCHEDULES:
 # Tied embeddings (token embedding = LM head) forced onto different stages.
 CASES["1f1b_split_tie"] = ("1f1b", TWO, 2)
 TIED = {"1f1b_split_tie"}
-
-
-def tiny_model(seed: int = 0, *, tied: bool = False, **overrides):
-    """The tiny RAG model over random documents; `overrides`: ModelConfig fields."""
-    torch.manual_seed(seed)
-    config = model_config("tiny", **overrides)
-    if tied:
-        config = replace(config, generator=replace(config.generator, tie_embeddings=True))
-    return build_model(config, backend=InMemoryBackend.random(NUM_DOCS)), config
 
 
 # -- checks that need no processes ---------------------------------------------------------------
@@ -162,24 +156,6 @@ def _pipeline_worker(rank: int, world_size: int, out_dir: str) -> None:
                    Path(out_dir) / f"{name}_{rank}.pt")
 
 
-@functools.cache
-def reference_step(micro: int, tied: bool = False, **overrides) -> dict:
-    """Single-process training: gradient accumulation over the same micro-batches."""
-    model, config = tiny_model(tied=tied, **overrides)
-    batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
-    size = BATCH_SIZE // micro
-    total = 0.0
-    for i in range(micro):
-        loss = model({k: v[i * size:(i + 1) * size] for k, v in batch.items()})["loss"] / micro
-        loss.backward()
-        total += loss.item()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    norm = torch.nn.utils.get_total_norm(list(grads.values()))
-    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=ADAM_EPS).step()
-    values = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"loss": total, "grads": grads, "values": values, "norm": norm.item()}
-
-
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory):
     from trainers.parallel.local import run_local
@@ -216,12 +192,3 @@ def test_pipeline_step_matches_single_process(case, pipeline_runs):
     for name, expected in ref["values"].items():
         assert_fp32_close(values[name], expected, name, slack=1e-3 * LR)
 
-
-def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, name: str, *,
-                      slack: float = 0.0) -> None:
-    """Equal up to fp32 summation order: relative 1e-5, absolute 1e-5 of the tensor's scale
-    (micro-batch sums cancel in small entries). After an Adam step, `slack` allows for
-    g / (|g| + eps) amplifying that noise where g ~ 0 (a wrong gradient moves by ~lr)."""
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-8 + slack,
-                               msg=lambda detail: f"{name}: {detail}")

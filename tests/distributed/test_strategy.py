@@ -10,7 +10,7 @@ the end, match a one-process Trainer on the same global batches. In fp32, step o
 gradient (query encoder included, gathered from the shards) and every value after the
 AdamW step match too.
 
-Run: .venv/bin/pytest tests/test_parallel_strategy.py -q       (about 3 min on 2 cores)
+Run: .venv/bin/pytest tests/distributed/test_strategy.py -q       (about 3 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -21,79 +21,23 @@ import lightning as L
 import pytest
 import torch
 
-from rag_mm.model import InMemoryBackend, synthetic_batch
-from tests.test_parallel_pipeline import ADAM_EPS, LR, assert_fp32_close
+from tests.helpers.parallel import (
+    ALL,
+    BATCH_SIZE,
+    LR,
+    STEPS,
+    TWO,
+    Recorder,
+    assert_fp32_close,
+    full_tensor,
+    make_batches,
+    make_module,
+)
 from trainers.parallel.mesh import ParallelConfigError
 from trainers.parallel.pipeline import PartitionError
 from trainers.parallel.strategy import PipelineStrategy
 
-NUM_DOCS = 40
-BATCH_SIZE = 4
-STEPS = 3
-TWO = [["retrieval", "blocks.0"], ["blocks.1", "head"]]
-ALL = [[unit for stage in TWO for unit in stage]]
 TIED_NAMES = ("model.retrieval.tok_embed.weight", "model.head.lm_head.weight")
-
-
-def make_module(*, tied: bool = False):
-    from dataclasses import replace
-
-    from rag_mm.model import build_model
-    from trainers.module import RAGModule
-
-    torch.manual_seed(0)
-    module = RAGModule(size="tiny", mode="rag")
-    if tied:  # RAGModule has no flag for it: rebuild its model with tied embeddings
-        generator = replace(module.config.generator, tie_embeddings=True)
-        module.config = replace(module.config, generator=generator)
-        torch.manual_seed(0)
-        module.model = build_model(module.config)
-    module.model.attach(InMemoryBackend.random(NUM_DOCS))
-    # Adam's step is lr * m / (sqrt(v) + eps): with eps >> fp32 noise, gradients ~0 (summation
-    # order) do not become +-lr updates, and several steps stay comparable. Parameters are
-    # read when Lightning asks, after the strategy kept this rank's units.
-    module.configure_optimizers = lambda: torch.optim.AdamW(
-        [p for p in module.parameters() if p.requires_grad], lr=LR, eps=ADAM_EPS)
-    return module
-
-
-class Recorder(L.Callback):
-    """Per step: the logged loss, and the gradient norm over the whole model before clipping;
-    with `first_step=True` also every gradient (before clipping) and value after step one,
-    gathered whole from the shards (a collective: every rank records)."""
-
-    def __init__(self, *, first_step: bool = False) -> None:
-        self.losses: list[float] = []
-        self.norms: list[float] = []
-        self.val_losses: list[float] = []
-        self.first_step = first_step
-        self.grads: dict[str, torch.Tensor] = {}
-        self.values: dict[str, torch.Tensor] = {}
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self.val_losses.append(trainer.callback_metrics["val/loss"].item())
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        params = [p for p in pl_module.parameters() if p.grad is not None]
-        if isinstance(trainer.strategy, PipelineStrategy):
-            norm = trainer.strategy.grad_norm(params)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        self.norms.append(norm.item())
-        if self.first_step and len(self.norms) == 1:
-            self.grads = {n: _full(p.grad).clone() for n, p in pl_module.named_parameters()
-                          if p.grad is not None}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(trainer.callback_metrics["train/loss"].item())
-        if self.first_step and len(self.losses) == 1:
-            self.values = {n: _full(p.detach()).clone() for n, p in pl_module.named_parameters()
-                           if p.requires_grad}
-
-
-def make_batches(module, batch_size: int) -> list[dict]:
-    return [synthetic_batch(module.config, batch_size, seed=i, num_docs=NUM_DOCS)
-            for i in range(STEPS + 1)]
 
 
 def fit(module, recorder: Recorder, batches: list[dict], **trainer_kwargs) -> None:
@@ -106,13 +50,6 @@ def fit(module, recorder: Recorder, batches: list[dict], **trainer_kwargs) -> No
     loader = torch.utils.data.DataLoader
     trainer.fit(module, train_dataloaders=loader(batches[:-1], batch_size=None),
                 val_dataloaders=loader(batches[-1:], batch_size=None))
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind an FSDP / TP shard (collective over its mesh)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _strategy_worker(rank: int, world_size: int, out_dir: str, pp: int, tp: int,
@@ -130,7 +67,7 @@ def _strategy_worker(rank: int, world_size: int, out_dir: str, pp: int, tp: int,
     batches = [{k: v[dp_rank * BATCH_SIZE:(dp_rank + 1) * BATCH_SIZE] for k, v in b.items()}
                for b in make_batches(module, dp * BATCH_SIZE)]
     fit(module, recorder, batches, devices=world_size, strategy=strategy, precision=precision)
-    values = {n: _full(p.detach()).clone() for n, p in module.named_parameters()
+    values = {n: full_tensor(p.detach()).clone() for n, p in module.named_parameters()
               if p.requires_grad}
     torch.save({"losses": recorder.losses, "norms": recorder.norms, "values": values,
                 "val_losses": recorder.val_losses, "grads": recorder.grads,
