@@ -11,8 +11,9 @@ An index directory holds `manifest.json`, `docs.arrow` (the document store), `em
 """
 
 from retrieval_index.build import FactoryError
+from retrieval_index.durable import IndexLockedError
 from retrieval_index.embed import DocumentEmbedder, TextDocumentEmbedder, UnsupportedImageError
-from retrieval_index.index import Index, load
+from retrieval_index.index import Index, IndexFileError, load
 from retrieval_index.job import BuildConfig, IndexExistsError, build_index
 from retrieval_index.manifest import EncoderMismatchError, ResumeMismatchError
 from retrieval_index.store import CorpusError, DocumentStore, UnknownIdError
@@ -26,6 +27,8 @@ __all__ = [
     "FactoryError",
     "Index",
     "IndexExistsError",
+    "IndexFileError",
+    "IndexLockedError",
     "ResumeMismatchError",
     "TextDocumentEmbedder",
     "UnknownIdError",

@@ -3,15 +3,21 @@
 Any object with the small `DocumentEmbedder` shape can embed an index; `TextDocumentEmbedder`
 is the text-only one (a `rag_mm.TextEncoder` + its tokenizer). `embed_store` runs it over a
 `DocumentStore` in shards `shards/00000.npy, ...` of `shard_size` rows, each written
-atomically (tmp + rename); a restarted job keeps finished shards whose shape checks out, so a
-resumed job gives the same vectors as an uninterrupted one. `consolidate` then joins the shards
-into one memory-mappable `embeddings.npy`.
+atomically (tmp + fsync + rename) and then recorded in the ledger `shards/ledger.json`: its
+rows, sha256, and the environment that embedded it (device type, compute dtype, torch /
+transformers / faiss versions). A restarted job reuses a shard only when the ledger records
+it, its checksum matches and it was embedded by the same device type, dtype, torch and
+transformers (the libraries that compute the vectors); any other shard is re-embedded, with a
+line saying why. So a resumed job gives the same vectors as an uninterrupted one, and never
+mixes vectors from two environments. `consolidate` then joins the shards into one
+memory-mappable `embeddings.npy`.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import hashlib
+import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -20,10 +26,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from retrieval_index.durable import replace_durably
+from retrieval_index.manifest import library_versions, write_json_durably
 from retrieval_index.store import DocumentStore
 
 SHARD_DIR = "shards"
+LEDGER_FILE = "ledger.json"
 EMBEDDINGS_FILE = "embeddings.npy"
+# Vectors must be unit length within this (bf16/fp16 encoders on CUDA are ~1e-3 off).
+NORM_TOLERANCE = 1e-2
+# Environment fields that must match for a finished shard to be reused.
+REUSE_KEYS = ("device", "dtype", "torch", "transformers")
 
 
 @runtime_checkable
@@ -82,6 +95,13 @@ class TextDocumentEmbedder:
         self.batch_size = batch_size
         self.dim = encoder.dim
         self._identity: dict | None = None
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the encoder computes in: bf16/fp16 autocast on CUDA, else float32."""
+        if self.device.type != "cuda":
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
     @classmethod
     def from_folder(cls, path=None, **kwargs) -> TextDocumentEmbedder:
@@ -153,23 +173,73 @@ def shard_path(out_dir: Path, shard: int) -> Path:
     return Path(out_dir) / SHARD_DIR / f"{shard:05d}.npy"
 
 
-def save_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save to `path` via a tmp file + rename, so a crash never leaves a half-written file."""
+def save_atomic(path: Path, array: np.ndarray) -> str:
+    """np.save to `path` via tmp + fsync + rename (never half-written); returns its sha256."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    data = buffer.getvalue()
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    tmp.write_bytes(data)
+    replace_durably(tmp, path)
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def finished_shard(path: Path, rows: int, dim: int) -> bool:
-    """True when `path` holds a float32 (rows, dim) array (else the shard is recomputed)."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def embedding_environment(embedder: DocumentEmbedder) -> dict:
+    """What computed the vectors: device type, compute dtype, library versions."""
+    device = getattr(embedder, "device", "cpu")
+    versions = library_versions()
+    return {
+        "device": getattr(device, "type", str(device).split(":")[0]),
+        "dtype": str(getattr(embedder, "compute_dtype", "float32")),
+        **{k: versions[k] for k in ("torch", "transformers", "faiss")},
+    }
+
+
+def read_ledger(out_dir: Path) -> dict:
+    """`{shard name: {"rows", "sha256", environment...}}`; {} when missing or unreadable."""
+    try:
+        return json.loads((Path(out_dir) / SHARD_DIR / LEDGER_FILE).read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write_ledger(out_dir: Path, shards: dict) -> None:
+    write_json_durably(Path(out_dir) / SHARD_DIR / LEDGER_FILE, {"shards": shards})
+
+
+def reuse_problem(
+    path: Path, entry: dict | None, rows: int, dim: int, env: dict
+) -> tuple[str, str] | None:
+    """`(reason, message)` saying why the shard at `path` must be (re-)embedded, or None when
+    it can be reused. Reasons: missing, unrecorded, environment, unreadable, shape, checksum."""
     if not path.is_file():
-        return False
+        return "missing", "missing"
+    if entry is None:
+        return "unrecorded", "not recorded in the ledger (the job stopped before recording it)"
+    changed = [k for k in REUSE_KEYS if entry.get(k) != env[k]]
+    if changed:
+        then = ", ".join(f"{k} {entry.get(k)}" for k in changed)
+        now = ", ".join(f"{k} {env[k]}" for k in changed)
+        return "environment", f"embedded with {then}, now {now}"
     try:
         array = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError):
-        return False
-    return array.shape == (rows, dim) and array.dtype == np.float32
+    except (ValueError, OSError, EOFError) as err:
+        return "unreadable", f"unreadable ({err})"
+    if array.shape != (rows, dim) or array.dtype != np.float32:
+        return "shape", f"holds {array.dtype} {array.shape}, expected float32 {(rows, dim)}"
+    actual = file_sha256(path)
+    if actual != entry.get("sha256"):
+        recorded = str(entry.get("sha256"))
+        return "checksum", f"checksum {actual[:19]}… differs from the ledger's {recorded[:19]}…"
+    return None
 
 
 def embed_store(
@@ -181,7 +251,8 @@ def embed_store(
     on_shard: Callable[[int, int], None] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Embed every row of `store` into `out_dir/shards/`; returns `{"shards", "reused", "embedded"}`.
+    """Embed every row of `store` into `out_dir/shards/`; returns `{"shards", "reused", "embedded"}`
+    plus `"reembedded"` (shards on disk that could not be reused, per reason) and `"environment"`.
 
     `on_shard(shard, num_shards)` is called after each shard is on disk (progress hooks).
     """
@@ -190,22 +261,37 @@ def embed_store(
     n = len(store)
     num_shards = -(-n // shard_size)
     _check_images_supported(store, embedder)
+    env = embedding_environment(embedder)
+    ledger = read_ledger(out_dir)
     bar = _bar(n, progress)
-    reused = 0
+    reused, reembedded = 0, {}
     for shard in range(num_shards):
         start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
         path = shard_path(out_dir, shard)
-        if finished_shard(path, stop - start, embedder.dim):
+        problem = reuse_problem(path, ledger.get(path.stem), stop - start, embedder.dim, env)
+        if problem is None:
             reused += 1
         else:
+            reason, message = problem
+            if reason != "missing":
+                reembedded[reason] = reembedded.get(reason, 0) + 1
+                bar.write(f"shard {path}: {message}; re-embedding it")
             vectors = embedder.embed(store.texts(start, stop), store.images(start, stop))
-            _check_vectors(vectors, stop - start, embedder.dim)
-            save_atomic(path, np.ascontiguousarray(vectors, dtype=np.float32))
+            _check_vectors(vectors, stop - start, embedder.dim, start)
+            digest = save_atomic(path, np.ascontiguousarray(vectors, dtype=np.float32))
+            ledger[path.stem] = {"rows": stop - start, "sha256": digest, **env}
+            _write_ledger(out_dir, ledger)
         bar.update(stop - start)
         if on_shard is not None:
             on_shard(shard, num_shards)
     bar.close()
-    return {"shards": num_shards, "reused": reused, "embedded": num_shards - reused}
+    return {
+        "shards": num_shards,
+        "reused": reused,
+        "embedded": num_shards - reused,
+        "reembedded": reembedded,
+        "environment": env,
+    }
 
 
 def _check_images_supported(store: DocumentStore, embedder: DocumentEmbedder) -> None:
@@ -222,13 +308,21 @@ def _check_images_supported(store: DocumentStore, embedder: DocumentEmbedder) ->
         ) from None
 
 
-def _check_vectors(vectors: np.ndarray, rows: int, dim: int) -> None:
+def _check_vectors(vectors: np.ndarray, rows: int, dim: int, first_row: int = 0) -> None:
     if vectors.shape != (rows, dim):
         raise ValueError(
             f"embedder returned shape {vectors.shape} for {rows} documents; expected ({rows}, {dim})"
         )
     if not np.isfinite(vectors).all():
         raise ValueError("embedder returned non-finite values (NaN/inf); check the encoder weights")
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    worst = int(np.argmax(np.abs(norms - 1.0))) if rows else 0
+    if rows and abs(norms[worst] - 1.0) > NORM_TOLERANCE:
+        raise ValueError(
+            f"embedder returned a vector of norm {norms[worst]:.4f} for document {first_row + worst}; "
+            f"the index searches by inner product over L2-normalised vectors (norm 1 within "
+            f"{NORM_TOLERANCE}): normalise in the embedder"
+        )
 
 
 def _bar(total: int, enabled: bool):
@@ -238,7 +332,8 @@ def _bar(total: int, enabled: bool):
 
 
 def consolidate(out_dir: str | Path, *, count: int, dim: int, shard_size: int) -> Path:
-    """Join the shards into `embeddings.npy` (atomic) and remove `shards/`."""
+    """Join the shards into `embeddings.npy` (tmp + fsync + rename); the caller removes `shards/`
+    once it has recorded the file."""
     out_dir = Path(out_dir)
     path = out_dir / EMBEDDINGS_FILE
     tmp = path.with_name(path.name + ".tmp")
@@ -251,8 +346,7 @@ def consolidate(out_dir: str | Path, *, count: int, dim: int, shard_size: int) -
     assert start == count, (start, count)
     joined.flush()
     del joined
-    os.replace(tmp, path)
-    shutil.rmtree(out_dir / SHARD_DIR)
+    replace_durably(tmp, path)
     return path
 
 

@@ -9,17 +9,31 @@ import faiss
 import numpy as np
 
 from retrieval_index.build import apply_search_params
-from retrieval_index.embed import DocumentEmbedder, TextDocumentEmbedder, load_embeddings
+from retrieval_index.embed import (
+    EMBEDDINGS_FILE,
+    NORM_TOLERANCE,
+    DocumentEmbedder,
+    TextDocumentEmbedder,
+    load_embeddings,
+)
 from retrieval_index.manifest import (
+    MANIFEST_FILE,
+    METRIC,
     EncoderMismatchError,
     check_encoder,
+    check_query_encoder,
     describe,
     identity_differences,
     read_manifest,
 )
-from retrieval_index.store import DocumentStore
+from retrieval_index.store import STORE_FILE, DocumentStore
 
 INDEX_FILE = "index.faiss"
+NORM_SAMPLE = 1024  # stored vectors whose norm `load` checks (evenly spaced rows)
+
+
+class IndexFileError(ValueError):
+    """An index directory whose files disagree with its manifest (or with the rules)."""
 
 
 class Index:
@@ -30,15 +44,19 @@ class Index:
     ):
         self.path = path
         self.manifest = manifest
+        _check_manifest(path, manifest)
+        for name in (INDEX_FILE, STORE_FILE, EMBEDDINGS_FILE):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} is missing: rebuild the index")
         self.faiss_index = faiss.read_index(str(path / INDEX_FILE))
         apply_search_params(self.faiss_index, manifest["build"]["search_params"])
         self.store = DocumentStore(path)
         self._vectors = load_embeddings(path)
+        _check_files(self)
         self._check = check
         self._embedder = embedder
         if embedder is not None and check:
             check_encoder(manifest, embedder.identity(), index_dir=path)
-        assert len(self.store) == len(self._vectors) == self.faiss_index.ntotal == manifest["count"]
 
     def __len__(self) -> int:
         return len(self.store)
@@ -49,6 +67,12 @@ class Index:
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
+
+    def check_encoder(self, identity: dict, *, what: str = "the query encoder") -> None:
+        """Refuse (`EncoderMismatchError`) a query encoder that embeds into another space than
+        this index's encoder: `identity` as `rag_mm.text_encoder.encoder_identity(DIR)` gives
+        it; content hash, dim, pooling and normalisation must match."""
+        check_query_encoder(self.manifest, identity, index_dir=self.path, what=what)
 
     @property
     def embedder(self) -> DocumentEmbedder:
@@ -131,6 +155,53 @@ class Index:
     def set_search_params(self, **params) -> None:
         """Override search parameters, e.g. `nprobe=64`, `efSearch=256`, `k_factor_rf=8`."""
         apply_search_params(self.faiss_index, params)
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    file = path / MANIFEST_FILE
+    if manifest.get("metric") != METRIC:
+        raise IndexFileError(
+            f"{file}: metric {manifest.get('metric')!r} is not supported; this code searches "
+            f"{METRIC!r} over L2-normalised vectors"
+        )
+    if manifest.get("dtype") != "float32":
+        raise IndexFileError(f"{file}: dtype {manifest.get('dtype')!r}; expected 'float32'")
+    for key in ("dim", "count"):
+        value = manifest.get(key)
+        if not isinstance(value, int) or value < 1:
+            raise IndexFileError(f"{file}: {key} {value!r}; expected a positive integer")
+
+
+def _check_files(index: Index) -> None:
+    """Every file agrees with the manifest: dims, metric, counts, dtype, unit-norm vectors."""
+    dim, count = index.manifest["dim"], index.manifest["count"]
+    said = f"manifest.json says dim {dim}, count {count}"
+    vectors, faiss_index = index._vectors, index.faiss_index
+    embeddings = index.path / EMBEDDINGS_FILE
+    if vectors.dtype != np.float32:
+        raise IndexFileError(f"{embeddings}: dtype {vectors.dtype}; expected float32")
+    if vectors.shape != (count, dim):
+        raise IndexFileError(f"{embeddings}: shape {vectors.shape}; {said}")
+    faiss_file = index.path / INDEX_FILE
+    if faiss_index.d != dim:
+        raise IndexFileError(f"{faiss_file}: dim {faiss_index.d}; {said}")
+    if faiss_index.ntotal != count:
+        raise IndexFileError(f"{faiss_file}: {faiss_index.ntotal} vectors; {said}")
+    if faiss_index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexFileError(
+            f"{faiss_file}: metric type {faiss_index.metric_type} (faiss.METRIC_L2 = "
+            f"{faiss.METRIC_L2}); expected inner product ({faiss.METRIC_INNER_PRODUCT})"
+        )
+    if len(index.store) != count:
+        raise IndexFileError(f"{index.store.path}: {len(index.store)} documents; {said}")
+    rows = np.unique(np.linspace(0, count - 1, min(count, NORM_SAMPLE)).astype(np.int64))
+    norms = np.linalg.norm(np.asarray(vectors[rows], dtype=np.float64), axis=1)
+    worst = int(np.argmax(np.abs(norms - 1.0)))
+    if not abs(norms[worst] - 1.0) <= NORM_TOLERANCE:
+        raise IndexFileError(
+            f"{embeddings}: row {int(rows[worst])} has norm {norms[worst]:.4f}; the index searches "
+            f"by inner product over L2-normalised vectors (norm 1 within {NORM_TOLERANCE})"
+        )
 
 
 def load(

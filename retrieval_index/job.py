@@ -1,16 +1,20 @@
 """`build_index`: corpus -> index directory, resumable, ending with a recall/QPS report.
 
 Steps, each recorded in `manifest.json` (status "building" until the end):
-1. check the factory string and the output directory (resume a partial build or refuse);
-2. write the document store `docs.arrow` (fingerprinting the corpus);
-3. embed in shards (finished shards are kept on restart), then join them in `embeddings.npy`;
+1. check the factory string; take the exclusive lock `OUT/.lock` (a second builder is refused);
+   check the output directory (resume a partial build or refuse);
+2. write the document store `docs.arrow` (fingerprinting the corpus; a partial build's store
+   is replaced only after the fingerprint matched);
+3. embed in shards (finished shards whose ledger entry checks out are kept on restart), then
+   join them in `embeddings.npy` (its sha256 recorded in the manifest);
 4. train + add the FAISS index, save `index.faiss`;
 5. measure recall@10 against exact search and QPS; write the complete manifest.
+Every file is written to a tmp name, fsynced and renamed, so a kill at any point leaves a
+directory that the same command resumes.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,6 +33,7 @@ from retrieval_index.build import (
     train_and_add,
     train_size_for,
 )
+from retrieval_index.durable import LOCK_FILE, BuildLock, replace_durably
 from retrieval_index.embed import (
     EMBEDDINGS_FILE,
     SHARD_DIR,
@@ -36,6 +41,7 @@ from retrieval_index.embed import (
     TextDocumentEmbedder,
     consolidate,
     embed_store,
+    file_sha256,
     load_embeddings,
 )
 from retrieval_index.index import INDEX_FILE, Index, load
@@ -121,33 +127,51 @@ def build_index(
     embedder = _resolve_embedder(embedder, batch_size)
     out_dir = Path(out_dir).expanduser().resolve()
     build = _plan(config, embedder, len(corpus))
+    with BuildLock(out_dir):
+        _build_locked(corpus, out_dir, embedder, config, build, overwrite, progress, on_shard)
+    return load(out_dir, embedder=embedder)
+
+
+def _build_locked(corpus, out_dir, embedder, config, build, overwrite, progress, on_shard):
     partial = _prepare_out_dir(out_dir, overwrite)
     manifest = new_manifest(
-        encoder=embedder.identity(), dim=embedder.dim, index_factory=index_factory, build=build
+        encoder=embedder.identity(),
+        dim=embedder.dim,
+        index_factory=config.index_factory,
+        build=build,
     )
     if partial is not None:
         check_resumable(partial, manifest, out_dir=out_dir)
-        manifest.update(created=partial["created"], corpus=partial["corpus"])
+        manifest.update(
+            created=partial["created"],
+            corpus=partial["corpus"],
+            count=partial["count"],
+            embeddings=partial.get("embeddings"),
+        )
     write_manifest(out_dir, manifest)
-    _log(f"building {index_factory!r} index of {len(corpus)} documents in {out_dir}", progress)
+    _log(
+        f"building {config.index_factory!r} index of {len(corpus)} documents in {out_dir}",
+        progress,
+    )
+
+    def same_corpus(corpus_info: dict) -> None:  # before the new store replaces the old one
+        if partial is not None:
+            check_resumable(partial, {**manifest, "corpus": corpus_info}, out_dir=out_dir)
 
     timings = {}
     start = time.perf_counter()
-    corpus_info = write_store(corpus, out_dir, progress=progress)
+    corpus_info = write_store(corpus, out_dir, progress=progress, check=same_corpus)
     timings["store_seconds"] = _since(start)
-    if partial is not None:
-        check_resumable(partial, {**manifest, "corpus": corpus_info}, out_dir=out_dir)
     manifest.update(corpus=corpus_info, count=corpus_info["count"])
     write_manifest(out_dir, manifest)
 
     start = time.perf_counter()
-    embedding = _embed(out_dir, embedder, config, on_shard, progress)
+    embedding = _embed(out_dir, embedder, config, manifest, on_shard, progress)
     timings["embed_seconds"] = _since(start)
     report = _index_and_report(out_dir, config, build, progress)
-    manifest.update(status="complete", report={**report, **timings, "embedding": embedding})
+    manifest.update(status="complete", report={**report, **timings, **embedding})
     write_manifest(out_dir, manifest)
     _log(_summary(manifest), progress)
-    return load(out_dir, embedder=embedder)
 
 
 def _plan(config: BuildConfig, embedder: DocumentEmbedder, count: int) -> dict:
@@ -198,13 +222,13 @@ def _resolve_embedder(
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
     """The partial manifest to resume from, or None for a fresh build (after clearing)."""
     if overwrite and out_dir.exists():
-        for name in ARTIFACTS:
+        for name in ARTIFACTS:  # never LOCK_FILE: this process holds it
             for path in (out_dir / name, out_dir / f"{name}.tmp"):
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-    if overwrite or not out_dir.exists() or not any(out_dir.iterdir()):
+    if overwrite or not any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         out_dir.mkdir(parents=True, exist_ok=True)
         return None
     if not (out_dir / MANIFEST_FILE).is_file():
@@ -221,17 +245,27 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
     return manifest
 
 
-def _embed(out_dir: Path, embedder, config: BuildConfig, on_shard, progress: bool) -> dict:
+def _embed(out_dir: Path, embedder, config: BuildConfig, manifest: dict, on_shard, progress):
+    """Shards -> `embeddings.npy`, its sha256 recorded in the manifest before `shards/` goes.
+
+    Returns the report's `embedding` (shard counts) and `shard_checks` (re-embedded shards
+    per reason, the environment that embedded them)."""
     store = DocumentStore(out_dir)
     done = out_dir / EMBEDDINGS_FILE
-    if done.is_file() and np.load(done, mmap_mode="r").shape == (len(store), embedder.dim):
-        shards = -(-len(store) // config.shard_size)
-        return {"shards": shards, "reused": shards, "embedded": 0}
+    recorded = manifest.get("embeddings") or {}
+    num_shards = -(-len(store) // config.shard_size)
+    if done.is_file() and recorded.get("sha256") == file_sha256(done):
+        stats = {"shards": num_shards, "reused": num_shards, "embedded": 0}
+        return {"embedding": stats, "shard_checks": recorded.get("shard_checks")}
     stats = embed_store(
         store, embedder, out_dir, shard_size=config.shard_size, on_shard=on_shard, progress=progress
     )
+    checks = {"reembedded": stats.pop("reembedded"), "environment": stats.pop("environment")}
     consolidate(out_dir, count=len(store), dim=embedder.dim, shard_size=config.shard_size)
-    return stats
+    manifest["embeddings"] = {"sha256": file_sha256(done), "shard_checks": checks}
+    write_manifest(out_dir, manifest)
+    shutil.rmtree(out_dir / SHARD_DIR)
+    return {"embedding": stats, "shard_checks": checks}
 
 
 def _search_params(index: faiss.Index, config: BuildConfig) -> dict:
@@ -253,7 +287,7 @@ def _save_index(index: faiss.Index, out_dir: Path) -> None:
     path = out_dir / INDEX_FILE
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def _since(start: float) -> float:

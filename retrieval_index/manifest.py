@@ -6,15 +6,17 @@ Fields: `format_version`, `status` ("building" until the build finishes, then "c
 `corpus` (count + fingerprint), `versions`, `created`, `report` (recall@10, QPS, timings).
 
 Loading compares `encoder` with the embedder in use (`check_encoder`); a resumed build
-compares the whole partial manifest (`check_resumable`).
+compares the whole partial manifest (`check_resumable`); training compares it with the
+model's query text encoder (`check_query_encoder`: the vector space only).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
+
+from retrieval_index.durable import replace_durably
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -24,6 +26,9 @@ LOCATION_KEYS = ("path", "name")
 # Build parameters that may change when a build is resumed: they change neither the embeddings
 # nor the trained index (only the batching, the search-time parameters and the report).
 RESUMABLE_CHANGES = ("batch_size", "nprobe", "ef_search", "search_params", "num_recall_queries")
+# Identity keys that define the vector space a query encoder must share with the index (not
+# the document max_length, which only truncates documents).
+SPACE_KEYS = ("content_hash", "dim", "pooling", "normalize")
 
 
 class EncoderMismatchError(ValueError):
@@ -47,25 +52,35 @@ def new_manifest(*, encoder: dict, dim: int, index_factory: str, build: dict) ->
         "index_factory": index_factory,
         "build": build,
         "corpus": None,
-        "versions": _versions(),
+        "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "report": None,
     }
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
     import faiss
     import numpy
     import torch
+    import transformers
 
-    return {"faiss": faiss.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
+    return {
+        "faiss": faiss.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def write_json_durably(path: Path, value: dict) -> None:
+    """Write JSON to `path` via tmp + fsync + rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
+    replace_durably(tmp, path)
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:
-    path = Path(out_dir) / MANIFEST_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_json_durably(Path(out_dir) / MANIFEST_FILE, manifest)
 
 
 def read_manifest(index_dir: str | Path) -> dict:
@@ -108,6 +123,23 @@ def check_encoder(manifest: dict, identity: dict, *, index_dir: str | Path) -> N
             f"but the embedder in use is {describe(identity)}; they differ in {differences}. "
             f"Query with the encoder the index was built with, rebuild the index with this one, "
             f"or pass check_encoder=False if you know the vector spaces agree"
+        )
+
+
+def check_query_encoder(
+    manifest: dict, identity: dict, *, index_dir: str | Path, what: str = "the query encoder"
+) -> None:
+    """Raise `EncoderMismatchError` if `identity` (e.g. `rag_mm.text_encoder.encoder_identity`
+    of the model's query text tower) embeds into another space than the index's encoder:
+    content hash, dim, pooling or normalisation differ."""
+    built = manifest["encoder"]
+    differences = [k for k in SPACE_KEYS if built.get(k) != identity.get(k)]
+    if differences:
+        raise EncoderMismatchError(
+            f"the index at {index_dir} was built with encoder {describe(built)}, but {what} is "
+            f"{describe(identity)}; they differ in {differences}. Build the index with the "
+            f"model's text encoder (scripts/build_index.py --encoder DIR), or configure the model "
+            f"with the encoder the index was built with"
         )
 
 

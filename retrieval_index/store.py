@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+
+from retrieval_index.durable import replace_durably
 
 STORE_FILE = "docs.arrow"
 SCHEMA = pa.schema(
@@ -95,17 +96,35 @@ def to_png(image, *, row: int) -> bytes | None:
     return buffer.getvalue()
 
 
-def write_store(corpus, out_dir: str | Path, *, progress: bool = False) -> dict:
+def write_store(
+    corpus, out_dir: str | Path, *, progress: bool = False, check: Callable[[dict], None] | None = None
+) -> dict:
     """Write `out_dir/docs.arrow` atomically; returns `{"count", "fingerprint"}` of the rows.
 
     The fingerprint is a sha256 over ids, texts and image bytes in row order; a resumed build
     compares it to refuse a changed corpus. Duplicate or empty ids and non-string texts raise
-    `CorpusError` naming the row.
+    `CorpusError` naming the row. `check(info)` runs before the new file replaces the old one:
+    if it raises, the tmp file is removed and the existing store is left as it was.
     """
     path = Path(out_dir) / STORE_FILE
     tmp = path.with_name(path.name + ".tmp")
     digest = hashlib.sha256()
     seen: dict[str, int] = {}
+    try:
+        _write_rows(corpus, tmp, digest, seen, progress)
+        info = {"count": len(seen), "fingerprint": "sha256:" + digest.hexdigest()}
+        if not seen:
+            raise CorpusError("the corpus is empty: an index needs at least one document")
+        if check is not None:
+            check(info)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    replace_durably(tmp, path)
+    return info
+
+
+def _write_rows(corpus, tmp: Path, digest, seen: dict[str, int], progress: bool) -> None:
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
         batches = iter_corpus(corpus)
         for ids, texts, images in _progress(batches, progress, len(corpus)):
@@ -124,11 +143,6 @@ def write_store(corpus, out_dir: str | Path, *, progress: bool = False) -> dict:
                     schema=SCHEMA,
                 )
             )
-    if not seen:
-        tmp.unlink()
-        raise CorpusError("the corpus is empty: an index needs at least one document")
-    os.replace(tmp, path)
-    return {"count": len(seen), "fingerprint": "sha256:" + digest.hexdigest()}
 
 
 def _check_rows(ids: list, texts: list, start: int, seen: dict[str, int]) -> None:
