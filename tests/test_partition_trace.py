@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.partition.chain import CostChain
+from trainers.partition.costs import DeviceSpec
 from trainers.partition.partition import PartitionConfig, plan_partition
 from trainers.partition.schedule import ScheduleSpec
 from trainers.partition.trace import Profile, trace_model
@@ -142,8 +142,26 @@ def test_analytic_flops_match_the_measured_count(measured, analytic):
     tokens, h = 4 * 16, 32
     linear_params = h * h + h * 4 * h * 2
     assert analytic.modules["blocks.0"].flops >= 6 * tokens * linear_params
-    assert analytic.source == "measured" or analytic.fwd_wall_ms >= 0
+    assert analytic.source == "analytic"
     assert analytic.modules["blocks.0"].fwd_ms > 0
+
+
+def test_analytic_times_are_derived_from_flops(analytic):
+    """Each op costs max(flops / compute rate, bytes / memory rate): with memory never the
+    limit, a module's forward + backward is exactly its FLOPs at the matmul rate; on the
+    default device it is never less."""
+    fast_memory = DeviceSpec(mem_gb_per_s=1e12)
+    with torch.device("meta"):
+        profile = trace_model(TiedLM(), IDS, analytic=True, device=fast_memory)
+        slower = trace_model(TiedLM(), IDS, analytic=True,
+                             device=DeviceSpec(mem_gb_per_s=1e12, tflops=fast_memory.tflops / 2))
+    rate = fast_memory.tflops * 1e12 * fast_memory.matmul_efficiency / 1e3  # FLOPs per ms
+    for name in ("", "blocks.0", "blocks.2.mlp", "head"):
+        module, default = profile.modules[name], analytic.modules[name]
+        assert module.flops > 0 and module.fwd_ms > 0 and module.bwd_ms > 0, name
+        assert module.fwd_ms + module.bwd_ms == pytest.approx(module.flops / rate, rel=1e-5), name
+        assert default.fwd_ms + default.bwd_ms >= module.flops / rate * (1 - 1e-6), name
+    assert slower.root.fwd_ms == pytest.approx(2 * profile.root.fwd_ms, rel=1e-5)
 
 
 def test_analytic_trace_leaves_a_meta_model_on_meta():
@@ -170,14 +188,24 @@ def test_glue_goes_to_the_neighbouring_unit():
     assert sum(u.flops for u in chain.units) == pytest.approx(profile.root.flops)
 
 
-def test_same_profile_same_plan(measured):
+def test_same_profile_same_plan(measured, analytic):
+    """The whole result (chain, plan, simulation, baselines, search counts) is a function of
+    the profile: equal after a JSON round trip, and for two analytic traces of two models."""
     again = Profile.from_dict(json.loads(json.dumps(measured.to_dict())))
     config = PartitionConfig(num_stages=3, schedule=ScheduleSpec(num_microbatches=6))
     first = plan_partition(chain_from_profile(measured, tied="replicate"), config)
     second = plan_partition(chain_from_profile(again, tied="replicate"), config)
     assert first.plan.cuts == second.plan.cuts
     assert first.plan.step_ms == second.plan.step_ms
-    assert isinstance(first.chain, CostChain)
+    assert first == second
+    with torch.device("meta"):
+        other = trace_model(TiedLM(), IDS, analytic=True)
+    assert other.to_dict() == {**analytic.to_dict(), "fwd_wall_ms": other.fwd_wall_ms,
+                               "bwd_wall_ms": other.bwd_wall_ms}  # CPU clocks of the pass
+    plans = [plan_partition(chain_from_profile(p, tied="replicate"), config)
+             for p in (analytic, other)]
+    assert plans[0] == plans[1]
+    assert plans[0].plan.step_ms > 0 and plans[0].plan.step_ms != first.plan.step_ms
 
 
 def test_plan_script_writes_json_and_pictures(measured, tmp_path):
