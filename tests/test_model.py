@@ -222,13 +222,16 @@ def test_shared_negatives_are_training_gold_keys_capped_and_train_only(backend):
     model.set_shared_negatives([])
     without = model.retrieval.retrieve(batch).contrastive
     assert (with_pool > without).all()
-    model.set_shared_negatives(np.arange(20))
-    model.eval()  # evaluation losses use in-batch negatives only
-    torch.testing.assert_close(model.retrieval.retrieve(batch).contrastive,
-                               model.retrieval.retrieve(batch).contrastive)
-    model.set_shared_negatives([])
-    evaluated_without = model.retrieval.retrieve(batch).contrastive
-    model.set_shared_negatives(np.arange(20))
-    torch.testing.assert_close(model.retrieval.retrieve(batch).contrastive, evaluated_without)
+    model.eval()  # evaluation losses use in-batch negatives only: the pool changes nothing
+    evaluated = {}
+    for pool in ([], np.arange(20), [0, 1]):
+        model.set_shared_negatives(pool)
+        with torch.no_grad():
+            evaluated[len(pool)] = (model.retrieval.retrieve(batch).contrastive,
+                                    model(batch)["loss"])
+    for size in (20, 2):
+        for got, expected in zip(evaluated[size], evaluated[0], strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert evaluated[0][1] > 0 and not torch.equal(evaluated[0][0], with_pool)
     with pytest.raises(ValueError, match="shared_negatives"):
         replace(config.retriever, shared_negatives=-1)
