@@ -72,8 +72,17 @@ class RetrievalUnit(nn.Module):
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, keys) cache
 
     # -- retrieval -------------------------------------------------------------------------
-    def attach(self, backend: RetrievalBackend | None) -> None:
-        """Use `backend` for search and document lookup (not a parameter, not saved)."""
+    def attach(self, backend: RetrievalBackend | None, *, check_encoder: bool = True) -> None:
+        """Use `backend` for search and document lookup (not a parameter, not saved).
+
+        A backend with `check_encoder` (a `retrieval_index.Index`) must have been built with
+        this model's query text encoder (same weights hash, dim, pooling, normalisation), else
+        `EncoderMismatchError` names both; `check_encoder=False` skips the check."""
+        if backend is not None and check_encoder and hasattr(backend, "check_encoder"):
+            from rag_mm.text_encoder import encoder_identity
+
+            identity = encoder_identity(self.config.retriever.text_encoder)
+            backend.check_encoder(identity, what="the model's query text encoder")
         self.backend = backend
         self._doc_tokens.clear()
         self._shared = None
@@ -359,8 +368,8 @@ class RAGModel(nn.Module):
             groups.append(["retrieval", "head"])
         return groups
 
-    def attach(self, backend: RetrievalBackend | None) -> None:
-        self.retrieval.attach(backend)
+    def attach(self, backend: RetrievalBackend | None, *, check_encoder: bool = True) -> None:
+        self.retrieval.attach(backend, check_encoder=check_encoder)
 
     def set_shared_negatives(self, keys) -> None:
         self.retrieval.set_shared_negatives(keys)

@@ -5,6 +5,7 @@
 
 The corpus is read by rag_mm.data.load_corpus (parquet, jsonl, imagefolder, save_to_disk);
 rerunning an interrupted build with the same arguments resumes from its finished shards.
+One builder per --out (a second one is refused); a user error prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rag_mm.data import (
     load_corpus,
 )
 from retrieval_index.build import FACTORY_EXAMPLES
+from trainers.errors import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--on-bad", choices=ON_BAD, default="error", help="bad corpus rows: stop or skip"
     )
     p.add_argument(
+        "--fix-images", action="store_true", help="convert corpus images that are not RGB to RGB"
+    )
+    p.add_argument(
         "--drop-images", action="store_true", help="index the texts only, ignoring images"
     )
     p.add_argument("--overwrite", action="store_true", help="replace the index files in --out")
@@ -58,16 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        build(args)
-    except ValueError as err:  # user mistakes: the message names the flag, file or row
-        raise SystemExit(f"build_index.py: error: {err}") from None
+    """The command line; a user error prints one line and exits 2 (`trainers.errors.run_cli`)."""
+    run_cli(lambda args: build(parse_args(args)), argv, prog="build_index.py")
 
 
 def build(args: argparse.Namespace) -> None:
     loaded = load_corpus(
-        args.corpus, columns=columns_from_args(args, CorpusColumns), on_bad=args.on_bad
+        args.corpus,
+        columns=columns_from_args(args, CorpusColumns),
+        on_bad=args.on_bad,
+        fix_images=args.fix_images,
     )
     print(loaded.report, flush=True)
     corpus = loaded.dataset

@@ -1,13 +1,16 @@
 """The LightningDataModule: validated example tables -> tokenised, batched tensors.
 
-A data directory holds `train.parquet`, `val.parquet` and `test.parquet` (as written by
-`scripts/make_demo_data.py`), or each split is given as its own path in any format
-`rag_mm.data.load_examples` reads. Gold document ids are turned into index keys once, at
+A data directory holds each split in any format `rag_mm.data.load_examples` reads:
+`train.parquet` (as written by `scripts/make_demo_data.py`), `train.jsonl` (+ image files),
+or a `train/` folder (parquet files, an imagefolder, a `save_to_disk` folder); likewise `val`
+and `test`. Or each split is given as its own path. The load reports (rows read, kept,
+skipped per reason, images fixed) are printed at setup and logged as `data/...` metrics. Gold document ids are turned into index keys once, at
 setup, so batches carry `gold_keys` (-1 where an example has no gold document).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +22,13 @@ from rag_mm.config import model_config
 from rag_mm.data import DataError, ExampleColumns, load_examples
 from rag_mm.images import to_tensor
 from rag_mm.tokenizer import load_tokenizer
+from trainers.data_sources import (  # noqa: F401  (add_data_arguments, data_kwargs: for scripts)
+    add_data_arguments,
+    data_kwargs,
+    find_split,
+    missing_split,
+    report_metrics,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -60,7 +70,7 @@ class RAGDataModule(L.LightningDataModule):
     """Loads train/val/test examples, checks them against the model size and the index.
 
     Args:
-        data_dir: folder with `train.parquet`, `val.parquet`, `test.parquet`.
+        data_dir: folder with the splits, each as `SPLIT.parquet`, `SPLIT.jsonl` or `SPLIT/`.
         train_path / val_path / test_path: explicit per-split paths (override `data_dir`).
         index_dir: the index the model searches; gold ids are mapped to its keys.
         model_size: named model size; gives image size and token budgets.
@@ -76,6 +86,7 @@ class RAGDataModule(L.LightningDataModule):
                  num_workers: int = 0, on_bad: str = "error", fix_images: bool = False,
                  columns: ExampleColumns | None = None) -> None:
         super().__init__()
+        self.data_dir = None if data_dir is None else Path(data_dir)
         self.paths = {s: self._split_path(s, data_dir, p)
                       for s, p in zip(SPLITS, (train_path, val_path, test_path))}
         self.index_dir = index_dir
@@ -99,7 +110,7 @@ class RAGDataModule(L.LightningDataModule):
             return Path(path)
         if data_dir is None:
             return None
-        return Path(data_dir) / f"{split}.parquet"
+        return find_split(data_dir, split)
 
     def setup(self, stage: str | None = None) -> None:
         index = None
@@ -113,11 +124,30 @@ class RAGDataModule(L.LightningDataModule):
             result = load_examples(path, columns=self.columns, on_bad=self.on_bad,
                                    image_size=self.config.vision.image_size,
                                    fix_images=self.fix_images)
-            self.reports[split] = result.report
             dataset = self._check_targets(result, path)
-            self.datasets[split] = self._add_gold_keys(dataset, index, path)
+            dataset, report = self._add_gold_keys(dataset, index, path, result.report)
+            self.datasets[split], self.reports[split] = dataset, report
+            self._report(split, report)
         if "train" not in self.datasets and stage in ("fit", None):
-            raise DataError(f"no training examples: {self.paths['train']} does not exist")
+            raise DataError(missing_split("train", self.data_dir, self.paths["train"]))
+
+    def _report(self, split: str, report) -> None:
+        """Print one split's load report and log it (`data/SPLIT/...`) to the trainer's loggers."""
+        rank = getattr(self.trainer, "global_rank", 0) if self._trainer_attached() else 0
+        if rank != 0:
+            return
+        print(f"{split}: {report}", flush=True)
+        if self._trainer_attached():
+            metrics = report_metrics({split: report})
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=0)
+
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
+    def load_report_metrics(self) -> dict[str, float]:
+        """The load reports of the splits set up so far, as flat `data/...` numbers."""
+        return report_metrics(self.reports)
 
     def _check_targets(self, result, path: Path):
         dataset = result.dataset
@@ -133,18 +163,32 @@ class RAGDataModule(L.LightningDataModule):
             )
         return dataset
 
-    @staticmethod
-    def _add_gold_keys(dataset, index, path: Path):
+    def _add_gold_keys(self, dataset, index, path: Path, report):
+        """Add `gold_key`; gold ids the index lacks are an error, or skipped with on_bad="skip"
+        (counted as `unknown_gold_id`)."""
         if "gold_id" not in dataset.column_names or index is None:
-            return dataset.add_column("gold_key", [-1] * len(dataset))
+            return dataset.add_column("gold_key", [-1] * len(dataset)), report
         ids = list(dataset["gold_id"])
         present = [i for i, g in enumerate(ids) if g is not None]
         keys = np.full(len(ids), -1, dtype=np.int64)
         try:
             keys[present] = index.key_of([ids[i] for i in present])
         except KeyError as err:
-            raise DataError(f"{path}: gold_id not in the index {index.path}: {err}") from None
-        return dataset.add_column("gold_key", keys.tolist())
+            if self.on_bad != "skip":
+                raise DataError(
+                    f"{path}: gold_id not in the index {index.path}: {err} (--on-bad skip skips "
+                    f"such rows)"
+                ) from None
+            known = set(index.store.table.column("id").to_pylist())
+            keep = [i for i, g in enumerate(ids) if g is None or g in known]
+            for i in keep:
+                if ids[i] is not None:
+                    keys[i] = index.key_of([ids[i]])[0]
+            skipped = dict(report.skipped)
+            skipped["unknown_gold_id"] = skipped.get("unknown_gold_id", 0) + len(ids) - len(keep)
+            report = replace(report, rows_kept=len(keep), skipped=skipped)
+            dataset, keys = dataset.select(keep), keys[keep]
+        return dataset.add_column("gold_key", keys.tolist()), report
 
     def gold_keys(self, split: str = "train") -> np.ndarray:
         """The index keys of a split's gold documents (-1 where none), after `setup`."""
@@ -154,7 +198,7 @@ class RAGDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
-            raise DataError(f"no {split} examples: {self.paths[split]} does not exist")
+            raise DataError(missing_split(split, self.data_dir, self.paths[split]))
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
                           collate_fn=self.collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=shuffle)
