@@ -5,7 +5,7 @@
     result.plan.stages, result.plan.imbalance, result.baselines
 
 ``plan`` also takes a ``CostChain`` (e.g. ``CostChain.from_lists(times, memories, groups=...)``).
-See ``.notes/PARTITION.md`` for what is exact and the JSON format.
+See ``trainers/partition/README.md`` for what is exact and the JSON format.
 """
 
 from __future__ import annotations
