@@ -1,10 +1,13 @@
-"""Partition a model into pipeline stages, rank parallel layouts, or show the 16x8 case.
+"""Partition a model into pipeline stages, estimate or rank parallel layouts, or show the
+16x8 case.
 
     python scripts/plan.py partition --model demo --stages 4 --microbatches 8 \
         --json plan.json --png plan.png --timeline-png timeline.png
-    python scripts/plan.py partition --model 1b --analytic --stages 8 --microbatches 16
-    python scripts/plan.py layouts --model 1b --nodes 16 --gpus-per-node 8 --global-batch 512
-    python scripts/plan.py source-case --model 1b --global-batch 512
+    python scripts/plan.py estimate --layers 96 --hidden 12288 --heads 96 --seq-len 2048 \
+        --vocab 51200 --gpu a100-80gb --nodes 8 --tp 8 --pp 8 --global-batch 64 \
+        --microbatch 1 --recompute selective --json step.json
+    python scripts/plan.py layouts --model 1b --gpu a100-40gb --nodes 16 --global-batch 512
+    python scripts/plan.py source-case
 """
 
 from __future__ import annotations
@@ -18,18 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers.partition.chain import MemoryModel
-from trainers.partition.costs import DeviceSpec
 from trainers.partition.draw import draw_partition, draw_timeline
 from trainers.partition.partition import PartitionConfig, plan_partition
 from trainers.partition.plan_io import write_json
-from trainers.partition.planner import ClusterSpec, compare_source_case, rank_layouts
-from trainers.partition.report import (
-    format_layouts,
-    format_partition,
-    format_source_case,
-    layouts_dict,
-    source_case_dict,
-)
+from trainers.partition.gpt import GPTShape, TrainLayout, estimate_step, rank_layouts
+from trainers.partition.hardware import GPUS, Cluster, gpu_spec
+from trainers.partition.report import format_partition, format_step, format_steps, step_dict
+from trainers.partition.source_case import format_source_case, source_case
 from trainers.partition.schedule import ScheduleSpec
 from trainers.partition.trace import Profile
 from trainers.partition.units import chain_from_profile
@@ -82,32 +80,135 @@ def cmd_partition(args) -> None:
         draw_timeline(result.plan, args.timeline_png)
 
 
-def _cluster(args) -> ClusterSpec:
-    gpu = DeviceSpec(name=args.gpu_name, tflops=args.tflops, memory_gib=args.gpu_memory_gib,
-                     mem_gb_per_s=args.mem_gb_per_s)
-    return ClusterSpec(num_nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=gpu,
-                       intra_node_gb_per_s=args.intra_gb_per_s,
-                       inter_node_gbit_per_s=args.inter_gbit_per_s)
+def _shape(args) -> tuple[GPTShape, int]:
+    """The decoder shape from --layers/--hidden/... or a project size; and sequences per
+    example (a RAG example is one sequence per document read)."""
+    if args.layers is None:
+        from trainers.partition.models import gpt_shape
+
+        return gpt_shape(args.model)
+    missing = [flag for flag, value in (("--hidden", args.hidden), ("--heads", args.heads),
+                                        ("--seq-len", args.seq_len), ("--vocab", args.vocab))
+               if value is None]
+    if missing:
+        raise SystemExit(f"--layers needs {', '.join(missing)} too (or use --model)")
+    return GPTShape(num_layers=args.layers, hidden=args.hidden, num_heads=args.heads,
+                    num_kv_heads=args.kv_heads, ffn_hidden=args.ffn_hidden,
+                    gated_mlp=args.gated_mlp, seq_len=args.seq_len, vocab=args.vocab,
+                    flash_attention=args.attention == "flash"), 1
+
+
+def _cluster(args) -> Cluster:
+    return Cluster(gpu=gpu_spec(args.gpu), num_nodes=args.nodes,
+                   gpus_per_node=args.gpus_per_node, intra_node_gbps=args.intra_node_gbps,
+                   inter_node_gbps=args.inter_node_gbps)
+
+
+def _fail(err: ValueError) -> None:
+    raise SystemExit(f"error: {err}")
+
+
+def cmd_estimate(args) -> None:
+    shape, per_example = _shape(args)
+    try:
+        layout = TrainLayout(tp=args.tp, pp=args.pp, dp=args.dp,
+                             global_batch=args.global_batch * per_example,
+                             microbatch=args.microbatch, schedule=args.schedule,
+                             virtual_stages=args.virtual_stages, recompute=args.recompute,
+                             zero=args.zero, sequence_parallel=args.sequence_parallel,
+                             overlap_grad_reduce=args.overlap_grad_reduce)
+        estimate = estimate_step(shape, _cluster(args), layout)
+    except ValueError as err:
+        _fail(err)
+    print(format_step(estimate, shape))
+    if args.json:
+        Path(args.json).write_text(json.dumps(step_dict(estimate), indent=1))
 
 
 def cmd_layouts(args) -> None:
-    args.analytic = True
-    chain = _chain(args)
-    ranked = rank_layouts(chain, _cluster(args), global_batch=args.global_batch,
-                          precision=args.precision)
-    print(format_layouts(ranked, top=args.top))
+    shape, per_example = _shape(args)
+    try:
+        ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example)
+    except ValueError as err:
+        _fail(err)
+    print(format_steps(ranked, top=args.top))
     if args.json:
-        Path(args.json).write_text(json.dumps(layouts_dict(ranked), indent=1, default=str))
+        Path(args.json).write_text(json.dumps([step_dict(e) for e in ranked[:args.top]],
+                                              indent=1))
 
 
 def cmd_source_case(args) -> None:
-    args.analytic = True
-    chain = _chain(args)
-    case = compare_source_case(chain, global_batch=args.global_batch, precision=args.precision,
-                               rank_all=args.rank_all)
+    shape, per_example = _shape(args)
+    try:
+        case = source_case(shape, args.global_batch * per_example, gpu=gpu_spec(args.gpu).name)
+    except ValueError as err:
+        _fail(err)
     print(format_source_case(case))
     if args.json:
-        Path(args.json).write_text(json.dumps(source_case_dict(case), indent=1, default=str))
+        rows = [{"earlier": r["earlier"], "ratio": r["ratio"],
+                 "old": step_dict(r["old"]) if r["old"] else None} for r in case["rows"]]
+        Path(args.json).write_text(json.dumps({
+            "pipeline": step_dict(case["pipeline"]) if case["pipeline"] else None,
+            "rows": rows, "measured": case["measured"],
+            "authors_estimate": case["authors_estimate"]}, indent=1))
+
+
+def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = False) -> None:
+    model = p.add_argument_group("model (a project size, or a decoder-only shape)")
+    model.add_argument("--model", default="1b", choices=["tiny", "demo", "1b"],
+                       help="a project size's decoder (ignored when --layers is given)")
+    model.add_argument("--layers", type=int)
+    model.add_argument("--hidden", type=int)
+    model.add_argument("--heads", type=int)
+    model.add_argument("--kv-heads", type=int, help="grouped-query attention (default: --heads)")
+    model.add_argument("--ffn-hidden", type=int, help="MLP width (default: 4 x --hidden)")
+    model.add_argument("--gated-mlp", action="store_true", help="SwiGLU: three MLP matrices")
+    model.add_argument("--seq-len", type=int)
+    model.add_argument("--vocab", type=int)
+    model.add_argument("--attention", choices=["flash", "materialized"], default="flash",
+                       help="flash: scores never stored; materialized: Megatron's fused "
+                            "softmax keeps them")
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument("--gpu", default="a100-80gb", help=f"one of {', '.join(GPUS)}")
+    if not source_case:
+        cluster.add_argument("--nodes", type=int, default=1)
+        cluster.add_argument("--gpus-per-node", type=int, default=8)
+        cluster.add_argument("--intra-node-gbps", type=float,
+                             help="NVLink per GPU, one way, Gb/s (default: the GPU's)")
+        cluster.add_argument("--inter-node-gbps", type=float,
+                             help="network per node, Gb/s (default: the reference server's, "
+                                  "e.g. 8 x 200 for DGX A100)")
+    p.add_argument("--global-batch", type=int, default=512,
+                   help="examples per step (a project size: each becomes top_k sequences)")
+    p.add_argument("--json", help="write the result as JSON here")
+
+
+def _add_shape_commands(sub) -> None:
+    est = sub.add_parser("estimate", help="predict one layout: step, tokens/s, memory")
+    _shape_and_cluster_flags(est)
+    layout = est.add_argument_group("layout")
+    layout.add_argument("--tp", type=int, default=1)
+    layout.add_argument("--pp", type=int, default=1)
+    layout.add_argument("--dp", type=int, help="default: the rest of the GPUs")
+    layout.add_argument("--microbatch", type=int, default=1)
+    layout.add_argument("--schedule", default="1f1b",
+                        choices=["1f1b", "gpipe", "interleaved_1f1b"])
+    layout.add_argument("--virtual-stages", type=int, default=1)
+    layout.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    layout.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3],
+                        help="3 = FSDP2 (the runtime's data parallelism)")
+    layout.add_argument("--sequence-parallel", action="store_true")
+    layout.add_argument("--overlap-grad-reduce", action="store_true")
+    est.set_defaults(func=cmd_estimate)
+    lay = sub.add_parser("layouts", help="rank (dp, pp, tp, micro-batch, schedule, "
+                                         "recompute, ZeRO) layouts")
+    _shape_and_cluster_flags(lay)
+    lay.add_argument("--top", type=int, default=15)
+    lay.set_defaults(func=cmd_layouts)
+    case = sub.add_parser("source-case", help="16x8 A100: tp across nodes vs pipeline "
+                                              "across nodes")
+    _shape_and_cluster_flags(case, source_case=True)
+    case.set_defaults(func=cmd_source_case)
 
 
 def main(argv=None) -> None:
@@ -150,24 +251,7 @@ def main(argv=None) -> None:
     part.add_argument("--timeline-png", help="simulated schedule timeline")
     part.set_defaults(func=cmd_partition)
 
-    for name, func, helptext in (("layouts", cmd_layouts, "rank (dp, pp, tp, m, schedule)"),
-                                 ("source-case", cmd_source_case,
-                                  "16x8 A100: tp across nodes vs pipeline across nodes")):
-        p = sub.add_parser(name, parents=[common], help=helptext)
-        p.add_argument("--global-batch", type=int, default=512)
-        p.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "fp32"])
-        p.add_argument("--nodes", type=int, default=16)
-        p.add_argument("--gpus-per-node", type=int, default=8)
-        p.add_argument("--gpu-name", default="A100-40GB bf16")
-        p.add_argument("--tflops", type=float, default=312.0)
-        p.add_argument("--gpu-memory-gib", type=float, default=40.0)
-        p.add_argument("--mem-gb-per-s", type=float, default=1555.0)
-        p.add_argument("--intra-gb-per-s", type=float, default=300.0)
-        p.add_argument("--inter-gbit-per-s", type=float, default=400.0)
-        p.add_argument("--top", type=int, default=15)
-        p.add_argument("--rank-all", action="store_true",
-                       help="source-case: also rank every layout to name the best")
-        p.set_defaults(func=func)
+    _add_shape_commands(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -34,3 +34,19 @@ def profile_rag(name: str, *, analytic: bool, batch_size: int = 2, runs: int = 5
     batch = synthetic_batch(config, batch_size, seed=seed, num_docs=num_docs)
     return trace_model(model, batch, runs=runs, analytic=analytic, device=device,
                        batch_size=batch_size)
+
+
+def gpt_shape(name: str):
+    """The decoder of ``rag_mm`` size ``name`` as a ``gpt.GPTShape`` (its fused sequence
+    length; SDPA attention, so no stored scores; no dropout), and the sequences a training
+    example becomes (one per document read)."""
+    from rag_mm.config import model_config
+    from trainers.partition.gpt import GPTShape
+
+    config = model_config(name)
+    gen = config.generator
+    shape = GPTShape(num_layers=gen.num_layers, hidden=gen.hidden_size, num_heads=gen.num_heads,
+                     seq_len=config.seq_len, vocab=gen.vocab_size,
+                     ffn_hidden=int(gen.mlp_ratio * gen.hidden_size), flash_attention=True,
+                     dropout=False, tied_embeddings=gen.tie_embeddings)
+    return shape, config.docs_per_query

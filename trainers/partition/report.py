@@ -1,9 +1,9 @@
-"""Readable tables (and JSON-ready dicts) of partitions, layout rankings and the 16x8 case."""
+"""Readable tables (and JSON-ready dicts) of partitions and layout estimates."""
 
 from __future__ import annotations
 
 from trainers.partition.partition import LayoutPlan, PartitionResult
-from trainers.partition.planner import Estimate
+from trainers.partition.gpt import GPTShape, StepEstimate
 
 GIB = 2**30
 COLUMNS = (("optimal", "optimal (ours)"), ("equal_layers", "equal layers (titan/Megatron)"),
@@ -49,59 +49,37 @@ def format_partition(result: PartitionResult) -> str:
     return "\n".join(lines)
 
 
-def format_layouts(ranked: list[Estimate], top: int = 15) -> str:
+def format_step(e: StepEstimate, shape: GPTShape) -> str:
+    """One layout's prediction: step, throughput, time and memory breakdown, fit."""
+    memory = "  ".join(f"{k} {v / GIB:.2f}" for k, v in e.memory_bytes.items())
+    time = "  ".join(f"{k} {v:.3f}" for k, v in e.time_s.items() if v > 0)
+    return "\n".join([
+        f"model: {shape.num_params / 1e9:.2f} B parameters, {shape.num_layers} layers x "
+        f"{shape.hidden} hidden, {shape.num_heads} heads, sequence {shape.seq_len}",
+        f"layout: {e.description} ({e.num_microbatches} micro-batches per step)",
+        f"step {e.step_s:.3f} s   tokens/s {e.tokens_per_s:,.0f}   model TFLOP/s per GPU "
+        f"{e.tflops_per_gpu:.1f} (run, with recomputation: {e.hardware_tflops_per_gpu:.1f})",
+        f"time s: {time}",
+        f"memory GiB per GPU: {memory}  total {e.memory_gib:.2f}  "
+        f"fits: {'yes' if e.fits else 'NO'}"])
+
+
+def format_steps(ranked: list[StepEstimate], top: int = 15) -> str:
     fitting = [e for e in ranked if e.fits]
     lines = [f"{len(ranked)} layouts, {len(fitting)} fit; best {min(top, len(fitting))}:",
-             (f"{'#':>3} {'layout':<40}{'step ms':>10}{'samples/s':>11}{'GiB/GPU':>9}"
-              f"{'bubble':>8}{'imbal':>7}{'tp ms':>9}{'dp ms':>8}{'GB/GPU tp/pp/dp':>22}")]
+             f"{'#':>3} {'layout':<58}{'step s':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'GiB/GPU':>9}"]
     for i, e in enumerate(fitting[:top], 1):
-        comm = "/".join(f"{e.comm_bytes.get(k, 0) / 1e9:.1f}" for k in ("tp", "pp", "dp"))
-        mark = "" if e.exact else " *"
-        lines.append(f"{i:>3} {e.layout.describe() + mark:<40}{e.step_ms:>10.1f}{e.samples_per_s:>11.1f}"
-                     f"{e.memory_bytes / GIB:>9.2f}{e.bubble:>8.1%}{e.imbalance:>7.3f}"
-                     f"{e.tp_ms:>9.1f}{e.dp_ms:>8.1f}{comm:>22}")
-    if any(not e.exact for e in fitting[:top]):
-        lines.append("  * partition search hit its node budget: best split found, not proven")
+        lines.append(f"{i:>3} {e.description:<58}{e.step_s:>9.3f}{e.tokens_per_s:>12,.0f}"
+                     f"{e.tflops_per_gpu:>9.1f}{e.memory_gib:>9.2f}")
     return "\n".join(lines)
 
 
-def estimate_dict(e: Estimate | None) -> dict | None:
-    if e is None:
-        return None
-    return {"layout": e.layout.describe(), "dp": e.layout.dp, "pp": e.layout.pp,
-            "tp": e.layout.tp, "num_microbatches": e.layout.num_microbatches,
-            "schedule": e.layout.schedule, "virtual_stages": e.layout.virtual_stages,
-            "fits": e.fits, "reason": e.reason, "step_ms": e.step_ms,
-            "pipeline_ms": e.pipeline_ms, "tp_ms": e.tp_ms, "dp_ms": e.dp_ms,
-            "optimizer_ms": e.optimizer_ms, "bubble": e.bubble, "imbalance": e.imbalance,
-            "memory_bytes_per_gpu": e.memory_bytes, "comm_bytes_per_gpu": e.comm_bytes,
-            "samples_per_s": e.samples_per_s, "exact_partition": e.exact}
-
-
-def layouts_dict(ranked: list[Estimate]) -> list[dict]:
-    return [estimate_dict(e) for e in ranked]
-
-
-def source_case_dict(case: dict) -> dict:
-    return {k: (estimate_dict(v) if isinstance(v, Estimate) else v) for k, v in case.items()
-            if k != "cluster"}
-
-
-def format_source_case(case: dict) -> str:
-    a, b = case["tp_across_nodes"], case["pipeline_across_nodes"]
-    lines = ["16 nodes x 8 A100, 400 Gb/s between nodes:"]
-    for label, e in (("tensor parallel across nodes", a), ("pipeline across nodes, tp in node", b),
-                     ("best layout found", case["best"])):
-        if label.startswith("best") and e is None:
-            continue
-        if e is None:
-            lines.append(f"  {label:<36} does not fit")
-            continue
-        lines.append(f"  {label:<36} {e.layout.describe():<38} step {e.step_ms:9.1f} ms "
-                     f"(tp all-reduce {e.tp_ms:8.1f}, bubble {e.bubble:.1%}, "
-                     f"{e.memory_bytes / GIB:.1f} GiB/GPU)")
-    if "predicted_ratio" in case:
-        lines.append(f"  new/old step time: predicted {case['predicted_ratio']:.3f}, authors' "
-                     f"estimate {case['authors_estimate_ratio']:.3f}, measured "
-                     f"{case['authors_measured_ratio']:.3f} (38% faster)")
-    return "\n".join(lines)
+def step_dict(e: StepEstimate) -> dict:
+    """The JSON of ``plan.py estimate --json``."""
+    return {"layout": e.description, "dp": e.dp, "num_microbatches": e.num_microbatches,
+            "step_s": e.step_s, "tokens_per_s": e.tokens_per_s,
+            "tflops_per_gpu": e.tflops_per_gpu,
+            "hardware_tflops_per_gpu": e.hardware_tflops_per_gpu,
+            "memory_gib_per_gpu": {**{k: v / GIB for k, v in e.memory_bytes.items()},
+                                   "total": e.memory_gib},
+            "fits": e.fits, "time_s": e.time_s}

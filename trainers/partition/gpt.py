@@ -1,0 +1,465 @@
+"""Step time and memory of a decoder-only transformer on a cluster, from its shape.
+
+``estimate_step(shape, cluster, layout)`` predicts one training step under tensor (tp),
+pipeline (pp) and data (dp) parallelism, laid out like the runtime's ("dp", "pp", "tp")
+mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
+
+* Compute per layer: every GEMM of the layer with its per-GPU shape (tokens x hidden x
+  hidden/tp ...), timed by an additive roofline (``hardware.gemm_seconds``); backward is
+  two GEMMs per forward one; elementwise work moves the layer's activations through HBM.
+  Recomputation adds a forward (full) or the attention core (selective).
+* Tensor parallelism: 2 all-reduces of the layer's (b, s, h) activation forward and 2
+  backward (reduce-scatter + all-gather of the same volume under sequence parallelism),
+  on NVLink when tp fits in a node, else hierarchical over the network; not overlapped.
+* Pipeline: Megatron's closed form ``(m + (p - 1) / v) * t_rank`` where ``t_rank`` is the
+  busiest rank's time per micro-batch (its layers, the embedding on the first stage, the
+  logits on the last) plus its point-to-point sends (1/tp of the activation from each
+  tensor rank, forward and backward, once per chunk), on the network when neighbouring
+  stages sit in different nodes. GPipe has the same bubble and holds all m micro-batches.
+* Data parallelism: gradient all-reduce (ZeRO 0), reduce-scatter + all-gather (ZeRO 1, 2),
+  or per micro-batch parameter all-gathers + a gradient reduce-scatter (ZeRO 3 / FSDP2,
+  prefetched behind compute); overlapped with the last micro-batch's backward or not.
+* Optimizer: Adam's update reads and writes 16 bytes per local parameter (memory bound).
+* Memory per GPU: weights, gradients, fp32 master + Adam moments (ZeRO/FSDP sharded over
+  dp), activations per Korthikanti et al. 2022 (eq. 1-6) for the micro-batches in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trainers.partition.hardware import (
+    RESERVED_GIB,
+    Cluster,
+    gemm_seconds,
+    group_nodes,
+    memory_seconds,
+    ring_seconds,
+)
+
+GIB = 2**30
+RECOMPUTE = ("none", "selective", "full")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
+# Bytes per parameter under bf16 mixed precision with Adam (Rajbhandari et al. 2020, ZeRO,
+# section 3.1: 2 + 2 + K with K = 12: fp32 master, momentum, variance).
+WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
+# Megatron accumulates and all-reduces gradients in fp32 (main_grad) without ZeRO.
+GRAD_REDUCE_BYTES = {0: 4, 1: 2, 2: 2, 3: 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTShape:
+    """A decoder-only transformer.
+
+    num_kv_heads: grouped-query attention (None: as many as num_heads).
+    ffn_hidden: MLP width (None: 4 x hidden). gated_mlp: SwiGLU (three MLP matrices).
+    flash_attention: attention scores never stored (no s x s tensors); else Megatron's
+        fused softmax materialises them (the 5as/h term of Korthikanti et al.).
+    dropout: dropout masks kept for backward (GPT-3 style models).
+    """
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    seq_len: int
+    vocab: int
+    num_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    gated_mlp: bool = False
+    flash_attention: bool = True
+    dropout: bool = True
+    tied_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--layers", self.num_layers), ("--hidden", self.hidden),
+                            ("--heads", self.num_heads), ("--seq-len", self.seq_len),
+                            ("--vocab", self.vocab)):
+            if value < 1:
+                raise ValueError(f"{flag} {value}: must be >= 1")
+        if self.hidden % self.num_heads:
+            raise ValueError(f"--hidden {self.hidden} is not divisible by --heads "
+                             f"{self.num_heads}; use a head count that divides it")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"--kv-heads {self.kv_heads} must divide --heads {self.num_heads}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden or 4 * self.hidden
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        h = self.hidden
+        attention = 2 * h * h + 2 * h * self.kv_dim
+        mlp = (3 if self.gated_mlp else 2) * h * self.ffn
+        return attention + mlp + 4 * h  # two norms (weight + bias)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def num_params(self) -> int:
+        head = 0 if self.tied_embeddings else self.embedding_params
+        return self.num_layers * self.layer_params + self.embedding_params + head
+
+    def model_flops_per_token(self) -> float:
+        """Forward + backward FLOPs of one token without recomputation (3 x forward):
+        every weight matmul, the attention scores and values over the full sequence
+        (Megatron's convention), and the logits."""
+        h, s = self.hidden, self.seq_len
+        forward = 2 * (self.layer_params - 4 * h) + 4 * s * h
+        return 3 * (self.num_layers * forward + 2 * h * self.vocab)
+
+    def activation_bytes(self, micro: int, tp: int, sequence_parallel: bool,
+                         recompute: str) -> float:
+        """Bytes one layer keeps for backward for one micro-batch on one GPU.
+
+        Korthikanti et al. 2022, eq. 1-6, generalised to GQA, any MLP width and gating:
+        sbh x (norm inputs 4, QKV input 2, Q 2, K and V 4 kv/h, projection input 2,
+        MLP input 2, MLP hidden 2f/h (x 2 gated) twice, dropout masks 2) + 5 a s^2 b for
+        materialised scores; only the norms, dropout masks and the inputs of the
+        column-parallel GEMMs are whole on every tensor rank unless sequence parallel.
+        """
+        s, b, h = self.seq_len, micro, self.hidden
+        sbh = s * b * h
+        if recompute == "full":
+            return 2 * sbh / (tp if sequence_parallel else 1)  # the layer's input only
+        mlp_hidden = 2 * self.ffn / h * (3 if self.gated_mlp else 2)
+        masks = 2 if self.dropout else 0
+        replicated = 4 + 4 + masks  # two norm inputs, two GEMM inputs, masks
+        sharded = 2 + 4 * self.kv_dim / h + 2 + mlp_hidden
+        scores = 0.0
+        if not self.flash_attention and recompute == "none":
+            scores = (5 if self.dropout else 2) * self.num_heads * s * s * b / tp
+        split = replicated / tp if sequence_parallel else replicated
+        return sbh * (split + sharded / tp) + scores
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainLayout:
+    """How the model is trained: parallel degrees, batch, schedule, memory savers.
+
+    dp: None means the rest of the cluster (GPUs / (tp x pp)).
+    overlap_grad_reduce: data-parallel gradient reduction runs during the last
+        micro-batch's backward (PyTorch DDP / FSDP2); else after it (Megatron 2021).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None
+    global_batch: int
+    microbatch: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    recompute: str = "none"
+    zero: int = 0
+    sequence_parallel: bool = False
+    overlap_grad_reduce: bool = False
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--tp", self.tp), ("--pp", self.pp),
+                            ("--global-batch", self.global_batch),
+                            ("--microbatch", self.microbatch),
+                            ("--virtual-stages", self.virtual_stages)):
+            if value < 1:
+                raise ValueError(f"{flag} {value}: must be >= 1")
+        if self.dp is not None and self.dp < 1:
+            raise ValueError(f"--dp {self.dp}: must be >= 1")
+        if self.schedule not in PIPELINE_SCHEDULES:
+            raise ValueError(f"--schedule {self.schedule!r}: valid: "
+                             f"{', '.join(PIPELINE_SCHEDULES)}")
+        if (self.schedule == "interleaved_1f1b") != (self.virtual_stages > 1):
+            raise ValueError(f"--virtual-stages {self.virtual_stages} with --schedule "
+                             f"{self.schedule}: interleaved_1f1b needs >= 2, the others 1")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"--recompute {self.recompute!r}: valid: {', '.join(RECOMPUTE)}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"--zero {self.zero}: valid: 0, 1, 2, 3")
+
+    def describe(self, dp: int) -> str:
+        v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
+        extras = [f"recompute={self.recompute}"] if self.recompute != "none" else []
+        extras += [f"zero={self.zero}"] if self.zero else []
+        extras += ["sp"] if self.sequence_parallel else []
+        return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
+                f"m={self.global_batch // (dp * self.microbatch)} {self.schedule}{v} "
+                + " ".join(extras)).strip()
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """One layout's predicted step (seconds) and memory (bytes per GPU)."""
+
+    description: str
+    dp: int
+    num_microbatches: int
+    step_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float  # model FLOPs (no recomputation) per second per GPU
+    hardware_tflops_per_gpu: float  # FLOPs actually run, recomputation included
+    fits: bool
+    memory_bytes: dict = field(default_factory=dict)  # params, grads, optimizer, activations
+    time_s: dict = field(default_factory=dict)  # breakdown of step_s
+
+    @property
+    def memory_gib(self) -> float:
+        return sum(self.memory_bytes.values()) / GIB
+
+
+def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
+    """Raise ValueError (naming the flag and what is valid) for a layout that cannot run;
+    return dp."""
+    tp, pp = layout.tp, layout.pp
+    if cluster.num_gpus % (tp * pp):
+        raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the "
+                         f"{cluster.num_gpus} GPUs (--nodes x --gpus-per-node)")
+    dp = layout.dp or cluster.num_gpus // (tp * pp)
+    if dp * tp * pp != cluster.num_gpus:
+        raise ValueError(f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, but the "
+                         f"cluster has {cluster.num_gpus} GPUs; leave --dp unset for the rest")
+    if shape.num_heads % tp or shape.kv_heads % tp:
+        valid = [d for d in range(1, shape.kv_heads + 1) if shape.kv_heads % d == 0
+                 and shape.num_heads % d == 0]
+        raise ValueError(f"--heads {shape.num_heads} (--kv-heads {shape.kv_heads}) not "
+                         f"divisible by --tp {tp}; valid --tp: {valid}")
+    chunks = pp * layout.virtual_stages
+    if shape.num_layers % chunks:
+        valid = [d for d in range(1, shape.num_layers + 1) if shape.num_layers % d == 0]
+        raise ValueError(f"--layers {shape.num_layers} not divisible by the {chunks} pipeline "
+                         f"chunks (--pp {pp} x --virtual-stages {layout.virtual_stages}); "
+                         f"valid chunk counts: {valid}")
+    per_step = dp * layout.microbatch
+    if layout.global_batch % per_step:
+        raise ValueError(f"--global-batch {layout.global_batch} is not divisible by dp {dp} "
+                         f"x --microbatch {layout.microbatch} = {per_step}; use a multiple "
+                         f"of {per_step}")
+    m = layout.global_batch // per_step
+    if layout.schedule != "gpipe" and pp > 1 and m < pp:
+        raise ValueError(f"--schedule {layout.schedule} needs micro-batches (global batch / "
+                         f"(dp x microbatch) = {m}) >= --pp {pp}")
+    if layout.schedule == "interleaved_1f1b" and m % pp:
+        raise ValueError(f"--schedule interleaved_1f1b needs micro-batches ({m}) divisible "
+                         f"by --pp {pp}")
+    if layout.sequence_parallel and shape.seq_len % tp:
+        raise ValueError(f"sequence parallel needs --seq-len {shape.seq_len} divisible by "
+                         f"--tp {tp}")
+    return dp
+
+
+def _layer_forward_s(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> dict:
+    """One layer, one micro-batch, one GPU: GEMM, attention core and elementwise forward
+    seconds, and one tensor-parallel all-reduce of the activation."""
+    gpu, tp, b = cluster.gpu, layout.tp, layout.microbatch
+    s, h, a = shape.seq_len, shape.hidden, shape.num_heads
+    tokens = b * s
+    gemms = (gemm_seconds(tokens, (h + 2 * shape.kv_dim) / tp, h, gpu)  # QKV
+             + gemm_seconds(tokens, h, h / tp, gpu)  # attention output projection
+             + gemm_seconds(tokens, shape.ffn / tp, h, gpu,
+                            count=2 if shape.gated_mlp else 1)  # MLP up (and gate)
+             + gemm_seconds(tokens, h, shape.ffn / tp, gpu))  # MLP down
+    heads = b * a / tp
+    core = (gemm_seconds(s, s, shape.head_dim, gpu, count=heads)  # Q K^T
+            + gemm_seconds(s, shape.head_dim, s, gpu, count=heads))  # P V
+    # Elementwise kernels write what they produce and read it again once (2x the bytes a
+    # layer keeps without recomputation).
+    saved = shape.activation_bytes(b, tp, layout.sequence_parallel, "none")
+    elementwise = memory_seconds(2 * saved, gpu)
+    nodes = group_nodes(cluster, tp, 1)
+    allreduce = ring_seconds(2 * tokens * h, tp, nodes, cluster, factor=2)
+    return {"gemm": gemms, "attention": core, "elementwise": elementwise,
+            "allreduce": allreduce}
+
+
+def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tuple[float, float,
+                                                                                   float]:
+    """One layer, one micro-batch: (compute forward + backward + recompute, tensor-parallel
+    communication, compute FLOPs run) on one GPU."""
+    f = _layer_forward_s(shape, cluster, layout)
+    forward = f["gemm"] + f["attention"] + f["elementwise"]
+    compute = 3 * forward  # backward: dgrad + wgrad per GEMM, elementwise twice
+    comm = 4 * f["allreduce"]
+    tokens = layout.microbatch * shape.seq_len
+    layer_flops = (2 * (shape.layer_params - 4 * shape.hidden) * tokens
+                   + 4 * tokens * shape.seq_len * shape.hidden) / layout.tp
+    ran = 3 * layer_flops
+    if layout.recompute == "full":
+        compute += forward
+        comm += 2 * f["allreduce"]
+        ran += layer_flops
+    elif layout.recompute == "selective":
+        compute += f["attention"]
+        ran += 4 * tokens * shape.seq_len * shape.hidden / layout.tp
+    return compute, comm, ran
+
+
+def _head_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> float:
+    """The logits (vocab-parallel GEMM, fp32 softmax cross-entropy) forward + backward."""
+    tokens = layout.microbatch * shape.seq_len
+    vocab = shape.vocab / layout.tp
+    gemm = gemm_seconds(tokens, vocab, shape.hidden, cluster.gpu)
+    loss = memory_seconds(4 * tokens * vocab * 4, cluster.gpu)  # fp32 logits r/w, fwd + bwd
+    return 3 * gemm + loss
+
+
+def _stage_params(shape: GPTShape, layout: TrainLayout) -> float:
+    """Parameters on the pipeline rank holding the most (its layers, and the embedding on
+    the first and the output layer on the last rank), per tensor rank."""
+    layers = shape.num_layers // layout.pp
+    params = layers * shape.layer_params
+    edge = shape.embedding_params  # tied weights: a copy on the last stage too (Megatron)
+    return (params + edge) / layout.tp
+
+
+def _in_flight(layout: TrainLayout, m: int) -> float:
+    """Micro-batches of a rank's layers' activations alive at the first rank's peak."""
+    p, v = layout.pp, layout.virtual_stages
+    if layout.schedule == "gpipe":
+        return m
+    if v > 1:  # Korthikanti et al. 2022, section 4.2.3: x (1 + (p - 1) / (p v))
+        return p * (1 + (p - 1) / (p * v))
+    return min(p, m)
+
+
+def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dict:
+    params = _stage_params(shape, layout)
+    zero = layout.zero
+    weights = params * WEIGHT_BYTES / (dp if zero >= 3 else 1)
+    grads = params * GRAD_BYTES / (dp if zero >= 2 else 1)
+    if zero == 0:
+        grads = params * GRAD_REDUCE_BYTES[0]  # fp32 main gradients
+    optimizer = params * OPTIMIZER_BYTES / (dp if zero >= 1 else 1)
+    layers = shape.num_layers // layout.pp
+    act = layers * shape.activation_bytes(layout.microbatch, layout.tp,
+                                          layout.sequence_parallel, layout.recompute)
+    act *= _in_flight(layout, m)
+    if layout.recompute == "full":  # one layer's activations rebuilt at a time
+        act += shape.activation_bytes(layout.microbatch, layout.tp,
+                                      layout.sequence_parallel, "none")
+    logits = 2 * 4 * layout.microbatch * shape.seq_len * shape.vocab / layout.tp
+    return {"params": weights, "grads": grads, "optimizer": optimizer,
+            "activations": act + logits}
+
+
+def _p2p_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> float:
+    """One rank's point-to-point time per micro-batch: send and receive, forward and
+    backward, once per chunk; 1/tp of the activation per tensor rank (scatter-gather)."""
+    if layout.pp == 1:
+        return 0.0
+    num_bytes = 2 * layout.microbatch * shape.seq_len * shape.hidden / layout.tp
+    across = layout.tp >= cluster.gpus_per_node and cluster.num_nodes > 1
+    bandwidth = cluster.network_bytes_per_s_per_gpu if across else cluster.nvlink_bytes_per_s
+    return 2 * layout.virtual_stages * num_bytes / bandwidth
+
+
+def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
+                m: int) -> tuple[float, float]:
+    """(gradient reduction per step, parameter all-gathers per micro-batch) seconds."""
+    if dp == 1:
+        return 0.0, 0.0
+    params = _stage_params(shape, layout)
+    nodes = group_nodes(cluster, dp, layout.tp * layout.pp)
+    grad_bytes = params * GRAD_REDUCE_BYTES[layout.zero]
+    if layout.zero == 0:
+        return ring_seconds(grad_bytes, dp, nodes, cluster, factor=2), 0.0
+    reduce_scatter = ring_seconds(grad_bytes, dp, nodes, cluster, factor=1)
+    gather = ring_seconds(params * WEIGHT_BYTES, dp, nodes, cluster, factor=1)
+    if layout.zero < 3:
+        return reduce_scatter + gather, 0.0  # updated parameters gathered once a step
+    return reduce_scatter, 2 * gather  # FSDP: gathered for forward and again for backward
+
+
+def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> StepEstimate:
+    """Predict one training step (see the module docstring for the model)."""
+    dp = check_layout(shape, cluster, layout)
+    m = layout.global_batch // (dp * layout.microbatch)
+    p, v = layout.pp, layout.virtual_stages
+    layer_compute, layer_comm, layer_flops = _layer_seconds(shape, cluster, layout)
+    layers = shape.num_layers // p
+    head = _head_seconds(shape, cluster, layout)
+    # Busiest rank per micro-batch: the last one (its layers and the logits).
+    rank_compute = layers * layer_compute + head
+    rank_comm = layers * layer_comm
+    grad_reduce, gathers = _dp_seconds(shape, cluster, layout, dp, m)
+    hidden_gathers = max(0.0, gathers - rank_compute)  # FSDP prefetch behind compute
+    per_micro = rank_compute + rank_comm + _p2p_seconds(shape, cluster, layout) + hidden_gathers
+    pipeline = (m + (p - 1) / v) * per_micro
+    if layout.overlap_grad_reduce:
+        grad_reduce = max(0.0, grad_reduce - layers * layer_compute * 2 / 3)
+    params = _stage_params(shape, layout) / (dp if layout.zero >= 1 else 1)
+    optimizer = memory_seconds(params * 16 * 2, cluster.gpu)  # Adam: read + write 16 B/param
+    step = pipeline + grad_reduce + optimizer
+    tokens = layout.global_batch * shape.seq_len
+    model_flops = shape.model_flops_per_token() * tokens
+    ran = (layer_flops * shape.num_layers * layout.tp + 6 * shape.hidden * shape.vocab
+           * layout.microbatch * shape.seq_len) * m * dp
+    memory = memory_per_gpu(shape, layout, dp, m)
+    usable = (cluster.gpu.memory_gib - RESERVED_GIB) * GIB
+    time = {"compute": m * rank_compute, "tp_comm": m * rank_comm,
+            "pp_p2p": m * _p2p_seconds(shape, cluster, layout),
+            "bubble": (p - 1) / v * per_micro, "fsdp_gather_exposed": m * hidden_gathers,
+            "dp_grad_reduce": grad_reduce, "optimizer": optimizer}
+    return StepEstimate(layout.describe(dp), dp, m, step, tokens / step,
+                        model_flops / step / cluster.num_gpus / 1e12,
+                        ran / step / cluster.num_gpus / 1e12,
+                        sum(memory.values()) <= usable, memory, time)
+
+
+def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
+                      recompute=RECOMPUTE, zero=(0, 1, 3), microbatches=(1, 2, 4, 8)):
+    """Every layout worth ranking: tp within a node dividing the heads, pp dividing the
+    layers, each schedule, micro-batch size, recomputation and ZeRO stage."""
+    n = cluster.num_gpus
+    for tp in (d for d in range(1, n + 1) if n % d == 0):
+        if shape.num_heads % tp or shape.kv_heads % tp or tp > cluster.gpus_per_node:
+            continue
+        for pp in (d for d in range(1, n // tp + 1) if (n // tp) % d == 0):
+            if shape.num_layers % pp:
+                continue
+            dp = n // (tp * pp)
+            for mb in microbatches:
+                if global_batch % (dp * mb):
+                    continue
+                m = global_batch // (dp * mb)
+                for schedule, v in _schedules(shape, pp, m):
+                    for rc in recompute:
+                        for z in zero:
+                            if z and dp == 1:
+                                continue
+                            yield TrainLayout(tp=tp, pp=pp, dp=dp, global_batch=global_batch,
+                                              microbatch=mb, schedule=schedule,
+                                              virtual_stages=v, recompute=rc, zero=z,
+                                              sequence_parallel=tp > 1)
+
+
+def _schedules(shape: GPTShape, pp: int, m: int):
+    if pp == 1:
+        yield "1f1b", 1
+        return
+    if m >= pp:
+        yield "1f1b", 1
+        for v in (2, 3, 4):
+            if m % pp == 0 and shape.num_layers % (pp * v) == 0:
+                yield "interleaved_1f1b", v
+                break
+
+
+def rank_layouts(shape: GPTShape, cluster: Cluster, global_batch: int,
+                 **options) -> list[StepEstimate]:
+    """Every candidate layout, fitting ones first, fastest first; ties to less memory."""
+    estimates = [estimate_step(shape, cluster, layout)
+                 for layout in candidate_layouts(shape, cluster, global_batch, **options)]
+    return sorted(estimates, key=lambda e: (not e.fits, e.step_s, e.memory_gib,
+                                            e.description))

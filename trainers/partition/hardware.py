@@ -1,0 +1,173 @@
+"""GPUs, links and collectives for the shape-level cost model (``gpt.py``).
+
+Every constant says where it comes from. Two are calibrated (fitted once, on Table 1 of
+Narayanan et al. 2021, and then used unchanged for every other run and GPU):
+``GEMM_PEAK_SHARE`` and ``NVLINK_BUS_SHARE``. See trainers/partition/README.md, "Cost model".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Share of the dense peak a large, square bf16 GEMM reaches (cuBLAS). Calibrated on
+# Narayanan et al. 2021, Table 1 (the only fitted compute constant; README "Calibration").
+GEMM_PEAK_SHARE = 0.80
+# Share of the HBM bandwidth that elementwise kernels (norms, GeLU, softmax, dropout,
+# residual adds) reach; STREAM-like kernels on A100/H100 reach 80-90 % of the datasheet.
+MEMORY_BW_SHARE = 0.80
+# NCCL all-reduce bus bandwidth over NVLink as a share of the one-way NVLink bandwidth.
+# Calibrated with GEMM_PEAK_SHARE on Narayanan et al. 2021, Table 1 (rows with tp = 2..8).
+NVLINK_BUS_SHARE = 0.70
+# Share of the InfiniBand line rate GPU-to-GPU transfers reach: 24 GB/s per 200 Gb/s HDR
+# adapter (= 0.96) measured on Selene with GPUDirect RDMA (NVIDIA technical blog, "Adding
+# MPI to UCX ... CUDA-aware", figure 3: 192 GB/s over eight adapters).
+NETWORK_SHARE = 0.96
+# Per-message latency of an NCCL step (alpha of the alpha-beta model), seconds.
+NVLINK_LATENCY_S = 5e-6
+NETWORK_LATENCY_S = 15e-6
+# Memory the framework cannot use for tensors: CUDA context, NCCL buffers, cuBLAS
+# workspace, allocator fragmentation (an assumption, stated as such).
+RESERVED_GIB = 3.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPU:
+    """One GPU model: dense bf16 peak, memory, HBM bandwidth, NVLink (one way), and the
+    network of the reference server it ships in (per node)."""
+
+    name: str
+    peak_tflops: float
+    memory_gib: float
+    hbm_gb_per_s: float
+    nvlink_gb_per_s: float
+    node_network_gbps: float
+    source: str
+
+    def __post_init__(self) -> None:
+        for key in ("peak_tflops", "memory_gib", "hbm_gb_per_s", "nvlink_gb_per_s",
+                    "node_network_gbps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"GPU {self.name}: {key}={getattr(self, key)} must be > 0")
+
+    @property
+    def flops_per_byte(self) -> float:
+        """Peak FLOP/s over HBM byte/s: the GEMM size where memory stops mattering."""
+        return self.peak_tflops * 1e12 / (self.hbm_gb_per_s * 1e9)
+
+
+GPUS = {
+    # NVIDIA A100 datasheet: 312 TFLOP/s dense bf16, 1555 GB/s (40 GB) / 2039 GB/s (80 GB),
+    # NVLink 3 600 GB/s both ways; DGX A100: 8 x 200 Gb/s HDR InfiniBand for compute.
+    "a100-40gb": GPU(name="a100-40gb", peak_tflops=312.0, memory_gib=40.0, hbm_gb_per_s=1555.0,
+                     nvlink_gb_per_s=300.0, node_network_gbps=1600.0,
+                     source="NVIDIA A100 datasheet; DGX A100 user guide"),
+    "a100-80gb": GPU(name="a100-80gb", peak_tflops=312.0, memory_gib=80.0, hbm_gb_per_s=2039.0,
+                     nvlink_gb_per_s=300.0, node_network_gbps=1600.0,
+                     source="NVIDIA A100 datasheet; DGX A100 user guide"),
+    # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 with sparsity), 3.35 TB/s,
+    # NVLink 4 900 GB/s both ways; DGX H100: 8 x 400 Gb/s NDR.
+    "h100-80gb": GPU(name="h100-80gb", peak_tflops=989.0, memory_gib=80.0, hbm_gb_per_s=3350.0,
+                     nvlink_gb_per_s=450.0, node_network_gbps=3200.0,
+                     source="NVIDIA H100 SXM datasheet; DGX H100 user guide"),
+    # NVIDIA H200 SXM datasheet: same compute as H100, 141 GB HBM3e at 4.8 TB/s.
+    "h200": GPU(name="h200", peak_tflops=989.0, memory_gib=141.0, hbm_gb_per_s=4800.0,
+                nvlink_gb_per_s=450.0, node_network_gbps=3200.0,
+                source="NVIDIA H200 SXM datasheet; HGX H200"),
+}
+
+
+def gpu_spec(name: str) -> GPU:
+    """The named GPU, or a ValueError naming the flag and the known names."""
+    if name not in GPUS:
+        raise ValueError(f"--gpu {name!r} is unknown; valid: {', '.join(GPUS)}")
+    return GPUS[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    """``num_nodes`` nodes of ``gpus_per_node`` GPUs.
+
+    intra_node_gbps: one GPU's NVLink bandwidth to its node, one way, Gb/s (None: the GPU's).
+    inter_node_gbps: one node's network bandwidth, Gb/s, shared by its GPUs (None: the
+        reference server's, e.g. 8 x 200 Gb/s for DGX A100).
+    """
+
+    gpu: GPU
+    num_nodes: int
+    gpus_per_node: int = 8
+    intra_node_gbps: float | None = None
+    inter_node_gbps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1:
+            raise ValueError(f"--nodes {self.num_nodes}: must be >= 1")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"--gpus-per-node {self.gpus_per_node}: must be >= 1")
+        for flag, value in (("--intra-node-gbps", self.intra_node_gbps),
+                            ("--inter-node-gbps", self.inter_node_gbps)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{flag} {value}: must be > 0 (Gb/s)")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def nvlink_bytes_per_s(self) -> float:
+        """Achievable NCCL bus bandwidth inside a node, per GPU, bytes/s."""
+        gbps = self.intra_node_gbps or self.gpu.nvlink_gb_per_s * 8
+        return gbps / 8 * 1e9 * NVLINK_BUS_SHARE
+
+    @property
+    def network_bytes_per_s_per_gpu(self) -> float:
+        """Achievable network bandwidth of one GPU (its share of the node's), bytes/s."""
+        gbps = self.inter_node_gbps or self.gpu.node_network_gbps
+        return gbps / 8 * 1e9 * NETWORK_SHARE / self.gpus_per_node
+
+
+def group_nodes(cluster: Cluster, size: int, stride: int) -> int:
+    """Nodes a group of ``size`` ranks ``stride`` apart spans (ranks fill nodes in order)."""
+    if size <= 1:
+        return 1
+    if stride >= cluster.gpus_per_node:
+        return size
+    return max(1, math.ceil(size * stride / cluster.gpus_per_node))
+
+
+def ring_seconds(num_bytes: float, size: int, nodes: int, cluster: Cluster, *,
+                 factor: float) -> float:
+    """A ring collective moving ``factor * (n-1)/n * num_bytes`` per GPU (all-reduce: 2,
+    reduce-scatter or all-gather: 1), hierarchical across nodes: inside each node over
+    NVLink, the node's 1/g share between nodes over the network."""
+    if size <= 1 or num_bytes <= 0:
+        return 0.0
+    steps = factor * (size - 1)
+    if nodes <= 1:
+        return (factor * (size - 1) / size * num_bytes / cluster.nvlink_bytes_per_s
+                + steps * NVLINK_LATENCY_S)
+    per_node = max(1, size // nodes)
+    intra = (factor * (per_node - 1) / per_node * num_bytes / cluster.nvlink_bytes_per_s
+             if per_node > 1 else 0.0)
+    inter = (factor * (nodes - 1) / nodes * num_bytes / per_node
+             / cluster.network_bytes_per_s_per_gpu)
+    return intra + inter + steps * NETWORK_LATENCY_S
+
+
+def gemm_seconds(m: float, n: float, k: float, gpu: GPU, *, count: float = 1.0) -> float:
+    """``count`` GEMMs of (m x k) @ (k x n) in bf16.
+
+    An additive roofline: the time at ``GEMM_PEAK_SHARE`` of the peak plus the time to move
+    the three operands once through HBM (2 bytes an element), i.e. an efficiency of
+    ``1 / (1 / GEMM_PEAK_SHARE + (peak / bandwidth) * (1/m + 1/n + 1/k))``: small or thin
+    GEMMs lose to memory, large square ones approach GEMM_PEAK_SHARE of the peak.
+    """
+    flops = 2.0 * m * n * k * count
+    compute = flops / (gpu.peak_tflops * 1e12 * GEMM_PEAK_SHARE)
+    memory = 2.0 * (m * k + k * n + m * n) * count / (gpu.hbm_gb_per_s * 1e9)
+    return compute + memory
+
+
+def memory_seconds(num_bytes: float, gpu: GPU) -> float:
+    """Elementwise kernels moving ``num_bytes`` through HBM."""
+    return num_bytes / (gpu.hbm_gb_per_s * 1e9 * MEMORY_BW_SHARE)

@@ -1,0 +1,166 @@
+"""Published large-scale training runs: shape, cluster, layout and the measured step.
+
+Each run cites where its numbers come from. ``published_step_s`` is the paper's own
+iteration time where it prints one; where it prints achieved TFLOP/s per GPU instead, the
+step is that paper's FLOP count divided by (GPUs x TFLOP/s), with the paper's formula.
+Fields a paper does not state are assumptions, listed in ``assumed``.
+
+``CALIBRATION`` (Narayanan et al. 2021, Table 1) is what the two fitted constants in
+``hardware.py`` were chosen on; every other run is a check the constants never saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainers.partition.gpt import GPTShape, TrainLayout
+from trainers.partition.hardware import GPUS, Cluster
+
+NARAYANAN = ("Narayanan et al. 2021, Efficient Large-Scale Language Model Training on GPU "
+             "Clusters Using Megatron-LM (SC'21, arXiv:2104.04473)")
+KORTHIKANTI = ("Korthikanti et al. 2022, Reducing Activation Recomputation in Large "
+               "Transformer Models (MLSys'23, arXiv:2205.05198)")
+MTNLG = ("Smith et al. 2022, Using DeepSpeed and Megatron to Train Megatron-Turing NLG 530B "
+         "(arXiv:2201.11990)")
+BLOOM = ("BigScience 2022, BLOOM: A 176B-Parameter Open-Access Multilingual Language Model "
+         "(arXiv:2211.05100) and the BigScience 176B model card")
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    name: str
+    source: str
+    shape: GPTShape
+    cluster: Cluster
+    layout: TrainLayout
+    published_step_s: float
+    how: str  # where the step comes from
+    assumed: str = ""
+
+
+def megatron_flops(shape: GPTShape, batch: int) -> float:
+    """Narayanan et al. 2021, eq. 3 (with activation recomputation):
+    96 B s l h^2 (1 + s / 6h + V / 16 l h)."""
+    b, s, l, h, v = batch, shape.seq_len, shape.num_layers, shape.hidden, shape.vocab
+    return 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+
+
+def _gpt(layers: int, hidden: int, heads: int, vocab: int = 51200) -> GPTShape:
+    """GPT-3-style: learned positions, GeLU MLP of 4h, dropout, fused (materialised)
+    softmax as in Megatron-LM 2021/2022 (no flash attention)."""
+    return GPTShape(num_layers=layers, hidden=hidden, num_heads=heads, seq_len=2048,
+                    vocab=vocab, flash_attention=False)
+
+
+def _selene(gpus: int) -> Cluster:
+    # Selene: DGX A100 80 GB, 8 x 200 Gb/s HDR InfiniBand per node (both papers, sec. 5/6).
+    return Cluster(gpu=GPUS["a100-80gb"], num_nodes=gpus // 8, gpus_per_node=8)
+
+
+def _interleave(layers: int, pp: int) -> tuple[str, int]:
+    if pp == 1:
+        return "1f1b", 1
+    per_stage = layers // pp
+    return "interleaved_1f1b", 2 if per_stage % 2 == 0 else 3
+
+
+# Narayanan et al. 2021, Table 1: (params B, heads, hidden, layers, tp, pp, GPUs, batch,
+# achieved TFLOP/s per GPU). Sequence 2048, vocabulary 51200, interleaved schedule with
+# scatter/gather (sec. 5.1), activation recomputation (eq. 3 counts it).
+_TABLE1 = ((1.7, 24, 2304, 24, 1, 1, 32, 512, 137), (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
+           (7.5, 32, 4096, 36, 4, 1, 128, 512, 142), (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
+           (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138),
+           (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
+           (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148),
+           (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
+           (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163),
+           (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163))
+_TABLE1_ASSUMED = ("micro-batch 1 (Table 2's PTD rows use 1); interleave v = 2 (3 where the "
+                   "layers per stage are odd); fp32 gradient all-reduce after backward")
+
+
+def _narayanan_table1() -> list[PublishedRun]:
+    runs = []
+    for size, heads, hidden, layers, tp, pp, gpus, batch, tflops in _TABLE1:
+        shape = _gpt(layers, hidden, heads)
+        schedule, v = _interleave(layers, pp)
+        layout = TrainLayout(tp=tp, pp=pp, global_batch=batch, microbatch=1,
+                             schedule=schedule, virtual_stages=v, recompute="full")
+        step = megatron_flops(shape, batch) / (gpus * tflops * 1e12)
+        runs.append(PublishedRun(f"GPT {size}B, {gpus} A100", f"{NARAYANAN}, Table 1", shape,
+                                 _selene(gpus), layout, step,
+                                 f"eq. 3 FLOPs / ({gpus} x {tflops} TFLOP/s)", _TABLE1_ASSUMED))
+    return runs
+
+
+def _narayanan_table2() -> list[PublishedRun]:
+    """Table 2, PTD rows: 174.6B (96 x 12288, 96 heads, t=8 p=12) and 529.6B (105 x 20480,
+    128 heads, t=8 p=35), micro-batch 1, fixed global batch, more GPUs."""
+    runs = []
+    for (layers, hidden, heads, pp, batch), points in (
+            ((96, 12288, 96, 12, 1536), ((384, 153), (768, 149), (1536, 141))),
+            ((105, 20480, 128, 35, 2240), ((560, 171), (1120, 167), (2240, 159)))):
+        shape = _gpt(layers, hidden, heads)
+        schedule, v = _interleave(layers, pp)
+        for gpus, tflops in points:
+            layout = TrainLayout(tp=8, pp=pp, global_batch=batch, microbatch=1,
+                                 schedule=schedule, virtual_stages=v, recompute="full")
+            step = megatron_flops(shape, batch) / (gpus * tflops * 1e12)
+            size = "174.6B" if layers == 96 else "529.6B"
+            runs.append(PublishedRun(f"GPT {size} PTD, {gpus} A100", f"{NARAYANAN}, Table 2",
+                                     shape, _selene(gpus), layout, step,
+                                     f"eq. 3 FLOPs / ({gpus} x {tflops} TFLOP/s)",
+                                     "interleave v as Table 1; fp32 gradient all-reduce"))
+    return runs
+
+
+def _korthikanti() -> list[PublishedRun]:
+    """Tables 3 and 5: t = 8, no data parallelism, sequence 2048, vocabulary 51200; the
+    interleaved schedule with 3 stages per rank for 175B and 530B (sec. 6). Full
+    recomputation without sequence parallelism, and the paper's selective recomputation
+    with sequence parallelism; plus 530B at dp = 8 (2240 GPUs, 39.15 s, sec. 6.3)."""
+    rows = (("22B", 48, 6144, 64, 1, 8, 4, 4, 1.42, 1.10),
+            ("175B", 96, 12288, 96, 8, 64, 64, 1, 18.13, 13.75),
+            ("530B", 105, 20480, 128, 35, 280, 280, 1, 49.05, 37.83),
+            ("1T", 128, 25600, 160, 64, 512, 512, 1, 94.42, 71.49))
+    runs = []
+    for name, layers, hidden, heads, pp, gpus, batch, micro, full_s, selective_s in rows:
+        shape = _gpt(layers, hidden, heads)
+        v = 3 if name in ("175B", "530B") else 1
+        schedule = "interleaved_1f1b" if v > 1 else "1f1b"
+        for recompute, sp, step in (("full", False, full_s), ("selective", True, selective_s)):
+            layout = TrainLayout(tp=8, pp=pp, global_batch=batch, microbatch=micro,
+                                 schedule=schedule, virtual_stages=v, recompute=recompute,
+                                 sequence_parallel=sp)
+            label = "full recompute" if recompute == "full" else "selective + SP"
+            runs.append(PublishedRun(f"GPT {name} {label}, {gpus} A100",
+                                     f"{KORTHIKANTI}, Tables 3 and 5", shape, _selene(gpus),
+                                     layout, step, "iteration time, Table 5"))
+    shape = _gpt(105, 20480, 128)
+    layout = TrainLayout(tp=8, pp=35, global_batch=2240, microbatch=1,
+                         schedule="interleaved_1f1b", virtual_stages=3, recompute="selective",
+                         sequence_parallel=True)
+    runs.append(PublishedRun("GPT 530B selective + SP, dp=8, 2240 A100",
+                             f"{KORTHIKANTI}, sec. 6.3", shape, _selene(2240), layout, 39.15,
+                             "iteration time, sec. 6.3 (no gradient all-reduce overlap)"))
+    return runs
+
+
+def _mt_nlg() -> list[PublishedRun]:
+    """MT-NLG 530B (105 x 20480, 128 heads, sequence 2048), t = 8, p = 35, batch 1920 on 280,
+    350 and 420 DGX A100 nodes: 60.1, 50.2, 44.4 s per iteration (sec. 2.4)."""
+    shape = _gpt(105, 20480, 128, vocab=50272)
+    runs = []
+    for nodes, step in ((280, 60.1), (350, 50.2), (420, 44.4)):
+        layout = TrainLayout(tp=8, pp=35, global_batch=1920, microbatch=1, schedule="1f1b",
+                             recompute="full")
+        runs.append(PublishedRun(f"MT-NLG 530B, {nodes * 8} A100", f"{MTNLG}, sec. 2.4", shape,
+                                 _selene(nodes * 8), layout, step, "iteration time",
+                                 "micro-batch 1; DeepSpeed's 1F1B (not interleaved); full "
+                                 "recomputation"))
+    return runs
+
+
+CALIBRATION = _narayanan_table1()
+CHECKS = _narayanan_table2() + _korthikanti() + _mt_nlg()
+PUBLISHED_RUNS = CALIBRATION + CHECKS
