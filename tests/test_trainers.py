@@ -95,6 +95,7 @@ def test_exact_match_needs_every_target_token_and_the_end():
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_yaml_recipe_parses_against_the_cli(recipe):
+    """Through the script itself; tests/test_recipes.py trains each recipe a few steps."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "finetune.py"), "fit", "--config", str(recipe),
          "--print_config"],
