@@ -70,8 +70,13 @@ class RAGModule(L.LightningModule):
         self.config.mode = mode
 
     # -- steps ---------------------------------------------------------------------------------
+    def in_retriever_warmup(self) -> bool:
+        """Whether this step trains the query encoder alone (`retriever_warmup_steps`);
+        `PipelineStrategy`, which runs the training step itself, asks this too."""
+        return self.global_step < self.hparams.retriever_warmup_steps and self.config.mode == "rag"
+
     def training_step(self, batch, batch_idx):
-        if self.global_step < self.hparams.retriever_warmup_steps and self.config.mode == "rag":
+        if self.in_retriever_warmup():
             loss = self.model.retriever_loss(batch)
             self.log("train/retriever_warmup_loss", loss, prog_bar=True,
                      batch_size=len(batch["images"]))

@@ -186,12 +186,14 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     node.add_module(leaf, module)
 
 
-def microbatch_loss(losses: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
-    """The training loss of one micro-batch from the head's (B, 2) per-example losses.
+def microbatch_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The training loss of one micro-batch from the head's (b, 2) per-example losses and
+    the schedule's `target`, here (b,) per-example weights: sum_i w_i (gen_i + ret_i).
 
-    torch's schedules divide gradients by the micro-batch count, so the step's gradient is
-    that of the mean over the whole batch, as in `RAGModel.forward`."""
-    return losses.float().mean(dim=0).sum()
+    torch's schedules divide gradients by the micro-batch count m; `Pipeline.step` gives
+    each real row m / rows (padding rows 0), so the step's gradient is that of the mean
+    over the real rows, as in `RAGModel.forward`."""
+    return (losses.float().sum(dim=-1) * weights).sum()
 
 
 @dataclass
@@ -265,28 +267,36 @@ class Pipeline:
                     total += part
                 _local(grad).copy_(total)
 
-    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Forward + backward over the micro-batches of `batch`; returns the per-example
-        (B, 2) losses on the rank that holds the last stage, None elsewhere."""
-        losses = self._run(batch, self.schedule.step)
+    def step(self, batch: dict[str, torch.Tensor],
+             weights: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Forward + backward over the micro-batches of `batch` (exactly `batch_size` rows);
+        returns the per-example (B, 2) losses on the rank that holds the last stage, None
+        elsewhere. `weights` (B,): each row's weight in the step's loss (0 for padding);
+        by default 1 / B, the batch mean."""
+        if weights is None:
+            weights = torch.full((self.batch_size,), 1 / self.batch_size)
+        losses = self._run(batch, self.schedule.step, weights)
         self._sum_split_tie_grads()
         return losses
 
     def evaluate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Forward only (no gradients), same return as `step`."""
         with torch.no_grad():
-            return self._run(batch, self.schedule.eval)
+            return self._run(batch, self.schedule.eval,
+                             torch.full((self.batch_size,), 1 / self.batch_size))
 
-    def _run(self, batch: dict[str, torch.Tensor], run) -> torch.Tensor | None:
+    def _run(self, batch: dict[str, torch.Tensor], run, weights: torch.Tensor
+             ) -> torch.Tensor | None:
         batch_size = len(batch[self.batch_keys[0]])
         if batch_size != self.batch_size:
             raise ParallelConfigError(
-                f"the pipeline was built for batches of {self.batch_size} (fixed stage "
-                f"shapes), got {batch_size}; use drop_last=True and one batch size"
+                f"the pipeline was built for batches of {self.batch_size} (stage shapes are "
+                f"fixed when it is built), got {batch_size}; pad smaller batches to "
+                f"{self.batch_size} rows (PipelineStrategy does) and keep one batch size"
             )
         kwargs = {}
-        if self.has_last:
-            kwargs["target"] = torch.zeros(batch_size, device=self.stages[0].device)
+        if self.has_last:  # the schedule splits `target` into micro-batches with the batch
+            kwargs["target"] = (weights * self.config.num_microbatches).to(self.stages[0].device)
         args = tuple(batch[k] for k in self.batch_keys) if self.has_first else ()
         output = run(*args, **kwargs)
         return output.detach() if self.has_last else None

@@ -180,6 +180,7 @@ class PipelineStrategy(ModelParallelStrategy):
                         binding_groups(model, self.pipeline_config, self._ties))
         check_tensor_parallel(model, self.dims.tp)
         self._check_split_ties(model)
+        self._check_retriever_warmup()
         self._drop_remote_units(model)
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.device_mesh["tp"],
@@ -229,6 +230,20 @@ class PipelineStrategy(ModelParallelStrategy):
                         f"piece for piece; keep the tied units in one stage"
                     )
 
+    def _check_retriever_warmup(self) -> None:
+        """The retriever warm-up runs the retrieval unit outside the pipeline (not through
+        its `forward`), which FSDP2's gathering and gradient reduction do not see."""
+        module = self.lightning_module
+        steps = getattr(module, "hparams", {}).get("retriever_warmup_steps", 0)
+        mode = getattr(getattr(module, "config", None), "mode", None)
+        if self.dims.dp > 1 and steps > 0 and mode == "rag":
+            raise ParallelConfigError(
+                f"retriever_warmup_steps={steps} with data_parallel_size={self.dims.dp}: the "
+                f"retriever warm-up under {type(self).__name__} runs with dp=1 only; set "
+                f"data_parallel_size=1 (pipeline/tensor parallelism only) or "
+                f"retriever_warmup_steps=0, or warm the retriever up in a dp=1 run and resume"
+            )
+
     def _stage_owners(self) -> list[int]:
         config = self.pipeline_config
         return stage_ranks(config.num_stages, self.dims.pp, config.schedule)
@@ -246,27 +261,87 @@ class PipelineStrategy(ModelParallelStrategy):
                     model.set_submodule(name, RemoteUnit(name, owners[stage]))
 
     def _pipeline_for(self, batch: dict[str, torch.Tensor]) -> Pipeline:
-        """Built at the first batch (its shapes cross the stage boundaries). With dp > 1 each
-        stage is an FSDP2 root over its (already sharded) units, so micro-batches skip the
-        gradient reduce-scatter until the last one."""
+        """Built at the first batch (its shapes cross the stage boundaries), for the batch
+        size of the data loaders in use when they say one (so a partial first batch, e.g. of
+        a small validation set, does not fix a smaller size), else for the batch's. With
+        dp > 1 each stage is an FSDP2 root over its (already sharded) units, so micro-batches
+        skip the gradient reduce-scatter until the last one."""
         if self.pipeline is None:
             dp_mesh = self.device_mesh["dp"]
             shard = (lambda stage: fully_shard(stage, mesh=dp_mesh)) if self.dims.dp > 1 else None
-            self.pipeline = build_pipeline(self._chain_model(), self.pipeline_config, batch,
-                                           pp_group=self.pp_group, device=self.root_device,
-                                           parallelize=shard, ties=self._ties)
+            size = max(len(_rows(batch)), self._loader_batch_size())
+            self.pipeline = build_pipeline(self._chain_model(), self.pipeline_config,
+                                           pad_rows(batch, size), pp_group=self.pp_group,
+                                           device=self.root_device, parallelize=shard,
+                                           ties=self._ties)
         return self.pipeline
+
+    def _loader_batch_size(self) -> int:
+        """The largest `batch_size` of the trainer's data loaders set up now (0 if none says)."""
+        trainer = self.lightning_module.trainer
+        sizes = [0]
+        for loaders in (trainer.train_dataloader, trainer.val_dataloaders,
+                        trainer.test_dataloaders):
+            if loaders is None:
+                continue
+            if isinstance(loaders, dict):
+                loaders = list(loaders.values())
+            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+                size = getattr(loader, "batch_size", None)
+                sizes.append(size if isinstance(size, int) else 0)
+        return max(sizes)
+
+    def _padded(self, tensors: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor, int]:
+        """`tensors` padded to the pipeline's batch size, each row's weight in the step's
+        loss (the mean over the real rows of every replica: FSDP2 averages over dp, so a
+        real row weighs dp / rows of all replicas; padding 0), and the rows of all replicas."""
+        pipeline = self._pipeline_for(tensors)
+        rows = len(_rows(tensors))
+        total = self._sum_over_dp(torch.tensor([float(rows)], device=self.root_device))
+        weights = torch.zeros(pipeline.batch_size)
+        weights[:rows] = self.dims.dp / total.item()
+        return pad_rows(tensors, pipeline.batch_size), weights, int(total.item())
+
+    def _sum_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dims.dp > 1:
+            dist.all_reduce(tensor, group=self.device_mesh["dp"].get_group())
+        return tensor
 
     # -- the training step -----------------------------------------------------------------------
     def training_step(self, batch, batch_idx=None, *args, **kwargs) -> torch.Tensor:
         tensors = _tensors(batch)
+        if _in_retriever_warmup(self.lightning_module):
+            return self._retriever_warmup_step(tensors)
+        padded, weights, total = self._padded(tensors)
         earlier = self._take_grads()  # Lightning zeroes (or accumulates) these after this step
         with self.precision_plugin.train_step_context():
-            losses = self._pipeline_for(tensors).step(tensors)
+            losses = self.pipeline.step(padded, weights)
         self._parked = self._take_grads()
         for param, grad in earlier:
             param.grad = grad
-        return self._log_losses(losses, "train")
+        return self._log_losses(losses, len(_rows(tensors)), total, "train")
+
+    def _retriever_warmup_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The module's retriever warm-up (`RAGModel.retriever_loss`: the query encoder's
+        contrastive loss alone, no generator) on the ranks that hold the retrieval unit
+        (stage 0), on the whole per-replica batch as one process runs it; the other ranks'
+        parameters get no gradient (as in one process, AdamW skips them). Logs
+        `train/retriever_warmup_loss` on every rank."""
+        earlier = self._take_grads()
+        loss = torch.zeros((), device=self.root_device)
+        if self.pp_rank == self._stage_owners()[0]:
+            with self.precision_plugin.train_step_context():
+                warmup = self._chain_model().retriever_loss(batch)
+            warmup.backward()
+            loss = warmup.detach().float()
+        self._parked = self._take_grads()
+        for param, grad in earlier:
+            param.grad = grad
+        src = dist.get_global_rank(self.pp_group, self._stage_owners()[0])
+        dist.broadcast(loss, src=src, group=self.pp_group)
+        self.lightning_module.log("train/retriever_warmup_loss", loss, prog_bar=True,
+                                  batch_size=len(_rows(batch)))
+        return loss
 
     def validation_step(self, batch, batch_idx=None, *args, **kwargs) -> torch.Tensor:
         return self._eval_step(batch, "val")
@@ -280,14 +355,15 @@ class PipelineStrategy(ModelParallelStrategy):
         the pipeline (the module's own evaluation step is not run)."""
         with torch.inference_mode(False):  # Lightning evaluates under inference mode
             tensors = {k: v.clone() for k, v in _tensors(batch).items()}
+            padded, _, total = self._padded(tensors)  # a partial last batch: real rows only count
             with self.precision_plugin.val_step_context():
-                losses = self._pipeline_for(tensors).evaluate(tensors)
-                answers = self._answer_metrics(tensors)
-            loss = self._log_losses(losses, prefix)
+                losses = self.pipeline.evaluate(padded)
+                answers = self._answer_metrics(tensors)  # decoding takes any batch size
+            loss = self._log_losses(losses, len(_rows(tensors)), total, prefix)
             if answers:
                 self.lightning_module.log_dict(
                     {f"{prefix}/{name}": value for name, value in answers.items()},
-                    prog_bar=prefix != "test", batch_size=self.pipeline.batch_size)
+                    prog_bar=prefix != "test", batch_size=total)
             return loss
 
     def _answer_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -309,12 +385,14 @@ class PipelineStrategy(ModelParallelStrategy):
             counts = dict(zip(names, summed.cpu(), strict=True))
         return rates(counts)
 
-    def _log_losses(self, losses: torch.Tensor | None, prefix: str) -> torch.Tensor:
-        means = self._share_losses(losses)
+    def _log_losses(self, losses: torch.Tensor | None, rows: int, total: int,
+                    prefix: str) -> torch.Tensor:
+        """Log the mean losses over the real rows of all replicas (`total`, the weight
+        Lightning gives this batch in the epoch's mean); `rows`: this replica's."""
+        means = self._share_losses(losses, rows)
         metrics = {f"{prefix}/loss": means.sum()}
         metrics.update({f"{prefix}/{n}": means[i] for i, n in enumerate(LOSS_NAMES)})
-        self.lightning_module.log_dict(metrics, prog_bar=prefix != "test",
-                                       batch_size=self.pipeline.batch_size)
+        self.lightning_module.log_dict(metrics, prog_bar=prefix != "test", batch_size=total)
         return means.sum()
 
     def backward(self, closure_loss: torch.Tensor, optimizer, *args, **kwargs) -> torch.Tensor:
@@ -338,17 +416,17 @@ class PipelineStrategy(ModelParallelStrategy):
             p.grad = None
         return taken
 
-    def _share_losses(self, losses: torch.Tensor | None) -> torch.Tensor:
-        """(2,) batch-mean losses from the last stage, on every rank, averaged over dp."""
-        config = self.pipeline_config
-        last = stage_ranks(config.num_stages, self.dims.pp, config.schedule)[-1]
-        means = (losses.float().mean(0) if losses is not None
-                 else torch.zeros(len(LOSS_NAMES), device=self.root_device))
-        dist.broadcast(means, src=dist.get_global_rank(self.pp_group, last), group=self.pp_group)
-        if self.dims.dp > 1:
-            dist.all_reduce(means, group=self.device_mesh["dp"].get_group())
-            means /= self.dims.dp
-        return means
+    def _share_losses(self, losses: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """(2,) losses from the last stage, on every rank: the mean over the first `rows`
+        (real) rows of every replica."""
+        last = self._stage_owners()[-1]
+        sums = torch.zeros(len(LOSS_NAMES) + 1, device=self.root_device)  # losses, rows
+        if losses is not None:
+            sums[:-1] = losses[:rows].float().sum(0)
+            sums[-1] = rows
+        dist.broadcast(sums, src=dist.get_global_rank(self.pp_group, last), group=self.pp_group)
+        sums = self._sum_over_dp(sums)
+        return sums[:-1] / sums[-1]
 
     # -- gradient norms --------------------------------------------------------------------------
     def grad_norm(self, parameters) -> torch.Tensor:
@@ -411,6 +489,31 @@ class PipelineStrategy(ModelParallelStrategy):
 
 def _tensors(batch: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch[min(batch)]  # any tensor: all have the batch dim first
+
+
+def pad_rows(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """`batch` grown to `size` rows with copies of its own rows (so every value stays one
+    the model has seen), the copies' `gold_keys` set to -1: a row without a gold document
+    is hidden from the other rows' in-batch negatives and has no contrastive loss
+    (`rag_mm.retriever.contrastive_loss`), and every other loss is per row; the caller
+    gives the copies weight 0."""
+    rows = len(_rows(batch))
+    if rows >= size:  # a larger batch is refused by the pipeline, by name
+        return batch
+    index = torch.arange(size) % rows
+    padded = {k: v[index.to(v.device)] for k, v in batch.items()}
+    if "gold_keys" in padded:
+        padded["gold_keys"][rows:] = -1
+    return padded
+
+
+def _in_retriever_warmup(module) -> bool:
+    """Whether the module's training step now trains the query encoder alone."""
+    return bool(getattr(module, "in_retriever_warmup", lambda: False)())
 
 
 def total_grad_norm(parameters, pp_group: dist.ProcessGroup | None,

@@ -1,0 +1,132 @@
+"""The retriever warm-up under PipelineStrategy equals one process.
+
+`RAGModule(retriever_warmup_steps=3)` with its own optimizer and LR schedule (a warm-up
+phase and a joint phase, each with its own linear warm-up and cosine decay), fit for 4
+steps with gradient clipping on 2 gloo processes (pp=2, GPipe with one micro-batch, so the
+joint step's in-batch negatives are the whole batch as in the module's own step): steps 1-3
+train the query encoder alone on stage 0 (the other stage idles: no gradients), step 4
+trains jointly through the pipeline. Every step's logged loss
+(`train/retriever_warmup_loss`, then `train/loss`) and learning rate, step one's gradients
+(the query encoder's, and none elsewhere) and values after AdamW, and every value after
+step 4 equal the module's own `training_step` in one process. With dp > 1 the warm-up is
+refused at setup by name.
+
+Run: .venv/bin/pytest tests/distributed/test_retriever_warmup.py -q    (about 30 s on 2 cores)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from rag_mm.model import InMemoryBackend, synthetic_batch
+from tests.helpers.parallel import ADAM_EPS, LR, NUM_DOCS, TWO, assert_fp32_close
+from trainers.parallel.mesh import ParallelConfigError, ParallelDims
+from trainers.parallel.strategy import PipelineStrategy
+
+WARMUP, STEPS, BATCH = 3, 4, 4
+
+
+def make_module():
+    from trainers.module import RAGModule
+
+    torch.manual_seed(0)
+    module = RAGModule(size="tiny", mode="rag", lr=LR, warmup_steps=2,
+                       retriever_warmup_steps=WARMUP)
+    module.model.attach(InMemoryBackend.random(NUM_DOCS))
+    configure = module.configure_optimizers
+
+    def configure_optimizers():  # the module's own groups and schedule; eps: see ADAM_EPS
+        config = configure()
+        for group in config["optimizer"].param_groups:
+            group["eps"] = ADAM_EPS
+        return config
+
+    module.configure_optimizers = configure_optimizers
+    return module
+
+
+class Recorder(L.Callback):
+    """Per step: the logged loss and the learning rate; step one's gradients and values."""
+
+    def __init__(self) -> None:
+        self.losses, self.lrs = [], []
+        self.grads, self.values = {}, {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        if len(self.lrs) == 1:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters()
+                          if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        name = "train/retriever_warmup_loss" if len(self.losses) < WARMUP else "train/loss"
+        self.losses.append(trainer.callback_metrics[name].item())
+        if len(self.losses) == 1:
+            self.values = {n: p.detach().clone() for n, p in pl_module.named_parameters()
+                           if p.requires_grad}
+
+
+def fit(module, **trainer_kwargs) -> Recorder:
+    recorder = Recorder()
+    batches = [synthetic_batch(module.config, BATCH, seed=i, num_docs=NUM_DOCS)
+               for i in range(STEPS)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False,
+                        gradient_clip_val=1.0, callbacks=[recorder], **trainer_kwargs)
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    return recorder
+
+
+def _worker(rank: int, world_size: int, out_dir: str) -> None:
+    module = make_module()
+    strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2, num_microbatches=1,
+                                schedule="gpipe")
+    recorder = fit(module, devices=world_size, strategy=strategy)
+    values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    torch.save({"losses": recorder.losses, "lrs": recorder.lrs, "grads": recorder.grads,
+                "first_values": recorder.values, "values": values},
+               Path(out_dir) / f"warmup_{rank}.pt")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_retriever_warmup_matches_single_process(tmp_path):
+    from trainers.parallel.local import run_local
+
+    module = make_module()
+    initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    ref = fit(module, devices=1)
+    ref_values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    assert set(ref.grads) and all(".query_encoder." in n for n in ref.grads)
+    assert ref.lrs[1] > ref.lrs[2] < ref.lrs[3]  # the warm-up phase decays, the joint one restarts
+
+    run_local(_worker, 2, str(tmp_path))
+    results = [torch.load(tmp_path / f"warmup_{r}.pt") for r in range(2)]
+    for result in results:
+        assert result["losses"] == pytest.approx(ref.losses, rel=1e-5)
+        assert result["lrs"] == pytest.approx(ref.lrs, rel=1e-12)
+    assert results[1]["grads"] == {}  # stage 1 idles during the warm-up
+    for key, expected_all, slack in (("grads", ref.grads, 0.0),
+                                     ("first_values", ref.values, 1e-3 * LR),
+                                     ("values", ref_values, 1e-3 * LR)):
+        kept = {n: v for r in results for n, v in r[key].items()}
+        assert kept.keys() == expected_all.keys(), key
+        for name, expected in expected_all.items():
+            assert_fp32_close(kept[name], expected, name, slack=slack)
+    moved = {n for n in ref_values if not torch.equal(ref_values[n], initial[n])}
+    assert any(n.startswith("model.blocks.") for n in moved)  # the joint step trained them
+
+
+def test_warmup_with_data_parallelism_is_refused_by_name():
+    strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2)
+    strategy.dims = ParallelDims(world_size=4, pipeline_parallel_size=2)
+    module = make_module()
+    strategy._lightning_module = module
+    with pytest.raises(ParallelConfigError, match="retriever_warmup_steps=3 with "
+                                                  "data_parallel_size=2"):
+        strategy._check_retriever_warmup()
