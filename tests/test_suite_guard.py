@@ -110,6 +110,18 @@ def test_every_test_function_checks_something():
     assert all(reason.strip() for reason in ALLOWED.values())
 
 
+def test_no_test_file_imports_another():
+    """Shared code lives in tests/conftest.py and tests/helpers/, not in a test file."""
+    offenders = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.relative_to(TESTS.parent)}: {name}" for name in names
+                          if name.split(".")[-1].startswith("test_")]
+    assert not offenders, offenders
+
+
 def test_the_guard_finds_a_test_without_a_check():
     source = '''
 import numpy as np
