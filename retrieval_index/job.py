@@ -255,6 +255,7 @@ def _embed(out_dir: Path, embedder, config: BuildConfig, manifest: dict, on_shar
     recorded = manifest.get("embeddings") or {}
     num_shards = -(-len(store) // config.shard_size)
     if done.is_file() and recorded.get("sha256") == file_sha256(done):
+        shutil.rmtree(out_dir / SHARD_DIR, ignore_errors=True)  # killed before it was removed
         stats = {"shards": num_shards, "reused": num_shards, "embedded": 0}
         return {"embedding": stats, "shard_checks": recorded.get("shard_checks")}
     stats = embed_store(
