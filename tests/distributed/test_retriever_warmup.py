@@ -130,3 +130,20 @@ def test_warmup_with_data_parallelism_is_refused_by_name():
     with pytest.raises(ParallelConfigError, match="retriever_warmup_steps=3 with "
                                                   "data_parallel_size=2"):
         strategy._check_retriever_warmup()
+
+
+def test_saving_the_optimizer_of_an_idle_stage_leaves_it_untouched():
+    """A checkpoint saved during the warm-up on a rank whose optimizer never stepped (torch
+    fills an empty state with a zero-lr step to save it) must not change its later steps."""
+    strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    strategy.model = model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    saved = strategy.optimizer_state(optimizer)
+    assert not optimizer.state and any(key.startswith("state.") for key in saved)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    steps = {id(p): optimizer.state[p]["step"].item() for p in model.parameters()}
+    strategy.optimizer_state(optimizer)
+    assert {id(p): optimizer.state[p]["step"].item() for p in model.parameters()} == steps
+    assert set(steps.values()) == {1.0}

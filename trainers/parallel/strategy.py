@@ -480,7 +480,15 @@ class PipelineStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
-        return get_optimizer_state_dict(self.model, optimizer, options=_FLAT)
+        untouched = not optimizer.state
+        state = get_optimizer_state_dict(self.model, optimizer, options=_FLAT)
+        if untouched:
+            # torch fills an empty optimizer's state with a zero-lr step (step=1, zero
+            # moments) to have something to save: undone here, or a save on a rank that
+            # has not stepped yet (a stage idle in the retriever warm-up) would change its
+            # first real AdamW step's bias correction. The saved entries keep that state.
+            optimizer.state.clear()
+        return state
 
     def predict_step(self, *args, **kwargs):
         raise RuntimeError(f"{type(self).__name__} does not run prediction; load the "
