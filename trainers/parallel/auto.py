@@ -1,9 +1,11 @@
 """`partition="auto"`: the partitioner's plan for a `rag_mm` model, as stage unit lists.
 
-The model is costed analytically (meta device, shapes only, one example per micro-batch:
-the split depends on relative unit costs), cut by `trainers.partition.plan_partition`
-under the planner schedule of the same shape as the pipeline schedule, and returned as
-unit-name lists in stage order (chunk c of an interleaved plan is stage c).
+The model is costed analytically (meta device, shapes only) for the device this process
+trains on (`hardware.local_device_spec`: the named GPU spec under CUDA, a fixed CPU spec
+otherwise, the same on every rank) and at the batch size it trains with, cut by
+`trainers.partition.plan_partition` under that device's memory and the planner schedule
+of the same shape as the pipeline schedule, and returned as unit-name lists in stage order
+(chunk c of an interleaved plan is stage c).
 """
 
 from __future__ import annotations
@@ -25,16 +27,27 @@ def planner_schedule(schedule: str, num_microbatches: int):
                         virtual_stages=2)
 
 
-def auto_partition(config, *, pp_size: int, schedule: str,
-                   num_microbatches: int) -> list[list[str]]:
-    """Stages (unit names) for a `rag_mm.config.ModelConfig` on `pp_size` pipeline ranks."""
+def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int,
+                   batch_size: int | None = None, dp_size: int = 1,
+                   device=None) -> list[list[str]]:
+    """Stages (unit names) for a `rag_mm.config.ModelConfig` on `pp_size` pipeline ranks.
+
+    batch_size: samples per step in one pipeline (None: costed per micro-batch of one).
+    dp_size: data-parallel ranks FSDP2 shards parameters, gradients and optimizer over.
+    device: a `trainers.partition.costs.DeviceSpec` (None: this process's device).
+    """
+    from trainers.partition.chain import MemoryModel
+    from trainers.partition.hardware import local_device_spec
     from trainers.partition.models import profile_rag
     from trainers.partition.partition import PartitionConfig, plan_partition
     from trainers.partition.units import chain_from_profile
 
+    device = device or local_device_spec()
     as_fields = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "name"}
-    profile = profile_rag("tiny", analytic=True, batch_size=1, **as_fields)
+    profile = profile_rag("tiny", analytic=True, batch_size=1, device=device, **as_fields)
     result = plan_partition(chain_from_profile(profile), PartitionConfig(
-        num_stages=pp_size, schedule=planner_schedule(schedule, num_microbatches)))
+        num_stages=pp_size, batch_size=batch_size, memory_cap_bytes=device.memory_gib * 2**30,
+        memory=MemoryModel(data_parallel_shards=dp_size),
+        schedule=planner_schedule(schedule, num_microbatches)))
     stages = sorted(result.plan.stages, key=lambda stage: stage.chunk)
     return [list(stage.units) for stage in stages]

@@ -3,6 +3,8 @@
     profile = trace_model(model, batch)                  # or trace_model(..., analytic=True)
     result = plan(profile, PartitionConfig(num_stages=4))
     result.plan.stages, result.plan.imbalance, result.baselines
+    estimate_step(GPTShape(...), Cluster(gpu=GPUS["a100-80gb"], num_nodes=8),
+                  TrainLayout(tp=8, pp=8, global_batch=64))   # a layout's step and memory
 
 ``plan`` also takes a ``CostChain`` (e.g. ``CostChain.from_lists(times, memories, groups=...)``).
 See ``trainers/partition/README.md`` for what is exact and the JSON format.
@@ -18,7 +20,8 @@ from trainers.partition.partition import (
     PartitionResult,
     plan_partition,
 )
-from trainers.partition.planner import ClusterSpec, Layout, compare_source_case, rank_layouts
+from trainers.partition.gpt import GPTShape, StepEstimate, TrainLayout, estimate_step, rank_layouts
+from trainers.partition.hardware import GPUS, Cluster, gpu_spec
 from trainers.partition.schedule import ScheduleSpec
 from trainers.partition.trace import Profile, trace_model
 from trainers.partition.units import chain_from_profile
@@ -30,7 +33,7 @@ def plan(source: Profile | CostChain, config: PartitionConfig, **chain_options) 
     return plan_partition(chain, config)
 
 
-__all__ = ["ClusterSpec", "CostChain", "DeviceSpec", "InfeasibleError", "Layout", "MemoryModel",
-           "PartitionConfig", "PartitionResult", "Profile", "ScheduleSpec", "UnitCost",
-           "chain_from_profile", "compare_source_case", "plan", "plan_partition",
-           "rank_layouts", "trace_model"]
+__all__ = ["GPUS", "Cluster", "CostChain", "DeviceSpec", "GPTShape", "InfeasibleError",
+           "MemoryModel", "PartitionConfig", "PartitionResult", "Profile", "ScheduleSpec",
+           "StepEstimate", "TrainLayout", "UnitCost", "chain_from_profile", "estimate_step",
+           "gpu_spec", "plan", "plan_partition", "rank_layouts", "trace_model"]

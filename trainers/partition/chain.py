@@ -59,11 +59,15 @@ class MemoryModel:
     grad_bytes_per_param: gradient bytes per parameter; None means the parameter's own dtype.
     optimizer_bytes_per_param: optimizer state; Adam keeps two fp32 moments = 8.
     master_bytes_per_param: an fp32 master copy under mixed precision (4), else 0.
+    data_parallel_shards: FSDP2 over this many data-parallel ranks (the runtime's
+        ``fully_shard`` on the "dp" mesh axis) divides parameters, gradients and optimizer
+        state by it; 1 for none.
     """
 
     grad_bytes_per_param: float | None = None
     optimizer_bytes_per_param: float = 8.0
     master_bytes_per_param: float = 0.0
+    data_parallel_shards: int = 1
 
     def __post_init__(self) -> None:
         for key in ("optimizer_bytes_per_param", "master_bytes_per_param"):
@@ -71,12 +75,15 @@ class MemoryModel:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
         if self.grad_bytes_per_param is not None and self.grad_bytes_per_param < 0:
             raise ValueError(f"grad_bytes_per_param={self.grad_bytes_per_param} must be >= 0")
+        if self.data_parallel_shards < 1:
+            raise ValueError(f"data_parallel_shards={self.data_parallel_shards} must be >= 1")
 
     def static_bytes(self, unit: UnitCost) -> float:
         grads = (unit.param_bytes if self.grad_bytes_per_param is None
                  else unit.param_count * self.grad_bytes_per_param)
         per_param = self.optimizer_bytes_per_param + self.master_bytes_per_param
-        return unit.param_bytes + grads + unit.param_count * per_param + unit.state_bytes
+        sharded = unit.param_bytes + grads + unit.param_count * per_param
+        return sharded / self.data_parallel_shards + unit.state_bytes
 
 
 @dataclass(frozen=True, kw_only=True)

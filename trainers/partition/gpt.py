@@ -223,13 +223,6 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
     """Raise ValueError (naming the flag and what is valid) for a layout that cannot run;
     return dp."""
     tp, pp = layout.tp, layout.pp
-    if cluster.num_gpus % (tp * pp):
-        raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the "
-                         f"{cluster.num_gpus} GPUs (--nodes x --gpus-per-node)")
-    dp = layout.dp or cluster.num_gpus // (tp * pp)
-    if dp * tp * pp != cluster.num_gpus:
-        raise ValueError(f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, but the "
-                         f"cluster has {cluster.num_gpus} GPUs; leave --dp unset for the rest")
     if shape.num_heads % tp or shape.kv_heads % tp:
         valid = [d for d in range(1, shape.kv_heads + 1) if shape.kv_heads % d == 0
                  and shape.num_heads % d == 0]
@@ -241,6 +234,13 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
         raise ValueError(f"--layers {shape.num_layers} not divisible by the {chunks} pipeline "
                          f"chunks (--pp {pp} x --virtual-stages {layout.virtual_stages}); "
                          f"valid chunk counts: {valid}")
+    if cluster.num_gpus % (tp * pp):
+        raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the "
+                         f"{cluster.num_gpus} GPUs (--nodes x --gpus-per-node)")
+    dp = layout.dp or cluster.num_gpus // (tp * pp)
+    if dp * tp * pp != cluster.num_gpus:
+        raise ValueError(f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, but the "
+                         f"cluster has {cluster.num_gpus} GPUs; leave --dp unset for the rest")
     per_step = dp * layout.microbatch
     if layout.global_batch % per_step:
         raise ValueError(f"--global-batch {layout.global_batch} is not divisible by dp {dp} "
@@ -441,7 +441,8 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                             yield TrainLayout(tp=tp, pp=pp, dp=dp, global_batch=global_batch,
                                               microbatch=mb, schedule=schedule,
                                               virtual_stages=v, recompute=rc, zero=z,
-                                              sequence_parallel=tp > 1)
+                                              sequence_parallel=tp > 1
+                                              and shape.seq_len % tp == 0)
 
 
 def _schedules(shape: GPTShape, pp: int, m: int):
@@ -453,7 +454,6 @@ def _schedules(shape: GPTShape, pp: int, m: int):
         for v in (2, 3, 4):
             if m % pp == 0 and shape.num_layers % (pp * v) == 0:
                 yield "interleaved_1f1b", v
-                break
 
 
 def rank_layouts(shape: GPTShape, cluster: Cluster, global_batch: int,

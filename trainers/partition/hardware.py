@@ -171,3 +171,36 @@ def gemm_seconds(m: float, n: float, k: float, gpu: GPU, *, count: float = 1.0) 
 def memory_seconds(num_bytes: float, gpu: GPU) -> float:
     """Elementwise kernels moving ``num_bytes`` through HBM."""
     return num_bytes / (gpu.hbm_gb_per_s * 1e9 * MEMORY_BW_SHARE)
+
+
+# The CPU spec ``partition="auto"`` costs with when no GPU is present: fixed (not timed), so
+# every process of a job computes the same plan. Its figures are those of one recent
+# server core pair (an assumption); only the ratio of compute to memory time matters here.
+CPU_TFLOPS, CPU_GB_PER_S = 0.2, 20.0
+
+
+def local_device_spec():
+    """A ``costs.DeviceSpec`` for the device this process trains on: the named GPU when CUDA
+    is present (matched by name and memory), else the fixed CPU spec."""
+    import torch
+
+    from trainers.partition.costs import DeviceSpec
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().upper()
+        memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        key = ("h200" if "H200" in name else "h100-80gb" if "H100" in name
+               else ("a100-80gb" if memory_gib > 60 else "a100-40gb") if "A100" in name
+               else None)
+        if key is not None:
+            gpu = GPUS[key]
+            return DeviceSpec(name=gpu.name, tflops=gpu.peak_tflops, mem_gb_per_s=gpu.hbm_gb_per_s,
+                              memory_gib=gpu.memory_gib, matmul_efficiency=GEMM_PEAK_SHARE,
+                              memory_efficiency=MEMORY_BW_SHARE)
+        raise ValueError(f"partition='auto': no spec for GPU {name!r} (known: "
+                         f"{', '.join(GPUS)}); give the strategy explicit stages")
+    import os
+
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return DeviceSpec(name="cpu", tflops=CPU_TFLOPS, mem_gb_per_s=CPU_GB_PER_S,
+                      memory_gib=ram_gib, matmul_efficiency=1.0, memory_efficiency=1.0)

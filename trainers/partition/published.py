@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainers.partition.gpt import GPTShape, TrainLayout
+from trainers.partition.gpt import GPTShape, TrainLayout, estimate_step, rank_layouts
 from trainers.partition.hardware import GPUS, Cluster
 
 NARAYANAN = ("Narayanan et al. 2021, Efficient Large-Scale Language Model Training on GPU "
@@ -114,6 +114,27 @@ def _narayanan_table2() -> list[PublishedRun]:
     return runs
 
 
+def _narayanan_zero3() -> list[PublishedRun]:
+    """Table 2, ZeRO-3 rows (DeepSpeed, no model parallelism): 174.6B at batch 1536 and
+    529.6B at batch 2560 / 2240, micro-batch 4, 2, 1 as GPUs double."""
+    runs = []
+    for (layers, hidden, heads), points in (
+            ((96, 12288, 96), ((384, 1536, 4, 144), (768, 1536, 2, 88), (1536, 1536, 1, 44))),
+            ((105, 20480, 128), ((640, 2560, 4, 138), (1120, 2240, 2, 98),
+                                 (2240, 2240, 1, 48)))):
+        shape = _gpt(layers, hidden, heads)
+        for gpus, batch, micro, tflops in points:
+            layout = TrainLayout(global_batch=batch, microbatch=micro, recompute="full",
+                                 zero=3)
+            step = megatron_flops(shape, batch) / (gpus * tflops * 1e12)
+            size = "174.6B" if layers == 96 else "529.6B"
+            runs.append(PublishedRun(f"GPT {size} ZeRO-3, {gpus} A100", f"{NARAYANAN}, Table 2",
+                                     shape, _selene(gpus), layout, step,
+                                     f"eq. 3 FLOPs / ({gpus} x {tflops} TFLOP/s)",
+                                     "full recomputation (eq. 3)"))
+    return runs
+
+
 def _korthikanti() -> list[PublishedRun]:
     """Tables 3 and 5: t = 8, no data parallelism, sequence 2048, vocabulary 51200; the
     interleaved schedule with 3 stages per rank for 175B and 530B (sec. 6). Full
@@ -162,5 +183,30 @@ def _mt_nlg() -> list[PublishedRun]:
 
 
 CALIBRATION = _narayanan_table1()
-CHECKS = _narayanan_table2() + _korthikanti() + _mt_nlg()
+CHECKS = _narayanan_table2() + _korthikanti() + _mt_nlg() + _narayanan_zero3()
 PUBLISHED_RUNS = CALIBRATION + CHECKS
+
+
+def compare(run: PublishedRun, *, rank: bool = True) -> dict:
+    """The run's predicted step beside the published one, and the planner's best layout for
+    the same model, cluster and global batch."""
+    predicted = estimate_step(run.shape, run.cluster, run.layout)
+    row = {"run": run.name, "source": run.source, "published_s": run.published_step_s,
+           "predicted_s": predicted.step_s, "error": predicted.step_s / run.published_step_s - 1,
+           "fits": predicted.fits, "memory_gib": predicted.memory_gib, "layout":
+           predicted.description, "best": None}
+    if rank:
+        ranked = rank_layouts(run.shape, run.cluster, run.layout.global_batch)
+        row["best"] = ranked[0] if ranked and ranked[0].fits else None
+    return row
+
+
+def format_comparison(rows: list[dict]) -> str:
+    lines = [f"{'run':<44}{'published s':>12}{'predicted s':>12}{'error':>8}{'GiB':>6}  "
+             f"{'planner best (s, layout)':<40}"]
+    for r in rows:
+        best = r["best"]
+        top = f"{best.step_s:8.2f}  {best.description}" if best else "(not ranked)"
+        lines.append(f"{r['run']:<44}{r['published_s']:>12.2f}{r['predicted_s']:>12.2f}"
+                     f"{r['error']:>+8.1%}{r['memory_gib']:>6.1f}  {top}")
+    return "\n".join(lines)
