@@ -19,13 +19,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from rag_mm.config import MODES, NAMED_CONFIGS
-from trainers.data import RAGDataModule
+from trainers.data import RAGDataModule, add_data_arguments, data_kwargs
 from trainers.module import RAGModule
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", required=True, help="folder with train/val/test.parquet")
+    p.add_argument("--data", required=True,
+                   help="folder with the splits: train, val, test as .parquet, .jsonl or a folder")
+    add_data_arguments(p)  # --on-bad, --fix-images, --image-column ... --gold-id-column
     p.add_argument("--index", help="index folder from scripts/build_index.py (not for closed_book)")
     p.add_argument("--out", required=True, help="run folder: checkpoints and logs")
     p.add_argument("--size", default="demo", choices=sorted(NAMED_CONFIGS))
@@ -60,7 +62,7 @@ def main(argv=None) -> Path:
 
     # -- data and model ----------------------------------------------------------------------
     data = RAGDataModule(args.data, index_dir=args.index, model_size=args.size,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, **data_kwargs(args))
     module = RAGModule(size=args.size, mode=args.mode, index_dir=args.index, top_k=args.top_k,
                        lr=args.lr, warmup_steps=args.warmup_steps,
                        retriever_warmup_steps=args.retriever_warmup_steps)
