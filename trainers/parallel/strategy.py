@@ -14,8 +14,11 @@ A pipeline schedule runs forward and backward together, so the strategy owns the
 step: `training_step` runs torch's schedule over the micro-batches, logs `train/loss`, `train/generator_loss`, `train/retriever_loss` (the same numbers on
 every rank), and parks the new gradients until Lightning's `backward` (which runs after
 Lightning's `zero_grad`) adds them to whatever Lightning kept (gradient accumulation).
-Gradient clipping by norm uses the norm over all stages and shards. Validation and test
-steps run the pipeline forward only and log `val/...` / `test/...` losses, and the module's
+Gradient clipping by norm uses the norm over all stages and shards. During the module's
+retriever warm-up (`in_retriever_warmup()`) the step is its contrastive-only loss on the
+stage-0 ranks instead (dp = 1 only). A batch smaller than the pipeline's fixed size (a
+last, partial batch) is padded with neutral copies of its rows weighted 0. Validation and
+test steps run the pipeline forward only and log `val/...` / `test/...` losses, and the module's
 generation metrics (its `answer_counts`: exact match, recall@k) from greedy answers decoded
 through the pipeline (`trainers.parallel.answer`). The module's own step methods are not
 called.
