@@ -153,6 +153,17 @@ def cmd_source_case(args) -> None:
             "authors_estimate": case["authors_estimate"]}, indent=1))
 
 
+def cmd_published(args) -> None:
+    from trainers.partition.published import PUBLISHED_RUNS, compare, format_comparison
+
+    rows = [compare(run) for run in PUBLISHED_RUNS]
+    print(format_comparison(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([
+            {**{k: v for k, v in row.items() if k != "best"},
+             "best": step_dict(row["best"]) if row["best"] else None} for row in rows], indent=1))
+
+
 def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = False) -> None:
     model = p.add_argument_group("model (a project size, or a decoder-only shape)")
     model.add_argument("--model", default="1b", choices=["tiny", "demo", "1b"],
@@ -209,6 +220,10 @@ def _add_shape_commands(sub) -> None:
                                               "across nodes")
     _shape_and_cluster_flags(case, source_case=True)
     case.set_defaults(func=cmd_source_case)
+    published = sub.add_parser("published", help="predicted against published step times "
+                                                 "(trainers/partition/published.py)")
+    published.add_argument("--json", help="write the rows as JSON here")
+    published.set_defaults(func=cmd_published)
 
 
 def main(argv=None) -> None:
