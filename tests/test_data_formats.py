@@ -241,3 +241,18 @@ def test_build_index_fix_images_and_one_line_errors(tiny_dirs, tmp_path, capsys)
         build_index.main(["--corpus", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "nope.parquet" in err
+
+
+def test_load_report_reaches_a_lightning_csv_logger(tmp_path, capsys):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    write_parquet(tmp_path / "train.parquet", "train")
+    data = RAGDataModule(tmp_path, model_size="tiny")
+    logger = CSVLogger(tmp_path / "logs", name="run")
+    data.trainer = L.Trainer(logger=logger, accelerator="cpu", devices=1,
+                             enable_progress_bar=False, enable_model_summary=False)
+    data.setup("fit")
+    logger.save()
+    metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    assert metrics.loc[0, "data/train/rows_read"] == 4 and metrics.loc[0, "step"] == 0
