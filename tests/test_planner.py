@@ -236,3 +236,53 @@ def test_estimate_cli_writes_the_json_keys(tmp_path, capsys):
         main(["estimate", "--layers", "4", "--hidden", "512", "--heads", "8", "--seq-len",
               "256", "--vocab", "1000", "--nodes", "3", "--gpus-per-node", "1", "--tp", "3",
               "--global-batch", "9"])
+
+
+def test_fsdp_shards_the_partitioners_static_memory():
+    from trainers.partition.chain import MemoryModel, UnitCost
+
+    unit = UnitCost(name="u", fwd_ms=1, bwd_ms=2, param_count=1000, param_bytes=4000,
+                    state_bytes=100)
+    # (4000 weights + 4000 grads + 8 x 1000 Adam) / 4 ranks + 100 unsharded buffers
+    assert MemoryModel(data_parallel_shards=4).static_bytes(unit) == 16000 / 4 + 100
+
+
+def test_auto_partition_costs_for_this_device(monkeypatch):
+    import torch
+
+    from trainers.partition.hardware import local_device_spec
+
+    class Props:
+        total_memory = 141 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: Props())
+    spec = local_device_spec()
+    assert (spec.name, spec.tflops, spec.mem_gb_per_s, spec.memory_gib) == ("h200", 989.0,
+                                                                            4800.0, 141.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-40GB")
+    Props.total_memory = 40 * 2**30
+    assert local_device_spec().name == "a100-40gb"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    with pytest.raises(ValueError, match="no spec for GPU 'TESLA V100'"):
+        local_device_spec()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device_spec().name == "cpu"  # fixed, the same on every rank
+
+
+def test_auto_partition_takes_the_training_batch_and_dp():
+    from rag_mm.config import model_config
+    from trainers.parallel.auto import auto_partition
+    from trainers.partition.costs import DeviceSpec
+    from trainers.partition.partition import InfeasibleError
+
+    config = model_config("tiny")
+    device = DeviceSpec(name="64 MiB", tflops=1.0, mem_gb_per_s=10.0, memory_gib=1 / 16)
+    with pytest.raises(InfeasibleError, match="fits memory_cap_bytes=6.711e\\+07"):
+        auto_partition(config, pp_size=2, schedule="1f1b", num_microbatches=2, batch_size=4,
+                       device=device)  # one replica's state does not fit 64 MiB ...
+    stages = auto_partition(config, pp_size=2, schedule="1f1b", num_microbatches=2,
+                            batch_size=4, dp_size=8, device=device)  # ... an eighth does
+    assert [n for stage in stages for n in stage] == ["retrieval", "blocks.0", "blocks.1",
+                                                      "head"]
