@@ -20,8 +20,9 @@ MEMORY_BW_SHARE = 0.80
 # Calibrated with GEMM_PEAK_SHARE on Narayanan et al. 2021, Table 1 (rows with tp = 2..8).
 NVLINK_BUS_SHARE = 0.70
 # Share of the InfiniBand line rate GPU-to-GPU transfers reach: 24 GB/s per 200 Gb/s HDR
-# adapter (= 0.96) measured on Selene with GPUDirect RDMA (NVIDIA technical blog, "Adding
-# MPI to UCX ... CUDA-aware", figure 3: 192 GB/s over eight adapters).
+# adapter (= 0.96), measured on Selene with GPUDirect RDMA, and NCCL on DGX A100 at 192 GB/s,
+# i.e. a collective uses all eight NICs of a node (NVIDIA technical blog, Newburn, Datta,
+# Shainer 2020, "Accelerating IO in the Modern Data Center: Network IO", fig. 3 and sec. NCCL).
 NETWORK_SHARE = 0.96
 # Per-message latency of an NCCL step (alpha of the alpha-beta model), seconds.
 NVLINK_LATENCY_S = 5e-6
