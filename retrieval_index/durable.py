@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from typing import Self
 
 LOCK_FILE = ".lock"
 
@@ -43,7 +44,7 @@ class BuildLock:
         self.path = Path(out_dir) / LOCK_FILE
         self._fd: int | None = None
 
-    def __enter__(self) -> BuildLock:
+    def __enter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

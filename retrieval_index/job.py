@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
-import numpy as np
 
 from retrieval_index.build import (
     apply_search_params,

@@ -123,7 +123,8 @@ def test_sigkill_at_random_points_and_a_second_builder(tiny_dirs, tmp_path):
 
     def second_builder():
         refused["proc"] = subprocess.run(
-            [sys.executable, str(SCRIPT), *args], env=ENV, capture_output=True, text=True
+            [sys.executable, str(SCRIPT), *args], env=ENV, capture_output=True, text=True,
+            check=False,
         )
 
     kill_when(builder, lambda: num_shards_on_disk(out) >= first, f"shard {first}",
@@ -145,7 +146,7 @@ def test_sigkill_at_random_points_and_a_second_builder(tiny_dirs, tmp_path):
     assert f"shard {victim}: checksum sha256:" in stdout, stdout
 
     final = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env=ENV, capture_output=True, text=True
+        [sys.executable, str(SCRIPT), *args], env=ENV, capture_output=True, text=True, check=False
     )
     assert final.returncode == 0, f"{note}\n{final.stderr}"
     for name in (EMBEDDINGS_FILE, INDEX_FILE, STORE_FILE):
@@ -225,9 +226,9 @@ def test_a_changed_corpus_is_refused_before_the_store_is_replaced(tmp_path):
 def test_a_lock_held_in_this_process_refuses_a_builder(tmp_path):
     from retrieval_index.durable import BuildLock
 
-    with BuildLock(tmp_path / "idx"):
-        with pytest.raises(ri.IndexLockedError, match=rf"pid {os.getpid()}, lock .*\.lock"):
-            ri.build_index(make_rows(5), tmp_path / "idx", embedder=HashEmbedder(), progress=False)
+    locked = pytest.raises(ri.IndexLockedError, match=rf"pid {os.getpid()}, lock .*\.lock")
+    with BuildLock(tmp_path / "idx"), locked:
+        ri.build_index(make_rows(5), tmp_path / "idx", embedder=HashEmbedder(), progress=False)
     index = ri.build_index(make_rows(5), tmp_path / "idx", embedder=HashEmbedder(),
                            progress=False, num_recall_queries=5)  # released: the .lock is ignored
     assert len(index) == 5

@@ -12,8 +12,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rag_mm.data import ON_BAD, DataError, ExampleColumns, LoadReport, add_column_args
-from rag_mm.data import columns_from_args
+from rag_mm.data import (
+    ON_BAD,
+    DataError,
+    ExampleColumns,
+    LoadReport,
+    add_column_args,
+    columns_from_args,
+)
 
 
 def split_candidates(data_dir: Path, split: str) -> list[Path]:
