@@ -14,7 +14,9 @@ from dataclasses import dataclass
 # Narayanan et al. 2021, Table 1 (the only fitted compute constant; README "Calibration").
 GEMM_PEAK_SHARE = 0.80
 # Share of the HBM bandwidth that elementwise kernels (norms, GeLU, softmax, dropout,
-# residual adds) reach; STREAM-like kernels on A100/H100 reach 80-90 % of the datasheet.
+# residual adds) reach. An assumption, not fitted (with the 2x-the-stored-activations
+# traffic in gpt.py); elementwise work is 14-34 % of a layer's forward in Narayanan's Table 1
+# rows, mostly the materialised attention scores, so it matters most for small hidden sizes.
 MEMORY_BW_SHARE = 0.80
 # NCCL all-reduce bus bandwidth over NVLink as a share of the one-way NVLink bandwidth.
 # Calibrated with GEMM_PEAK_SHARE on Narayanan et al. 2021, Table 1 (rows with tp = 2..8).
@@ -24,7 +26,8 @@ NVLINK_BUS_SHARE = 0.70
 # i.e. a collective uses all eight NICs of a node (NVIDIA technical blog, Newburn, Datta,
 # Shainer 2020, "Accelerating IO in the Modern Data Center: Network IO", fig. 3 and sec. NCCL).
 NETWORK_SHARE = 0.96
-# Per-message latency of an NCCL step (alpha of the alpha-beta model), seconds.
+# Per-message latency of an NCCL step (alpha of the alpha-beta model), seconds; assumed
+# (the blog above measures 3.4 us MPI latency between two Selene nodes).
 NVLINK_LATENCY_S = 5e-6
 NETWORK_LATENCY_S = 15e-6
 # Memory the framework cannot use for tensors: CUDA context, NCCL buffers, cuBLAS
