@@ -132,6 +132,12 @@ def test_memory_per_gpu_zero_stages_by_hand():
         assert memory["params"] == pytest.approx(weights * p)
         assert memory["grads"] == pytest.approx(grads * p)
         assert memory["optimizer"] == pytest.approx(optimizer * p)
+    untied = GPTShape(num_layers=4, hidden=1024, num_heads=8, seq_len=256, vocab=1000,
+                      tied_embeddings=False)
+    assert untied.num_params == p + 1000 * 1024
+    for pp, held in ((1, untied.num_params), (2, 2 * untied.layer_params + 1000 * 1024)):
+        memory = memory_per_gpu(untied, TrainLayout(pp=pp, global_batch=4), 1, 4)
+        assert memory["params"] == pytest.approx(2 * held)  # the busiest rank's weights
 
 
 def test_fsdp_over_dp_fits_where_replicas_do_not():

@@ -319,7 +319,9 @@ def _stage_params(shape: GPTShape, layout: TrainLayout) -> float:
     the first and the output layer on the last rank), per tensor rank."""
     layers = shape.num_layers // layout.pp
     params = layers * shape.layer_params
-    edge = shape.embedding_params  # tied weights: a copy on the last stage too (Megatron)
+    # the embedding on the first rank, the output layer on the last (for tied weights a
+    # copy, as Megatron keeps); one rank holds both when pp = 1 and they are not tied
+    edge = shape.embedding_params * (2 if layout.pp == 1 and not shape.tied_embeddings else 1)
     return (params + edge) / layout.tp
 
 
