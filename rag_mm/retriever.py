@@ -87,6 +87,9 @@ def build_text_encoder(path: str | Path | None, *, pretrained: bool) -> TextEnco
     return TextEncoder.from_config(config, pooling=read_pooling_config(path))
 
 
+TEXT_CHUNK = 16  # rows per frozen-text-tower call (see `QueryEncoder._embed_in_chunks`)
+
+
 class QueryEncoder(nn.Module):
     """q = normalize(text_proj(text(prompt)) + image_proj(mean(vision(image)))).
 
@@ -127,13 +130,28 @@ class QueryEncoder(nn.Module):
         keys = [row.tobytes() for row in (prompt_ids * prompt_mask).cpu().numpy()]
         missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
         if missing:
-            rows = [keys.index(k) for k in missing]
-            with torch.no_grad():
-                fresh = self.text(prompt_ids[rows], prompt_mask[rows])
+            rows = torch.tensor([keys.index(k) for k in missing], device=prompt_ids.device)
+            fresh = self._embed_in_chunks(prompt_ids[rows], prompt_mask[rows])
             if len(self._text_cache) + len(missing) > self.cache_size:
                 self._text_cache.clear()
             self._text_cache.update(zip(missing, fresh))
         return torch.stack([self._text_cache[k] for k in keys])
+
+    @torch.no_grad()
+    def _embed_in_chunks(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's embeddings, computed in chunks of exactly `TEXT_CHUNK` rows (the
+        last one padded). A matmul's rounding depends on how many rows it has, so a prompt's
+        cached embedding must not depend on which other prompts were new in its batch: then
+        a resumed run (with a fresh cache) computes what the uninterrupted one did."""
+        out = []
+        for start in range(0, len(ids), TEXT_CHUNK):
+            chunk_ids, chunk_mask = ids[start:start + TEXT_CHUNK], mask[start:start + TEXT_CHUNK]
+            pad = TEXT_CHUNK - len(chunk_ids)
+            if pad:
+                chunk_ids = torch.cat([chunk_ids, chunk_ids[:1].expand(pad, -1)])
+                chunk_mask = torch.cat([chunk_mask, chunk_mask[:1].expand(pad, -1)])
+            out.append(self.text(chunk_ids, chunk_mask)[: TEXT_CHUNK - pad])
+        return torch.cat(out)
 
     def train(self, mode: bool = True):
         self._text_cache.clear()  # weights may change between modes (e.g. a loaded state)

@@ -36,7 +36,15 @@ def index_complete(index: Path) -> bool:
 
 def trained(run_dir: Path, steps: int) -> bool:
     summary = run_dir / "train_summary.json"
-    return summary.exists() and json.loads(summary.read_text())["steps"] >= steps
+    if not summary.exists():
+        return False
+    saved = json.loads(summary.read_text())
+    return saved.get("status") == "complete" and (saved.get("checkpoint_step") or 0) >= steps
+
+
+def resume(run_dir: Path) -> list[str]:
+    """`--resume` when an interrupted run left a checkpoint to continue from."""
+    return ["--resume"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []
 
 
 def main(argv=None) -> None:
@@ -63,10 +71,10 @@ def main(argv=None) -> None:
     rag_steps = args.steps + args.warmup_steps
     if not trained(rag_run, rag_steps):
         run("pretrain.py", *common, "--mode", "rag", "--max-steps", rag_steps,
-            "--retriever-warmup-steps", args.warmup_steps, "--out", rag_run, "--resume")
+            "--retriever-warmup-steps", args.warmup_steps, "--out", rag_run, *resume(rag_run))
     if not trained(closed_run, args.steps):
         run("pretrain.py", *common, "--mode", "closed_book", "--max-steps", args.steps,
-            "--out", closed_run, "--resume")
+            "--out", closed_run, *resume(closed_run))
     run("evaluate.py", "--rag", rag_run / "checkpoints" / "last.ckpt",
         "--closed-book", closed_run / "checkpoints" / "last.ckpt",
         "--data", data, "--index", index, "--seed", args.seed,

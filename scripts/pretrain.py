@@ -3,24 +3,33 @@
     python scripts/pretrain.py --data demo_out/data --index demo_out/index --size demo \
         --max-steps 600 --out runs/rag
 
-Writes checkpoints (`OUT/checkpoints/last.ckpt`), CSV and TensorBoard logs under OUT.
+Writes checkpoints (`OUT/checkpoints/step-NNNNNNN.ckpt`, the newest always reachable as
+`OUT/checkpoints/last.ckpt`; the final step is always saved), CSV and TensorBoard logs and
+`train_summary.json` (what was saved, at which step) under OUT.
+
+Long runs: SIGTERM or SIGUSR1 finishes the current step, saves, and exits with code 75
+(requeue the job); `--resume` continues exactly where it stopped. A step with a NaN or inf
+loss or gradient norm is skipped; `--max-nonfinite` of them in a row stop the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from rag_mm.config import MODES, NAMED_CONFIGS
 from trainers.data import RAGDataModule, add_data_arguments, data_kwargs
+from trainers.errors import run_cli
 from trainers.module import RAGModule
+from trainers.run import NonFiniteError, Preempted, RunCheckpoints, resume_path, run_callbacks
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,9 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retriever-warmup-steps", type=int, default=0,
                    help="train the query encoder alone (contrastive) for the first N steps")
     p.add_argument("--val-every", type=int, default=650, help="validate every N steps")
+    p.add_argument("--save-every", type=int, default=None,
+                   help="also checkpoint every N steps (default: --val-every); the final step "
+                        "is always saved")
+    p.add_argument("--keep", type=int, default=2, help="step checkpoints kept (newest first)")
+    p.add_argument("--max-nonfinite", type=int, default=10,
+                   help="stop after N steps in a row with a NaN/inf loss or gradient norm")
     p.add_argument("--precision", default="auto", help="auto | bf16-mixed | 32-true | 16-mixed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints/last.ckpt (refused if there is none)")
     args = p.parse_args(argv)
     if args.mode != "closed_book" and args.index is None:
         p.error(f"--mode {args.mode} needs --index (build one with scripts/build_index.py)")
@@ -59,6 +75,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     L.seed_everything(args.seed, workers=True)
     out = Path(args.out)
+    resume = resume_path(out / "checkpoints", resume=args.resume)  # before any work
 
     # -- data and model ----------------------------------------------------------------------
     data = RAGDataModule(args.data, index_dir=args.index, model_size=args.size,
@@ -68,13 +85,14 @@ def main(argv=None) -> Path:
                        retriever_warmup_steps=args.retriever_warmup_steps)
 
     # -- trainer -------------------------------------------------------------------------------
-    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True,
-                                  every_n_train_steps=args.val_every, save_top_k=0)
+    callbacks = run_callbacks(out / "checkpoints", every_n_steps=args.save_every or args.val_every,
+                              keep=args.keep, max_nonfinite=args.max_nonfinite)
+    checkpoints = next(c for c in callbacks if isinstance(c, RunCheckpoints))
     trainer = L.Trainer(
         max_steps=args.max_steps,
         precision=auto_precision(args.precision),
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
-        callbacks=[checkpoints, LearningRateMonitor("step")],
+        callbacks=[*callbacks, LearningRateMonitor("step")],
         val_check_interval=args.val_every,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
@@ -84,16 +102,38 @@ def main(argv=None) -> Path:
     )
 
     # -- train -------------------------------------------------------------------------------
-    resume = out / "checkpoints" / "last.ckpt"
     start = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=resume if args.resume and resume.exists() else None)
-    summary = {"mode": args.mode, "size": args.size, "steps": trainer.global_step,
-               "seconds": round(time.time() - start, 1),
-               "checkpoint": str(resume)}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
-    return resume
+    status = "complete"
+    resumed_from = str(resume.resolve()) if resume else None
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
+    except Preempted as stop:
+        status = "preempted"
+        print(stop, file=sys.stderr, flush=True)
+        raise
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        summary = {"mode": args.mode, "size": args.size, "status": status,
+                   "steps": trainer.global_step, "max_steps": args.max_steps,
+                   "seconds": round(time.time() - start, 1),
+                   "checkpoint": str(checkpoints.saved_path) if checkpoints.saved_path else None,
+                   "checkpoint_step": checkpoints.saved_step,
+                   "resumed_from": resumed_from}
+        if trainer.is_global_zero:
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            print(json.dumps(summary))
+    return checkpoints.saved_path
+
+
+def cli(argv=None) -> None:
+    try:
+        run_cli(main, argv, prog="pretrain.py")
+    except NonFiniteError as err:
+        print(f"pretrain.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -10,6 +10,7 @@ setup, so batches carry `gold_keys` (-1 where an example has no gold document).
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from trainers.data_sources import (  # noqa: F401  (add_data_arguments, data_kwa
     missing_split,
     report_metrics,
 )
+from trainers.run.resume import ResumableSampler, resume_position
 
 SPLITS = ("train", "val", "test")
 
@@ -75,6 +77,7 @@ class RAGDataModule(L.LightningDataModule):
         index_dir: the index the model searches; gold ids are mapped to its keys.
         model_size: named model size; gives image size and token budgets.
         batch_size, num_workers: DataLoader settings.
+        seed: of the training order (default: the run's `seed_everything` seed, else 0).
         on_bad: "error" (default) or "skip" bad rows (counted in the load report).
         fix_images: convert images to RGB and resize them instead of refusing them.
         columns: source column names of the example tables.
@@ -83,7 +86,8 @@ class RAGDataModule(L.LightningDataModule):
     def __init__(self, data_dir: str | None = None, *, train_path: str | None = None,
                  val_path: str | None = None, test_path: str | None = None,
                  index_dir: str | None = None, model_size: str = "demo", batch_size: int = 32,
-                 num_workers: int = 0, on_bad: str = "error", fix_images: bool = False,
+                 num_workers: int = 0, seed: int | None = None, on_bad: str = "error",
+                 fix_images: bool = False,
                  columns: ExampleColumns | None = None) -> None:
         super().__init__()
         self.data_dir = None if data_dir is None else Path(data_dir)
@@ -93,6 +97,7 @@ class RAGDataModule(L.LightningDataModule):
         self.config = model_config(model_size)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.on_bad, self.fix_images = on_bad, fix_images
         self.columns = columns or ExampleColumns()
         self.tokenizer = load_tokenizer(self.config.retriever.text_encoder)
@@ -196,18 +201,26 @@ class RAGDataModule(L.LightningDataModule):
             return np.zeros(0, dtype=np.int64)
         return np.asarray(self.datasets[split]["gold_key"], dtype=np.int64)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, sampler=None) -> DataLoader:
         if split not in self.datasets:
             raise DataError(missing_split(split, self.data_dir, self.paths[split]))
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, sampler=sampler,
                           collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+                          persistent_workers=self.num_workers > 0, drop_last=sampler is not None)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled per epoch from (seed, epoch) alone, one share per data-parallel replica,
+        full batches only; a resumed run starts where the interrupted one stopped."""
+        trainer = self.trainer
+        replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer else None
+        sampler = ResumableSampler(self.datasets.get("train", []), seed=self.seed,
+                                   **(replicas or {}))
+        loader = self._loader("train", sampler)
+        sampler.start_at(resume_position(trainer, len(loader)) * self.batch_size)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
