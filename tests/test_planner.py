@@ -167,6 +167,10 @@ def test_placement_follows_the_runtime_mesh():
     # tp = 8, m = 8 both send 1 MiB per GPU per step
     assert inside.time_s["pp_p2p"] == pytest.approx(2**20 / (300e9 * 0.7))
     assert across.time_s["pp_p2p"] == pytest.approx(2**20 / 24e9)
+    # tp = 2, pp = 8: 16 consecutive ranks, so stage 3 -> 4 crosses from node 0 to node 1
+    shape = GPTShape(num_layers=8, hidden=1024, num_heads=8, seq_len=256, vocab=1000)
+    wide = estimate_step(shape, cluster, TrainLayout(tp=2, pp=8, global_batch=16))
+    assert wide.time_s["pp_p2p"] == pytest.approx(2 * 2 * 256 * 1024 / 2 * 8 / 24e9)
 
 
 @pytest.mark.parametrize("flags, message", [

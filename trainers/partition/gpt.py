@@ -357,11 +357,13 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
 
 def _p2p_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> float:
     """One rank's point-to-point time per micro-batch: send and receive, forward and
-    backward, once per chunk; 1/tp of the activation per tensor rank (scatter-gather)."""
+    backward, once per chunk; 1/tp of the activation per tensor rank (scatter-gather).
+    A pipeline is tp x pp consecutive ranks: once it is more than a node, some boundary
+    crosses the network, and that one sets the pace."""
     if layout.pp == 1:
         return 0.0
     num_bytes = 2 * layout.microbatch * shape.seq_len * shape.hidden / layout.tp
-    across = layout.tp >= cluster.gpus_per_node and cluster.num_nodes > 1
+    across = layout.tp * layout.pp > cluster.gpus_per_node and cluster.num_nodes > 1
     bandwidth = cluster.network_bytes_per_s_per_gpu if across else cluster.nvlink_bytes_per_s
     return 2 * layout.virtual_stages * num_bytes / bandwidth
 
@@ -395,8 +397,8 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     rank_compute = layers * layer_compute + head
     rank_comm = layers * layer_comm
     grad_reduce, gathers = _dp_seconds(shape, cluster, layout, dp, m)
-    hidden_gathers = max(0.0, gathers - rank_compute)  # FSDP prefetch behind compute
-    per_micro = rank_compute + rank_comm + _p2p_seconds(shape, cluster, layout) + hidden_gathers
+    exposed_gathers = max(0.0, gathers - rank_compute)  # FSDP prefetch behind compute
+    per_micro = rank_compute + rank_comm + _p2p_seconds(shape, cluster, layout) + exposed_gathers
     pipeline = (m + (p - 1) / v) * per_micro
     if layout.overlap_grad_reduce:
         grad_reduce = max(0.0, grad_reduce - layers * layer_compute * 2 / 3)
@@ -411,7 +413,7 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     usable = (cluster.gpu.memory_gib - RESERVED_GIB) * GIB
     time = {"compute": m * rank_compute, "tp_comm": m * rank_comm,
             "pp_p2p": m * _p2p_seconds(shape, cluster, layout),
-            "bubble": (p - 1) / v * per_micro, "fsdp_gather_exposed": m * hidden_gathers,
+            "bubble": (p - 1) / v * per_micro, "fsdp_gather_exposed": m * exposed_gathers,
             "dp_grad_reduce": grad_reduce, "optimizer": optimizer}
     return StepEstimate(layout.describe(dp), dp, m, step, tokens / step,
                         model_flops / step / cluster.num_gpus / 1e12,
