@@ -116,7 +116,8 @@ def cmd_estimate(args) -> None:
                              microbatch=args.microbatch, schedule=args.schedule,
                              virtual_stages=args.virtual_stages, recompute=args.recompute,
                              zero=args.zero, sequence_parallel=args.sequence_parallel,
-                             overlap_grad_reduce=args.overlap_grad_reduce)
+                             overlap_grad_reduce=args.overlap_grad_reduce,
+                             overlap_tp_comm=args.overlap_tp_comm)
         estimate = estimate_step(shape, _cluster(args), layout)
     except ValueError as err:
         _fail(err)
@@ -140,7 +141,8 @@ def cmd_layouts(args) -> None:
 def cmd_source_case(args) -> None:
     shape, per_example = _shape(args)
     try:
-        case = source_case(shape, args.global_batch * per_example, gpu=gpu_spec(args.gpu).name)
+        case = source_case(shape, args.global_batch * per_example, gpu=gpu_spec(args.gpu).name,
+                           overlap_tp_comm=args.overlap_tp_comm)
     except ValueError as err:
         _fail(err)
     print(format_source_case(case))
@@ -210,6 +212,8 @@ def _add_shape_commands(sub) -> None:
                         help="3 = FSDP2 (the runtime's data parallelism)")
     layout.add_argument("--sequence-parallel", action="store_true")
     layout.add_argument("--overlap-grad-reduce", action="store_true")
+    layout.add_argument("--overlap-tp-comm", action="store_true",
+                        help="backward tensor-parallel all-reduces behind weight gradients")
     est.set_defaults(func=cmd_estimate)
     lay = sub.add_parser("layouts", help="rank (dp, pp, tp, micro-batch, schedule, "
                                          "recompute, ZeRO) layouts")
@@ -219,6 +223,8 @@ def _add_shape_commands(sub) -> None:
     case = sub.add_parser("source-case", help="16x8 A100: tp across nodes vs pipeline "
                                               "across nodes")
     _shape_and_cluster_flags(case, source_case=True)
+    case.add_argument("--overlap-tp-comm", action="store_true",
+                      help="both sides hide backward tensor-parallel all-reduces")
     case.set_defaults(func=cmd_source_case)
     published = sub.add_parser("published", help="predicted against published step times "
                                                  "(trainers/partition/published.py)")

@@ -228,6 +228,24 @@ def test_source_case_gives_the_readme_figures():
     assert ratios == {"tp=128 across 16 nodes": 0.112, "tp=16 across 2 nodes, pp=8": 0.663,
                       "tp=16 across 2 nodes, dp=8": 0.500}
     assert round(case["pipeline"].step_s, 2) == 84.97
+    overlapped = source_case(shape, 512, overlap_tp_comm=True)
+    assert [round(row["ratio"], 3) for row in overlapped["rows"]] == [0.111, 0.765, 0.545]
+
+
+def test_overlapped_tp_comm_hides_the_backward_half():
+    # tp = 8 in a node, h = 8192: a layer's weight-gradient GEMMs (1.90 ms, as long as its
+    # forward ones) outlast its two backward all-reduces (2 x 0.35 ms): only the forward
+    # two stay exposed
+    shape = GPTShape(num_layers=4, hidden=8192, num_heads=64, seq_len=2048, vocab=51200)
+    cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=8)
+    exposed = estimate_step(shape, cluster, TrainLayout(tp=8, global_batch=1))
+    hidden = estimate_step(shape, cluster, TrainLayout(tp=8, global_batch=1,
+                                                       overlap_tp_comm=True))
+    assert hidden.time_s["tp_comm"] == pytest.approx(exposed.time_s["tp_comm"] / 2)
+    # one all-reduce of 2 x 2048 x 8192 bytes over 8 GPUs: 2 x 7/8 x 33.6 MB / 210 GB/s
+    # + 14 x 5 us; 4 per layer, 4 layers
+    one = 2 * 7 / 8 * 2 * 2048 * 8192 / 210e9 + 14 * 5e-6
+    assert exposed.time_s["tp_comm"] == pytest.approx(16 * one)
 
 
 def test_estimate_cli_writes_the_json_keys(tmp_path, capsys):

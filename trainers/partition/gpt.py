@@ -10,7 +10,8 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   Recomputation adds a forward (full) or the attention core (selective).
 * Tensor parallelism: 2 all-reduces of the layer's (b, s, h) activation forward and 2
   backward (reduce-scatter + all-gather of the same volume under sequence parallelism),
-  on NVLink when tp fits in a node, else hierarchical over the network; not overlapped.
+  on NVLink when tp fits in a node, else hierarchical over the network; the backward ones
+  optionally behind the weight-gradient GEMMs (``overlap_tp_comm``).
 * Pipeline: Megatron's closed form ``(m + (p - 1) / v) * t_rank`` where ``t_rank`` is the
   busiest rank's time per micro-batch (its layers, the embedding on the first stage, the
   logits on the last) plus its point-to-point sends (1/tp of the activation from each
@@ -155,6 +156,8 @@ class TrainLayout:
     dp: None means the rest of the cluster (GPUs / (tp x pp)).
     overlap_grad_reduce: data-parallel gradient reduction runs during the last
         micro-batch's backward (PyTorch DDP / FSDP2); else after it (Megatron 2021).
+    overlap_tp_comm: the two backward tensor-parallel all-reduces of a layer run behind
+        its weight-gradient GEMMs (Korthikanti et al. 2022, sec. 6.2); else exposed.
     """
 
     tp: int = 1
@@ -168,6 +171,7 @@ class TrainLayout:
     zero: int = 0
     sequence_parallel: bool = False
     overlap_grad_reduce: bool = False
+    overlap_tp_comm: bool = False
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp),
@@ -194,6 +198,7 @@ class TrainLayout:
         extras = [f"recompute={self.recompute}"] if self.recompute != "none" else []
         extras += [f"zero={self.zero}"] if self.zero else []
         extras += ["sp"] if self.sequence_parallel else []
+        extras += ["tp-overlap"] if self.overlap_tp_comm else []
         return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
                 f"m={self.global_batch // (dp * self.microbatch)} {self.schedule}{v} "
                 + " ".join(extras)).strip()
@@ -290,7 +295,10 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
     f = _layer_forward_s(shape, cluster, layout)
     forward = f["gemm"] + f["attention"] + f["elementwise"]
     compute = 3 * forward  # backward: dgrad + wgrad per GEMM, elementwise twice
-    comm = 4 * f["allreduce"]
+    backward_comm = 2 * f["allreduce"]
+    if layout.overlap_tp_comm:  # hidden behind the weight-gradient GEMMs (= forward GEMMs)
+        backward_comm = max(0.0, backward_comm - f["gemm"])
+    comm = 2 * f["allreduce"] + backward_comm
     tokens = layout.microbatch * shape.seq_len
     layer_flops = (2 * (shape.layer_params - 4 * shape.hidden) * tokens
                    + 4 * tokens * shape.seq_len * shape.hidden) / layout.tp

@@ -29,7 +29,7 @@ def source_cluster(gpu: str = "a100-80gb") -> Cluster:
 
 
 def best_layout(shape: GPTShape, cluster: Cluster, global_batch: int, *, tp: int,
-                pp: int) -> StepEstimate | None:
+                pp: int, overlap_tp_comm: bool = False) -> StepEstimate | None:
     """The fastest fitting layout with these tp and pp over micro-batch size, schedule,
     recomputation and ZeRO stage; None when none is valid and fits."""
     best = None
@@ -42,7 +42,8 @@ def best_layout(shape: GPTShape, cluster: Cluster, global_batch: int, *, tp: int
                     layout = TrainLayout(tp=tp, pp=pp, global_batch=global_batch,
                                          microbatch=micro, schedule=schedule,
                                          virtual_stages=v, recompute=recompute, zero=zero,
-                                         sequence_parallel=True)
+                                         sequence_parallel=True,
+                                         overlap_tp_comm=overlap_tp_comm)
                     try:
                         e = estimate_step(shape, cluster, layout)
                     except ValueError:
@@ -52,14 +53,18 @@ def best_layout(shape: GPTShape, cluster: Cluster, global_batch: int, *, tp: int
     return best
 
 
-def source_case(shape: GPTShape, global_batch: int, gpu: str = "a100-80gb") -> dict:
-    """Predicted new / old step time against each earlier layout."""
+def source_case(shape: GPTShape, global_batch: int, gpu: str = "a100-80gb",
+                overlap_tp_comm: bool = False) -> dict:
+    """Predicted new / old step time against each earlier layout (both sides with the
+    backward tensor-parallel all-reduces overlapped, or neither)."""
     cluster = source_cluster(gpu)
     label, tp, pp = PIPELINE_LAYOUT
-    new = best_layout(shape, cluster, global_batch, tp=tp, pp=pp)
+    new = best_layout(shape, cluster, global_batch, tp=tp, pp=pp,
+                      overlap_tp_comm=overlap_tp_comm)
     rows = []
     for old_label, old_tp, old_pp in EARLIER_LAYOUTS:
-        old = best_layout(shape, cluster, global_batch, tp=old_tp, pp=old_pp)
+        old = best_layout(shape, cluster, global_batch, tp=old_tp, pp=old_pp,
+                          overlap_tp_comm=overlap_tp_comm)
         ratio = new.step_s / old.step_s if new and old else None
         rows.append({"earlier": old_label, "old": old, "ratio": ratio})
     return {"pipeline": new, "pipeline_label": label, "rows": rows,
