@@ -7,7 +7,9 @@
         --vocab 51200 --gpu a100-80gb --nodes 8 --tp 8 --pp 8 --global-batch 64 \
         --microbatch 1 --recompute selective --json step.json
     python scripts/plan.py layouts --model 1b --gpu a100-40gb --nodes 16 --global-batch 512
-    python scripts/plan.py source-case
+    python scripts/plan.py source-case --layers 96 --hidden 16384 --heads 128 --seq-len 2048 \
+        --vocab 51200 --global-batch 512
+    python scripts/plan.py published
 """
 
 from __future__ import annotations
