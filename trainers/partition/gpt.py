@@ -45,7 +45,8 @@ PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 # Bytes per parameter under bf16 mixed precision with Adam (Rajbhandari et al. 2020, ZeRO,
 # section 3.1: 2 + 2 + K with K = 12: fp32 master, momentum, variance).
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
-# Megatron accumulates and all-reduces gradients in fp32 (main_grad) without ZeRO.
+# Megatron-LM accumulates and all-reduces gradients in fp32 (its main_grad buffers, option
+# --accumulate-allreduce-grads-in-fp32) without ZeRO; ZeRO / FSDP reduce them in bf16.
 GRAD_REDUCE_BYTES = {0: 4, 1: 2, 2: 2, 3: 2}
 
 

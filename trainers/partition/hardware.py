@@ -19,7 +19,8 @@ GEMM_PEAK_SHARE = 0.80
 # rows, mostly the materialised attention scores, so it matters most for small hidden sizes.
 MEMORY_BW_SHARE = 0.80
 # NCCL all-reduce bus bandwidth over NVLink as a share of the one-way NVLink bandwidth.
-# Calibrated with GEMM_PEAK_SHARE on Narayanan et al. 2021, Table 1 (rows with tp = 2..8).
+# Calibrated with GEMM_PEAK_SHARE on Narayanan et al. 2021, Table 1 (rows with tp = 2..8);
+# the fit is flat from 0.7 to 0.9 (README "Calibration"), 0.70 is its lower end.
 NVLINK_BUS_SHARE = 0.70
 # Share of the InfiniBand line rate GPU-to-GPU transfers reach: 24 GB/s per 200 Gb/s HDR
 # adapter (= 0.96), measured on Selene with GPUDirect RDMA, and NCCL on DGX A100 at 192 GB/s,
