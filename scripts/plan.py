@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers.partition.chain import MemoryModel
 from trainers.partition.draw import draw_partition, draw_timeline
-from trainers.partition.partition import PartitionConfig, plan_partition
-from trainers.partition.plan_io import write_json
 from trainers.partition.gpt import GPTShape, TrainLayout, estimate_step, rank_layouts
 from trainers.partition.hardware import GPUS, Cluster, gpu_spec
+from trainers.partition.partition import PartitionConfig, plan_partition
+from trainers.partition.plan_io import write_json
 from trainers.partition.report import format_partition, format_step, format_steps, step_dict
-from trainers.partition.source_case import format_source_case, source_case
 from trainers.partition.schedule import ScheduleSpec
+from trainers.partition.source_case import format_source_case, source_case
 from trainers.partition.trace import Profile
 from trainers.partition.units import chain_from_profile
 

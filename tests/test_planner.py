@@ -174,15 +174,15 @@ def test_placement_follows_the_runtime_mesh():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(tp=3), r"--heads 16 .*not divisible by --tp 3; valid --tp: \[1, 2, 4, 8, 16\]"),
-    (dict(pp=3), r"--layers 8 not divisible by the 3 pipeline chunks .*valid chunk counts: "
-                 r"\[1, 2, 4, 8\]"),
-    (dict(pp=2, schedule="interleaved_1f1b", virtual_stages=3),
+    ({"tp": 3}, r"--heads 16 .*not divisible by --tp 3; valid --tp: \[1, 2, 4, 8, 16\]"),
+    ({"pp": 3}, (r"--layers 8 not divisible by the 3 pipeline chunks .*valid chunk counts: "
+                 r"\[1, 2, 4, 8\]")),
+    ({"pp": 2, "schedule": "interleaved_1f1b", "virtual_stages": 3},
      r"--layers 8 not divisible by the 6 pipeline chunks"),
-    (dict(global_batch=12, microbatch=2), r"--global-batch 12 is not divisible by dp 8 x "
-                                          r"--microbatch 2 = 16; use a multiple of 16"),
-    (dict(tp=2, dp=3), r"--dp 3 x --tp 2 x --pp 1 = 6, but the cluster has 8 GPUs"),
-    (dict(recompute="some"), r"--recompute 'some': valid: none, selective, full"),
+    ({"global_batch": 12, "microbatch": 2}, (r"--global-batch 12 is not divisible by dp 8 x "
+                                          r"--microbatch 2 = 16; use a multiple of 16")),
+    ({"tp": 2, "dp": 3}, r"--dp 3 x --tp 2 x --pp 1 = 6, but the cluster has 8 GPUs"),
+    ({"recompute": "some"}, r"--recompute 'some': valid: none, selective, full"),
 ])
 def test_bad_layouts_name_the_flag_and_the_valid_range(flags, message):
     shape = GPTShape(num_layers=8, hidden=1024, num_heads=16, seq_len=512, vocab=4096)

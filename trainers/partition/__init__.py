@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from trainers.partition.chain import CostChain, MemoryModel, UnitCost
 from trainers.partition.costs import DeviceSpec
+from trainers.partition.gpt import GPTShape, StepEstimate, TrainLayout, estimate_step, rank_layouts
+from trainers.partition.hardware import GPUS, Cluster, gpu_spec
 from trainers.partition.partition import (
     InfeasibleError,
     PartitionConfig,
     PartitionResult,
     plan_partition,
 )
-from trainers.partition.gpt import GPTShape, StepEstimate, TrainLayout, estimate_step, rank_layouts
-from trainers.partition.hardware import GPUS, Cluster, gpu_spec
 from trainers.partition.schedule import ScheduleSpec
 from trainers.partition.trace import Profile, trace_model
 from trainers.partition.units import chain_from_profile

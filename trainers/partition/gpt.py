@@ -27,7 +27,6 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from trainers.partition.hardware import (

@@ -202,8 +202,8 @@ def compare(run: PublishedRun, *, rank: bool = True) -> dict:
 
 
 def format_comparison(rows: list[dict]) -> str:
-    lines = [f"{'run':<44}{'published s':>12}{'predicted s':>12}{'error':>8}{'GiB':>6}  "
-             f"{'planner best (s, layout)':<40}"]
+    lines = [(f"{'run':<44}{'published s':>12}{'predicted s':>12}{'error':>8}{'GiB':>6}  "
+             f"{'planner best (s, layout)':<40}")]
     for r in rows:
         best = r["best"]
         top = f"{best.step_s:8.2f}  {best.description}" if best else "(not ranked)"

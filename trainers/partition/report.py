@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from trainers.partition.partition import LayoutPlan, PartitionResult
 from trainers.partition.gpt import GPTShape, StepEstimate
+from trainers.partition.partition import LayoutPlan, PartitionResult
 
 GIB = 2**30
 COLUMNS = (("optimal", "optimal (ours)"), ("equal_layers", "equal layers (titan/Megatron)"),
@@ -54,14 +54,14 @@ def format_step(e: StepEstimate, shape: GPTShape) -> str:
     memory = "  ".join(f"{k} {v / GIB:.2f}" for k, v in e.memory_bytes.items())
     time = "  ".join(f"{k} {v:.3f}" for k, v in e.time_s.items() if v > 0)
     return "\n".join([
-        f"model: {shape.num_params / 1e9:.2f} B parameters, {shape.num_layers} layers x "
-        f"{shape.hidden} hidden, {shape.num_heads} heads, sequence {shape.seq_len}",
+        (f"model: {shape.num_params / 1e9:.2f} B parameters, {shape.num_layers} layers x "
+        f"{shape.hidden} hidden, {shape.num_heads} heads, sequence {shape.seq_len}"),
         f"layout: {e.description} ({e.num_microbatches} micro-batches per step)",
-        f"step {e.step_s:.3f} s   tokens/s {e.tokens_per_s:,.0f}   model TFLOP/s per GPU "
-        f"{e.tflops_per_gpu:.1f} (run, with recomputation: {e.hardware_tflops_per_gpu:.1f})",
+        (f"step {e.step_s:.3f} s   tokens/s {e.tokens_per_s:,.0f}   model TFLOP/s per GPU "
+        f"{e.tflops_per_gpu:.1f} (run, with recomputation: {e.hardware_tflops_per_gpu:.1f})"),
         f"time s: {time}",
-        f"memory GiB per GPU: {memory}  total {e.memory_gib:.2f}  "
-        f"fits: {'yes' if e.fits else 'NO'}"])
+        (f"memory GiB per GPU: {memory}  total {e.memory_gib:.2f}  "
+        f"fits: {'yes' if e.fits else 'NO'}")])
 
 
 def format_steps(ranked: list[StepEstimate], top: int = 15) -> str:

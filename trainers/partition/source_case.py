@@ -75,9 +75,9 @@ def format_source_case(case: dict) -> str:
     new = case["pipeline"]
     lines = ["16 nodes x 8 A100, 400 Gb/s between nodes (per node):"]
     if new is None:
-        return "\n".join(lines + ["  the pipeline layout (pp=16, tp=8) is not valid or does "
+        return "\n".join(lines + [("  the pipeline layout (pp=16, tp=8) is not valid or does "
                                   "not fit for this shape: it needs layers divisible by 16 "
-                                  "and heads by 8 (tp=128 needs heads divisible by 128)"])
+                                  "and heads by 8 (tp=128 needs heads divisible by 128)")])
     lines.append(f"  new: {case['pipeline_label']:<34} {new.description:<52} "
                  f"step {new.step_s:8.3f} s")
     for row in case["rows"]:
