@@ -150,6 +150,7 @@ def test_sigkill_at_random_points_and_a_second_builder(tiny_dirs, tmp_path):
     stdout = kill_when(last, lambda: (out / EMBEDDINGS_FILE).exists(), EMBEDDINGS_FILE)
     assert f"shard {victim}: checksum sha256:" in stdout, stdout
 
+    print(f"{note}: the last builder was {'killed' if last.returncode else 'done first'}")
     if last.returncode != 0:  # killed; else it finished between two polls
         final = subprocess.run(
             [sys.executable, str(SCRIPT), *args], env=ENV, capture_output=True, text=True,
