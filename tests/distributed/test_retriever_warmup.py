@@ -8,8 +8,11 @@ train the query encoder alone on stage 0 (the other stage idles: no gradients), 
 trains jointly through the pipeline. Every step's logged loss
 (`train/retriever_warmup_loss`, then `train/loss`) and learning rate, step one's gradients
 (the query encoder's, and none elsewhere) and values after AdamW, and every value after
-step 4 equal the module's own `training_step` in one process. With dp > 1 the warm-up is
-refused at setup by name.
+step 4 equal the module's own `training_step` in one process; so do the values after step
+4 of a run resumed from the checkpoint `ModelCheckpoint` saved after step 2 (inside the
+warm-up: stage 1's optimizer has never stepped, stage 0's only for the query encoder)
+equal one process resumed the same way (the saves do not change the uninterrupted run).
+With dp > 1 the warm-up is refused at setup by name.
 
 Run: .venv/bin/pytest tests/distributed/test_retriever_warmup.py -q    (about 30 s on 2 cores)
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 
 from rag_mm.model import InMemoryBackend, synthetic_batch
@@ -27,7 +31,7 @@ from tests.helpers.parallel import ADAM_EPS, LR, NUM_DOCS, TWO, assert_fp32_clos
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
 from trainers.parallel.strategy import PipelineStrategy
 
-WARMUP, STEPS, BATCH = 3, 4, 4
+WARMUP, STEPS, EPOCH, BATCH = 3, 4, 2, 4  # 2 epochs of 2 batches
 
 
 def make_module():
@@ -63,33 +67,56 @@ class Recorder(L.Callback):
                           if p.grad is not None}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        name = "train/retriever_warmup_loss" if len(self.losses) < WARMUP else "train/loss"
+        warmup = trainer.global_step <= WARMUP  # the step just taken was a warm-up step
+        name = "train/retriever_warmup_loss" if warmup else "train/loss"
         self.losses.append(trainer.callback_metrics[name].item())
         if len(self.losses) == 1:
             self.values = {n: p.detach().clone() for n, p in pl_module.named_parameters()
                            if p.requires_grad}
 
 
-def fit(module, **trainer_kwargs) -> Recorder:
+def fit(module, *, resume: Path | None = None, save_dir: Path | None = None,
+        **trainer_kwargs) -> Recorder:
+    """Epochs of EPOCH batches, STEPS steps in all; with `save_dir`, `ModelCheckpoint`
+    saves after every epoch."""
     recorder = Recorder()
+    callbacks: list = [recorder]
+    if save_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=save_dir, filename="{epoch}", save_top_k=-1,
+                                         every_n_epochs=1, save_on_train_epoch_end=True))
     batches = [synthetic_batch(module.config, BATCH, seed=i, num_docs=NUM_DOCS)
-               for i in range(STEPS)]
+               for i in range(EPOCH)]
     trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_checkpointing=save_dir is not None, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
-                        gradient_clip_val=1.0, callbacks=[recorder], **trainer_kwargs)
-    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+                        gradient_clip_val=1.0, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=resume)
     return recorder
 
 
+def _strategy() -> PipelineStrategy:
+    return PipelineStrategy(partition=TWO, pipeline_parallel_size=2, num_microbatches=1,
+                            schedule="gpipe")
+
+
+def _values(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
 def _worker(rank: int, world_size: int, out_dir: str) -> None:
+    """Uninterrupted, with `ModelCheckpoint` saving after epoch 1 (step 2, inside the
+    warm-up: stage 1 has never stepped, stage 0 only its query encoder); then a fresh
+    module resumed from that checkpoint."""
     module = make_module()
-    strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2, num_microbatches=1,
-                                schedule="gpipe")
-    recorder = fit(module, devices=world_size, strategy=strategy)
-    values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    saved = Path(out_dir) / "checkpoints"
+    recorder = fit(module, save_dir=saved, devices=world_size, strategy=_strategy())
+    values = _values(module)
+    checkpoint = saved / "epoch=0.ckpt"
+    resumed = make_module()
+    after = fit(resumed, resume=checkpoint, devices=world_size, strategy=_strategy())
     torch.save({"losses": recorder.losses, "lrs": recorder.lrs, "grads": recorder.grads,
-                "first_values": recorder.values, "values": values},
+                "first_values": recorder.values, "values": values, "resumed": _values(resumed),
+                "resumed_losses": after.losses, "resumed_lrs": after.lrs},
                Path(out_dir) / f"warmup_{rank}.pt")
 
 
@@ -99,9 +126,12 @@ def test_retriever_warmup_matches_single_process(tmp_path):
     from trainers.parallel.local import run_local
 
     module = make_module()
-    initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    ref = fit(module, devices=1)
-    ref_values = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    initial = _values(module)
+    ref = fit(module, save_dir=tmp_path / "ref", devices=1)
+    ref_values = _values(module)
+    resumed = make_module()  # one process resumed from its own mid-warm-up checkpoint
+    ref_resumed = fit(resumed, resume=tmp_path / "ref" / "epoch=0.ckpt", devices=1)
+    ref_resumed_values = _values(resumed)
     assert set(ref.grads) and all(".query_encoder." in n for n in ref.grads)
     assert ref.lrs[1] > ref.lrs[2] < ref.lrs[3]  # the warm-up phase decays, the joint one restarts
 
@@ -110,10 +140,14 @@ def test_retriever_warmup_matches_single_process(tmp_path):
     for result in results:
         assert result["losses"] == pytest.approx(ref.losses, rel=1e-5)
         assert result["lrs"] == pytest.approx(ref.lrs, rel=1e-12)
+        assert result["resumed_lrs"] == pytest.approx(ref_resumed.lrs, rel=1e-12)
+        assert result["resumed_losses"] == pytest.approx(ref_resumed.losses, rel=1e-5)
+    assert ref_resumed.lrs == pytest.approx(ref.lrs[EPOCH:], rel=1e-12)
     assert results[1]["grads"] == {}  # stage 1 idles during the warm-up
     for key, expected_all, slack in (("grads", ref.grads, 0.0),
                                      ("first_values", ref.values, 1e-3 * LR),
-                                     ("values", ref_values, 1e-3 * LR)):
+                                     ("values", ref_values, 1e-3 * LR),
+                                     ("resumed", ref_resumed_values, 1e-3 * LR)):
         kept = {n: v for r in results for n, v in r[key].items()}
         assert kept.keys() == expected_all.keys(), key
         for name, expected in expected_all.items():
@@ -134,13 +168,15 @@ def test_warmup_with_data_parallelism_is_refused_by_name():
 
 def test_saving_the_optimizer_of_an_idle_stage_leaves_it_untouched():
     """A checkpoint saved during the warm-up on a rank whose optimizer never stepped (torch
-    fills an empty state with a zero-lr step to save it) must not change its later steps."""
+    fills an empty state with a zero-lr step to save it) must neither change its later
+    steps nor record that state."""
     strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     strategy.model = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     saved = strategy.optimizer_state(optimizer)
-    assert not optimizer.state and any(key.startswith("state.") for key in saved)
+    assert not optimizer.state  # and saved without state, as one process saves it
+    assert saved and all(key.startswith("param_groups.") for key in saved)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     steps = {id(p): optimizer.state[p]["step"].item() for p in model.parameters()}

@@ -452,7 +452,7 @@ class PipelineStrategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Resume from a distributed checkpoint folder saved under any (pp, tp, dp) layout:
         each rank reads the entries of the parameters it holds (DTensor shards resliced)."""
-        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint import FileSystemReader, load
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
             get_optimizer_state_dict,
@@ -468,12 +468,16 @@ class PipelineStrategy(ModelParallelStrategy):
         state = {"state_dict": get_model_state_dict(self.model)}
         load(state, checkpoint_id=path)
         self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        saved = set(FileSystemReader(path).read_metadata().state_dict_metadata)
         for index, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{index}"
-            state = {key: get_optimizer_state_dict(self.model, optimizer, options=_FLAT)}
+            # every parameter's entries, with torch's zero state on this fresh optimizer
+            wanted = get_optimizer_state_dict(self.model, optimizer, options=_FLAT)
+            state = {key: {k: v for k, v in wanted.items() if f"{key}.{k}" in saved}}
             load(state, checkpoint_id=path)
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key],
-                                     options=_FLAT)
+            set_optimizer_state_dict(self.model, optimizer, options=_FLAT,
+                                     optim_state_dict={**wanted, **state[key]})
+            _drop_unsaved_state(self.model, optimizer, wanted.keys() - state[key].keys())
         return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
@@ -487,15 +491,26 @@ class PipelineStrategy(ModelParallelStrategy):
         state = get_optimizer_state_dict(self.model, optimizer, options=_FLAT)
         if untouched:
             # torch fills an empty optimizer's state with a zero-lr step (step=1, zero
-            # moments) to have something to save: undone here, or a save on a rank that
-            # has not stepped yet (a stage idle in the retriever warm-up) would change its
-            # first real AdamW step's bias correction. The saved entries keep that state.
+            # moments) to have something to save: undone here and left out of the save, or
+            # a rank that has not stepped yet (a stage idle in the retriever warm-up) would
+            # take its first real AdamW step with step=2 bias correction, saved or resumed.
+            # Parameters without state are saved without entries, as in one process.
             optimizer.state.clear()
+            state = {k: v for k, v in state.items() if not k.startswith("state.")}
         return state
 
     def predict_step(self, *args, **kwargs):
         raise RuntimeError(f"{type(self).__name__} does not run prediction; load the "
                            f"checkpoint into a single-device model to generate")
+
+
+def _drop_unsaved_state(model: nn.Module, optimizer, missing_keys) -> None:
+    """Forget the optimizer state of the parameters the checkpoint has no "state.<name>.*"
+    entries for (they had none when it was saved: AdamW had not stepped them yet)."""
+    unsaved = {k[len("state."):].rsplit(".", 1)[0] for k in missing_keys if k.startswith("state.")}
+    for name, param in model.named_parameters():
+        if name in unsaved:
+            optimizer.state.pop(param, None)
 
 
 def _tensors(batch: dict) -> dict[str, torch.Tensor]:
