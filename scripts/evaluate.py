@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 
 from trainers.data import RAGDataModule
+from trainers.errors import run_cli
 from trainers.evaluate import evaluate, format_table
 from trainers.module import RAGModule
+from trainers.run import load_module
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rag", required=True, help="checkpoint trained with --mode rag")
+    p.add_argument("--rag", required=True,
+                   help="checkpoint trained with --mode rag (a file, or a distributed folder)")
     p.add_argument("--closed-book", help="checkpoint trained with --mode closed_book")
     p.add_argument("--data", required=True, help="folder with the split to evaluate")
     p.add_argument("--split", default="test", choices=["val", "test"])
@@ -35,9 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load(checkpoint: str, index: str) -> RAGModule:
-    if not Path(checkpoint).is_file():
-        raise SystemExit(f"checkpoint {checkpoint} does not exist")
-    module = RAGModule.load_from_checkpoint(checkpoint, map_location="cpu", index_dir=index)
+    """A checkpoint file, or a distributed checkpoint folder (the parallel strategy's)."""
+    module = load_module(checkpoint, index_dir=index)
     module.setup("test")
     return module.eval()
 
@@ -61,4 +63,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="evaluate.py")

@@ -6,6 +6,7 @@
 """
 
 from trainers.cli import cli_main
+from trainers.errors import run_cli
 
 if __name__ == "__main__":
-    cli_main()
+    run_cli(lambda argv: cli_main(argv), prog="finetune.py")

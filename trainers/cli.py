@@ -1,11 +1,20 @@
-"""LightningCLI for fine-tuning: `python scripts/finetune.py fit --config configs/demo_rag.yaml`."""
+"""LightningCLI for fine-tuning: `python scripts/finetune.py fit --config configs/demo_rag.yaml`.
+
+Every run gets the long-run callbacks of `trainers.run`: step checkpoints under
+`default_root_dir/checkpoints` (`last.ckpt` the newest, the final step always saved, every
+`val_check_interval` steps too), SIGTERM / SIGUSR1 save-and-exit 75, exact resume with
+`--ckpt_path last`, and the non-finite step guard.
+"""
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
 from trainers.data import RAGDataModule
 from trainers.module import RAGModule
+from trainers.run import Preempted, RunCheckpoints, resume_path, run_callbacks
 
 
 class RAGCLI(LightningCLI):
@@ -15,7 +24,21 @@ class RAGCLI(LightningCLI):
         parser.link_arguments("model.size", "data.model_size")
         parser.link_arguments("model.index_dir", "data.index_dir")
 
+    def before_fit(self) -> None:
+        checkpoints = next(c for c in self.trainer.callbacks if isinstance(c, RunCheckpoints))
+        folder = checkpoints.resolve_dirpath(self.trainer)
+        interval = self.trainer.val_check_interval
+        if checkpoints.every_n_steps is None and isinstance(interval, int):
+            checkpoints.every_n_steps = interval
+        if self.config_init[self.subcommand].get("ckpt_path") is None:
+            resume_path(folder, resume=False)  # refuses to write over an earlier run
+
 
 def cli_main(args=None, *, run: bool = True) -> RAGCLI:
-    return RAGCLI(RAGModule, RAGDataModule, args=args, run=run,
-                  save_config_kwargs={"overwrite": True})
+    try:
+        return RAGCLI(RAGModule, RAGDataModule, args=args, run=run,
+                      save_config_kwargs={"overwrite": True},
+                      trainer_defaults={"callbacks": run_callbacks(None)})
+    except Preempted as stop:  # exit code 75: requeue, then `fit ... --ckpt_path last`
+        print(f"{stop}; continue with --ckpt_path last", file=sys.stderr, flush=True)
+        raise

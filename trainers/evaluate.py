@@ -70,6 +70,7 @@ def evaluate(checkpoints: dict[str, RAGModule], loader: DataLoader, *, seed: int
         module = checkpoints[which]
         previous = module.config.mode
         module.set_mode(mode)
+        np.random.seed(seed)  # the random-document row draws the same documents every time
         try:
             results["systems"][label] = {"exact_match": exact_match_rate(module.model, loader, label)}
         finally:

@@ -136,6 +136,12 @@ def test_resume_and_reshard(pp1_runs):
     loaded = _plain_load(tmp_path / "ckpt_pp2")
     for key, expected in first.items():
         assert torch.equal(loaded[key], expected), key
+    # ... and so does what scripts/evaluate.py reads (trainers.run.load_module)
+    from trainers.run import load_module
+
+    evaluated = dict(load_module(tmp_path / "ckpt_pp2").named_parameters())
+    for key, expected in first.items():
+        assert torch.equal(evaluated[key], expected), key
     pp1_losses, _ = _load(tmp_path, "pp1", 1)
     assert pp1_losses == pytest.approx(first_losses, rel=1e-5)
 

@@ -9,7 +9,7 @@ On a small demo task written by `scripts/make_demo_data.py` and a FAISS index bu
 (pp=2 x tp=2, partition "auto", 1F1B over 4 micro-batches) runs at the tiny size with a
 third YAML for the small settings: 3 steps (the first a retriever warm-up step on stage 0,
 then joint), validation after step 3 over 18 examples in batches of 8 (the last one
-partial), the checkpoint `ModelCheckpoint` writes. Then `finetune.py test --ckpt_path` on
+partial), the final-step checkpoint `trainers.run` writes. Then `finetune.py test --ckpt_path` on
 4 processes from that checkpoint. Checked: every logged number is finite, the checkpoint is
 a torch.distributed.checkpoint folder, and the test's generator loss, exact match and
 recall@k equal a one-process `Trainer.test` of the same checkpoint (those do not depend on
@@ -91,8 +91,9 @@ def test_readme_parallel_recipe_fits_then_tests_from_its_checkpoint(demo_task, t
                  recall):
         assert math.isfinite(fit[name]), (name, fit)
     assert fit["step"] >= 2  # the joint steps after the warm-up step were logged
-    (checkpoint,) = (tmp_path / "logs" / "cli" / "version_0" / "checkpoints").iterdir()
-    assert checkpoint.name == "epoch=0-step=3.ckpt" and (checkpoint / ".metadata").is_file()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"  # trainers.run's final-step save
+    checkpoint = last.resolve()
+    assert checkpoint.name == "step-0000003.ckpt" and (checkpoint / ".metadata").is_file()
 
     torchrun("test", *config, "--ckpt_path", str(checkpoint))
     tested = metrics(tmp_path / "logs" / "cli" / "version_1" / "metrics.csv")

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 LAST = "last.ckpt"
 PREFIX = "step-"
@@ -94,28 +96,41 @@ class RunCheckpoints(Checkpoint):
     """Periodic, final and on-demand checkpoints of a run, crash-safe (see the module doc).
 
     Args:
-        dirpath: the run's checkpoint folder.
+        dirpath: the run's checkpoint folder (None: `default_root_dir/checkpoints`, set at
+            setup or by `resolve_dirpath`).
         every_n_steps: also save every N optimizer steps (None: only the final step).
         keep: how many step checkpoints to keep (>= 1); the newest is always one of them.
     """
 
-    def __init__(self, dirpath: str | Path, *, every_n_steps: int | None = None,
+    def __init__(self, dirpath: str | Path | None = None, *, every_n_steps: int | None = None,
                  keep: int = 2) -> None:
         if keep < 1:
             raise ValueError(f"keep={keep}: at least the newest checkpoint must be kept (keep >= 1)")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps} must be >= 1 (or None)")
-        self.dirpath = Path(dirpath)
+        self.dirpath = Path(dirpath) if dirpath is not None else None
         self.every_n_steps = every_n_steps
         self.keep = keep
         self.saved_step: int | None = None
         self.saved_path: Path | None = None
 
+    def resolve_dirpath(self, trainer) -> Path:
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
+        return self.dirpath
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        folder = self.resolve_dirpath(trainer)
+        if trainer.is_global_zero and folder.is_dir():
+            for stale in folder.glob(".*.partial"):  # saves cut short by a kill
+                _remove(stale)
+
     @property
     def last_model_path(self) -> str:
         """What `ckpt_path="last"` resumes from (Lightning reads this attribute)."""
-        target = latest(self.dirpath)
-        return str(self.dirpath / LAST) if target is not None else ""
+        if self.dirpath is None or latest(self.dirpath) is None:
+            return ""
+        return str(self.dirpath / LAST)
 
     # -- when -------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -135,6 +150,7 @@ class RunCheckpoints(Checkpoint):
         """Save the trainer's state now (every rank calls this), switch `last.ckpt` to it and
         prune old checkpoints; returns the checkpoint's path."""
         step = trainer.global_step
+        started = time.monotonic()
         self._check_finite(trainer, step)
         final = self.dirpath / step_name(step)
         partial = self.dirpath / f".{final.name}.partial"
@@ -162,6 +178,8 @@ class RunCheckpoints(Checkpoint):
                 _remove(old)
         trainer.strategy.barrier("run_checkpoints_done")
         self.saved_path = final
+        rank_zero_info(f"checkpoint: step {step} saved to {final} in "
+                       f"{time.monotonic() - started:.2f} s")
         return final
 
     @staticmethod

@@ -51,24 +51,29 @@ def resume_position(trainer, batches_per_epoch: int) -> int:
 
 
 def _snapshot() -> dict:
-    numpy_state = np.random.get_state()
+    """This process's generators as plain bytes and numbers (safe to gather and to load)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
     state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "torch": torch.get_rng_state().numpy().tobytes(),
+        "numpy": [kind, keys.astype(np.uint32).tobytes(), position, has_gauss, gauss],
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.cpu().numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def _restore(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32).copy(), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in state["cuda"]])
 
 
 class RandomState(Callback):
