@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainers.data import RAGDataModule
+from trainers.data import RAGDataModule, add_data_arguments, data_kwargs
 from trainers.errors import run_cli
 from trainers.evaluate import evaluate, format_table
 from trainers.module import RAGModule
@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the training run (for 'before')")
     p.add_argument("--json", help="write the results here")
+    add_data_arguments(p)  # --on-bad, --fix-images, the column flags
     return p.parse_args(argv)
 
 
@@ -51,7 +52,7 @@ def main(argv=None) -> dict:
     if args.closed_book:
         modules["closed_book"] = load(args.closed_book, args.index)
     data = RAGDataModule(args.data, index_dir=args.index, model_size=modules["rag"].hparams.size,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, **data_kwargs(args))
     data.setup(args.split)
     loader = data.test_dataloader() if args.split == "test" else data.val_dataloader()
     results = evaluate(modules, loader, seed=args.seed)
