@@ -183,7 +183,8 @@ class PipelineStrategy(ModelParallelStrategy):
                         binding_groups(model, self.pipeline_config, self._ties))
         check_tensor_parallel(model, self.dims.tp)
         self._check_split_ties(model)
-        self._check_retriever_warmup()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_retriever_warmup()
         self._drop_remote_units(model)
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.device_mesh["tp"],
@@ -234,8 +235,9 @@ class PipelineStrategy(ModelParallelStrategy):
                     )
 
     def _check_retriever_warmup(self) -> None:
-        """The retriever warm-up runs the retrieval unit outside the pipeline (not through
-        its `forward`), which FSDP2's gathering and gradient reduction do not see."""
+        """For `fit`: the retriever warm-up runs the retrieval unit outside the pipeline (not
+        through its `forward`), which FSDP2's gathering and gradient reduction do not see
+        (validation and test of such a module under dp > 1 are fine)."""
         module = self.lightning_module
         steps = getattr(module, "hparams", {}).get("retriever_warmup_steps", 0)
         mode = getattr(getattr(module, "config", None), "mode", None)
