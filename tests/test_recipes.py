@@ -31,6 +31,8 @@ RUN_HERE = [name for name in RECIPES if name not in RUN_ELSEWHERE]
 def test_every_recipe_is_run_by_a_test():
     assert set(RUN_HERE) | set(RUN_ELSEWHERE) == set(RECIPES)
     assert {"demo_rag.yaml", "closed_book.yaml", "gpu_bf16.yaml"} <= set(RUN_HERE)
+    for recipe, test_file in RUN_ELSEWHERE.items():  # that test exists and runs the recipe
+        assert f"configs/{recipe}" in (ROOT / test_file).read_text(), (recipe, test_file)
 
 
 def _marked(name: str):
