@@ -34,6 +34,7 @@ from rag_mm.retriever import (
     build_text_encoder,
     contrastive_loss,
 )
+from rag_mm.text_encoder import at_least_fp32
 from rag_mm.tokenizer import load_tokenizer
 
 Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -279,7 +280,7 @@ class Head(nn.Module):
     def sequence_logprob(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over labelled positions of log p(label), per sequence: (B*k,)."""
         where = labels != IGNORE
-        logits = self.lm_head(self.norm(hidden[where])).float()
+        logits = at_least_fp32(self.lm_head(self.norm(hidden[where])))
         token_logp = -F.cross_entropy(logits, labels[where], reduction="none")
         per_seq = torch.zeros(labels.shape, dtype=token_logp.dtype, device=labels.device)
         return per_seq.masked_scatter(where, token_logp).sum(dim=1)
@@ -288,8 +289,8 @@ class Head(nn.Module):
         """(B, 2): -log sum_k softmax(s)_k p(y | doc_k), and the weighted retriever loss."""
         batch_size, k = doc_logits.shape
         seq_logp = self.sequence_logprob(hidden, labels).view(batch_size, k)
-        marginal = torch.logsumexp(F.log_softmax(doc_logits.float(), dim=-1) + seq_logp, dim=-1)
-        return torch.stack([-marginal, self.contrastive_weight * contrastive.float()], dim=-1)
+        marginal = torch.logsumexp(F.log_softmax(at_least_fp32(doc_logits), dim=-1) + seq_logp, dim=-1)
+        return torch.stack([-marginal, self.contrastive_weight * at_least_fp32(contrastive)], dim=-1)
 
     def next_token_logprobs(self, hidden, key_valid, labels, doc_logits, contrastive, *,
                             step: int) -> torch.Tensor:
@@ -298,8 +299,8 @@ class Head(nn.Module):
         answer so far (`RetrievalUnit.answer_carry`)."""
         batch_size = doc_logits.shape[0]
         position = hidden.shape[1] - self.max_target_tokens + step - 1  # predicts token `step`
-        logp = F.log_softmax(self.lm_head(self.norm(hidden[:, position])).float(), dim=-1)
-        doc_logp = F.log_softmax(doc_logits.float(), dim=-1)
+        logp = F.log_softmax(at_least_fp32(self.lm_head(self.norm(hidden[:, position]))), dim=-1)
+        doc_logp = F.log_softmax(at_least_fp32(doc_logits), dim=-1)
         return torch.logsumexp(doc_logp[..., None] + logp.view(batch_size, -1, logp.shape[-1]), 1)
 
 

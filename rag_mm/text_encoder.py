@@ -162,8 +162,14 @@ class TextEncoder(nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        pooled = pooled.float()
+        pooled = at_least_fp32(pooled)
         return F.normalize(pooled, p=2, dim=1) if self.pooling.normalize else pooled
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, or kept in float64 (bf16 / fp16 results are upcast; a float64 model,
+    the parity tests' exact reference, stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _write_pooling_files(folder: Path, pooling: PoolingConfig, dim: int) -> None:

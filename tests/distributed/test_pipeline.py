@@ -186,9 +186,9 @@ def test_pipeline_step_matches_single_process(case, pipeline_runs):
                                        kept["retrieval.tok_embed.weight"], rtol=0, atol=0)
     assert grads.keys() == ref["grads"].keys()
     assert values.keys() == ref["values"].keys()
-    assert ref["grads"]["retrieval.query_encoder.image_proj.weight"].abs().sum() > 0
-    for name, expected in ref["grads"].items():
+    assert ref["grads"]["retrieval.query_encoder.image_proj.weight"].fp32.abs().sum() > 0
+    for name, expected in ref["grads"].items():  # fp32 error bounds: see assert_fp32_close
         assert_fp32_close(grads[name], expected, name)
     for name, expected in ref["values"].items():
-        assert_fp32_close(values[name], expected, name, slack=1e-3 * LR)
+        assert_fp32_close(values[name], expected, name)
 

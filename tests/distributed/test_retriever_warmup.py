@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 
 from rag_mm.model import InMemoryBackend, synthetic_batch
-from tests.helpers.parallel import ADAM_EPS, LR, NUM_DOCS, TWO, assert_fp32_close
+from tests.helpers.parallel import ADAM_EPS, LR, NUM_DOCS, TWO, Reference, assert_fp32_close
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
 from trainers.parallel.strategy import PipelineStrategy
 
@@ -134,6 +134,13 @@ def test_retriever_warmup_matches_single_process(tmp_path):
     ref_resumed_values = _values(resumed)
     assert set(ref.grads) and all(".query_encoder." in n for n in ref.grads)
     assert ref.lrs[1] > ref.lrs[2] < ref.lrs[3]  # the warm-up phase decays, the joint one restarts
+    # the same two one-process runs in float64: the truth for assert_fp32_close
+    module = make_module()
+    exact = fit(module, save_dir=tmp_path / "exact", devices=1, precision="64-true")
+    exact_values = _values(module)
+    resumed = make_module()
+    fit(resumed, resume=tmp_path / "exact" / "epoch=0.ckpt", devices=1, precision="64-true")
+    exact_resumed_values = _values(resumed)
 
     run_local(_worker, 2, str(tmp_path))
     results = [torch.load(tmp_path / f"warmup_{r}.pt") for r in range(2)]
@@ -144,14 +151,15 @@ def test_retriever_warmup_matches_single_process(tmp_path):
         assert result["resumed_losses"] == pytest.approx(ref_resumed.losses, rel=1e-5)
     assert ref_resumed.lrs == pytest.approx(ref.lrs[EPOCH:], rel=1e-12)
     assert results[1]["grads"] == {}  # stage 1 idles during the warm-up
-    for key, expected_all, slack in (("grads", ref.grads, 0.0),
-                                     ("first_values", ref.values, 1e-3 * LR),
-                                     ("values", ref_values, 1e-3 * LR),
-                                     ("resumed", ref_resumed_values, 1e-3 * LR)):
+    for key, expected_all in (("grads", Reference.pair(ref.grads, exact.grads)),
+                              ("first_values", Reference.pair(ref.values, exact.values)),
+                              ("values", Reference.pair(ref_values, exact_values)),
+                              ("resumed", Reference.pair(ref_resumed_values,
+                                                         exact_resumed_values))):
         kept = {n: v for r in results for n, v in r[key].items()}
         assert kept.keys() == expected_all.keys(), key
         for name, expected in expected_all.items():
-            assert_fp32_close(kept[name], expected, name, slack=slack)
+            assert_fp32_close(kept[name], expected, f"{key} {name}")
     moved = {n for n in ref_values if not torch.equal(ref_values[n], initial[n])}
     assert any(n.startswith("model.blocks.") for n in moved)  # the joint step trained them
 

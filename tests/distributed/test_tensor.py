@@ -180,7 +180,7 @@ def _assert_matches_reference(losses, grads, values, micro: int, **overrides) ->
     for name, expected in ref["grads"].items():
         assert_fp32_close(grads[name], expected, name)
     for name, expected in ref["values"].items():
-        assert_fp32_close(values[name], expected, name, slack=1e-3 * LR)
+        assert_fp32_close(values[name], expected, name)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_dp2_tp2_sequence_parallel_step_matches_single_process(pp_tp_runs):
         assert_fp32_close(grads[name], expected, name)
         assert torch.equal(replicas[1]["grads"][name], grads[name]), name
     for name, expected in ref["values"].items():
-        assert_fp32_close(values[name], expected, name, slack=1e-3 * LR)
+        assert_fp32_close(values[name], expected, name)
 
 
 @pytest.mark.distributed
