@@ -139,6 +139,14 @@ class RAGModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record each optimizer group's parameter names: torch keys a one-process optimizer
+        state by index, and `PipelineStrategy` resumes such a file by name."""
+        from trainers.parallel.single_device import PARAM_NAMES, param_names
+
+        if self._trainer is not None:
+            checkpoint[PARAM_NAMES] = param_names(self, self.trainer.optimizers)
+
 
 def phase_bounds(total: int, retriever_warmup: int) -> list[tuple[int, int]]:
     """[(start, end)) step ranges that each get their own warm-up and decay: the retriever's

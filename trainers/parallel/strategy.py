@@ -453,7 +453,8 @@ class PipelineStrategy(ModelParallelStrategy):
     # -- checkpoints -----------------------------------------------------------------------------
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Resume from a distributed checkpoint folder saved under any (pp, tp, dp) layout:
-        each rank reads the entries of the parameters it holds (DTensor shards resliced)."""
+        each rank reads the entries of the parameters it holds (DTensor shards resliced).
+        A one-process Lightning checkpoint file resumes too (`single_device`)."""
         from torch.distributed.checkpoint import FileSystemReader, load
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
@@ -462,6 +463,14 @@ class PipelineStrategy(ModelParallelStrategy):
         )
 
         path = Path(self.broadcast(checkpoint_path))
+        if path.is_file():  # e.g. scripts/pretrain.py's last.ckpt (a link to a step file)
+            from lightning.fabric.utilities.cloud_io import _load
+
+            from trainers.parallel.single_device import load_single_device_checkpoint
+
+            checkpoint = _load(path, map_location="cpu", weights_only=weights_only)
+            return load_single_device_checkpoint(self.model, self.optimizers, checkpoint, path,
+                                                 strict=self.lightning_module.strict_loading)
         if not (path / _METADATA_FILENAME).is_file():
             raise ValueError(
                 f"{path} is not a distributed checkpoint folder (no {_METADATA_FILENAME}); "
