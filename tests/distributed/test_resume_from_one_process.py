@@ -5,12 +5,13 @@ schedule, gradient clipping) for 4 steps (2 epochs of 2 batches), `RunCheckpoint
 `checkpoints/step-0000002.ckpt` and `step-0000004.ckpt` as `scripts/pretrain.py` does;
 `last.ckpt` is then pointed back at step 2 (a run preempted there). Two gloo processes
 (pp=2, GPipe with one micro-batch, so the in-batch negatives are the whole batch as in the
-module's own step) resume `last.ckpt` and fit steps 3-4. Their losses and learning rates
-and every parameter at the end equal the uninterrupted one-process run, within fp32 error
+module's own step) resume `last.ckpt` and fit steps 3-4; so do four (pp=2 x tp=2: DTensor
+shards; pp=2 x dp=2: FSDP2 shards). Their losses and learning rates and every parameter
+at the end equal the uninterrupted one-process run, within fp32 error
 (`assert_fp32_close`, against the same run in float64). Without processes: the optimizer state read back by name equals
 the saved one, and a file without the parameter names is refused by name.
 
-Run: .venv/bin/pytest tests/distributed/test_resume_from_one_process.py -q  (about 40 s on 2 cores)
+Run: .venv/bin/pytest tests/distributed/test_resume_from_one_process.py -q  (about 90 s on 2 cores)
 """
 
 from __future__ import annotations
@@ -84,13 +85,17 @@ def fit(module, *, resume: Path | None = None, save_dir: Path | None = None,
     return recorder, values
 
 
-def _resume_pp2(rank: int, world_size: int, out_dir: str) -> None:
-    strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2, num_microbatches=1,
-                                schedule="gpipe")
-    recorder, values = fit(make_module(), devices=world_size, strategy=strategy,
-                           resume=Path(out_dir) / "checkpoints" / "last.ckpt")
-    torch.save({"losses": recorder.losses, "lrs": recorder.lrs, "values": values},
-               Path(out_dir) / f"pp2_{rank}.pt")
+def _resume(rank: int, world_size: int, out_dir: str, layouts: tuple[str, ...]) -> None:
+    """Resume last.ckpt at pp=2 (x tp=2, or x dp=2 with FSDP2: every replica reads the same
+    batches, so dp=2 trains like dp=1)."""
+    for layout in layouts:
+        strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2,
+                                    tensor_parallel_size=2 if layout == "pp2xtp2" else 1,
+                                    num_microbatches=1, schedule="gpipe")
+        recorder, values = fit(make_module(), devices=world_size, strategy=strategy,
+                               resume=Path(out_dir) / "checkpoints" / "last.ckpt")
+        torch.save({"losses": recorder.losses, "lrs": recorder.lrs, "values": values},
+                   Path(out_dir) / f"{layout}_{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -106,26 +111,45 @@ def saved(tmp_path_factory) -> tuple[Path, Recorder, dict]:
     return out, recorder, values
 
 
+@pytest.fixture(scope="module")
+def exact() -> tuple[Recorder, dict]:
+    """The uninterrupted run in float64: the truth for assert_fp32_close."""
+    return fit(make_module(), devices=1, precision="64-true")
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_one_process_file_resumes_at_pp2(saved):
+def test_one_process_file_resumes_at_pp2(saved, exact):
     from trainers.parallel.local import run_local
 
-    saved, ref, ref_values = saved
-    exact, exact_values = fit(make_module(), devices=1, precision="64-true")
-    assert len(ref.losses) == STEPS and ref.lrs[2] != ref.lrs[3]  # the schedule moves
+    run_local(_resume, 2, str(saved[0]), ("pp2",))
+    _assert_resumed_like_one_process(saved, exact, "pp2", 2)
 
-    run_local(_resume_pp2, 2, str(saved))
-    results = [torch.load(saved / f"pp2_{r}.pt") for r in range(2)]
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_one_process_file_resumes_with_tensor_and_data_parallel_shards(saved, exact):
+    from trainers.parallel.local import run_local
+
+    run_local(_resume, 4, str(saved[0]), ("pp2xtp2", "pp2xdp2"))
+    for layout in ("pp2xtp2", "pp2xdp2"):
+        _assert_resumed_like_one_process(saved, exact, layout, 4)
+
+
+def _assert_resumed_like_one_process(saved, exact, layout: str, ranks: int) -> None:
+    saved, ref, ref_values = saved
+    exact, exact_values = exact
+    assert len(ref.losses) == STEPS and ref.lrs[2] != ref.lrs[3]  # the schedule moves
+    results = [torch.load(saved / f"{layout}_{r}.pt") for r in range(ranks)]
     losses = Reference(torch.tensor(ref.losses[EPOCH:]), torch.tensor(exact.losses[EPOCH:]))
     for result in results:  # every rank logs the one-process numbers of steps 3-4
         assert result["lrs"] == pytest.approx(ref.lrs[EPOCH:], rel=1e-12)
-        assert_fp32_close(torch.tensor(result["losses"]), losses, "losses")
+        assert_fp32_close(torch.tensor(result["losses"]), losses, f"{layout} losses")
     values = {n: v for r in results for n, v in r["values"].items()}
     expected = Reference.pair(ref_values, exact_values)
-    assert values.keys() == expected.keys()
+    assert values.keys() == expected.keys(), layout
     for name, reference in expected.items():
-        assert_fp32_close(values[name], reference, name)
+        assert_fp32_close(values[name], reference, f"{layout} {name}")
 
 
 def test_optimizer_state_comes_back_by_name(saved):
