@@ -97,7 +97,7 @@ def main() -> None:
         process = subprocess.Popen([*command, *resume], env=ENV, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         before = {p.name for p in saved_steps(folder)}
-        wait(lambda before=before: {p.name for p in saved_steps(folder)} > before, process)
+        wait(lambda before=before: not {p.name for p in saved_steps(folder)} <= before, process)
         if trial % 2 == 0:
             wait(lambda: any(p.name.endswith(".partial") for p in folder.glob(".*")), process)
         else:
