@@ -284,3 +284,30 @@ def test_cli_saves_resumes_from_last_and_refuses_to_overwrite(demo, tmp_path):
     assert cli.trainer.global_step == 4 and latest(folder).name == "step-0000004.ckpt"
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         cli_main(args(5))
+
+
+def test_an_epoch_based_run_saves_its_last_epoch_and_resumes_exactly(demo, tmp_path):
+    """max_epochs instead of max_steps: the final save happens at the end of the last epoch
+    (a clean resume point), and a 1-epoch run resumed to 2 epochs equals a 2-epoch run."""
+
+    def epochs(out: Path, count: int, resume: bool = False):
+        L.seed_everything(0)
+        data = RAGDataModule(demo / "data", index_dir=str(demo / "index"), model_size="tiny",
+                             batch_size=BATCH)
+        module = RAGModule(size="tiny", index_dir=str(demo / "index"),
+                           retriever_warmup_steps=100)
+        trainer = L.Trainer(max_epochs=count, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, default_root_dir=out,
+                            callbacks=run_callbacks(out / "checkpoints"))
+        trainer.fit(module, datamodule=data,
+                    ckpt_path=out / "checkpoints" / LAST if resume else None)
+        return trainer.global_step, trained_values(module)
+
+    steps, straight = epochs(tmp_path / "straight", 2)
+    assert steps == 12  # 96 examples in batches of 16, two epochs
+    assert epochs(tmp_path / "run", 1)[0] == 6
+    assert latest(tmp_path / "run" / "checkpoints").name == "step-0000006.ckpt"
+    steps, resumed = epochs(tmp_path / "run", 2, resume=True)
+    assert steps == 12
+    assert_same_weights(resumed, straight)

@@ -141,6 +141,13 @@ class RunCheckpoints(Checkpoint):
         if final or (self.every_n_steps and step % self.every_n_steps == 0):
             self.save(trainer)
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # an epoch-based run's last epoch: saved here, where Lightning resumes from cleanly
+        last_epoch = trainer.max_epochs not in (None, -1) and \
+            trainer.current_epoch + 1 >= trainer.max_epochs
+        if (last_epoch or trainer.should_stop) and trainer.global_step != self.saved_step:
+            self.save(trainer)
+
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self.saved_step:  # training ended off the step grid
             self.save(trainer)
