@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from retrieval_index.durable import fsync_path
+
 LAST = "last.ckpt"
 PREFIX = "step-"
 
@@ -61,19 +63,7 @@ def _fsync(path: Path) -> None:
     """Flush a file, or every file of a folder and the folder itself, to disk."""
     paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] + [path]
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(p)
 
 
 def _remove(path: Path) -> None:
@@ -89,7 +79,7 @@ def point_last(dirpath: Path, target: Path) -> None:
     _remove(link)
     link.symlink_to(target.name)
     os.replace(link, dirpath / LAST)
-    _fsync_dir(dirpath)
+    fsync_path(dirpath)
 
 
 class RunCheckpoints(Checkpoint):
@@ -179,7 +169,7 @@ class RunCheckpoints(Checkpoint):
                     point_last(self.dirpath, partial)
                 _remove(final)
             os.replace(partial, final)
-            _fsync_dir(self.dirpath)
+            fsync_path(self.dirpath)
             point_last(self.dirpath, final)
             for old in saved_steps(self.dirpath)[: -self.keep]:
                 _remove(old)
