@@ -112,8 +112,10 @@ class RunCheckpoints(Checkpoint):
     def setup(self, trainer, pl_module, stage: str) -> None:
         folder = self.resolve_dirpath(trainer)
         if trainer.is_global_zero and folder.is_dir():
+            pointed = (folder / LAST).resolve()
             for stale in folder.glob(".*.partial"):  # saves cut short by a kill
-                _remove(stale)
+                if stale.resolve() != pointed:  # (a re-save of `last`'s step points there)
+                    _remove(stale)
 
     @property
     def last_model_path(self) -> str:
