@@ -22,15 +22,14 @@ import lightning as L
 import pytest
 import torch
 
-from rag_mm.model import InMemoryBackend, synthetic_batch
+from rag_mm.model import synthetic_batch
 from tests.helpers.parallel import (
-    ADAM_EPS,
-    LR,
     NUM_DOCS,
     TWO,
     Reference,
     assert_fp32_close,
     full_tensor,
+    make_scheduled_module,
 )
 from trainers.parallel.strategy import PipelineStrategy
 
@@ -38,21 +37,7 @@ STEPS, EPOCH, BATCH = 4, 2, 4  # 2 epochs of 2 batches
 
 
 def make_module():
-    from trainers.module import RAGModule
-
-    torch.manual_seed(0)
-    module = RAGModule(size="tiny", mode="rag", lr=LR, warmup_steps=2)
-    module.model.attach(InMemoryBackend.random(NUM_DOCS))
-    configure = module.configure_optimizers
-
-    def configure_optimizers():  # the module's own groups and schedule; eps: see ADAM_EPS
-        config = configure()
-        for group in config["optimizer"].param_groups:
-            group["eps"] = ADAM_EPS
-        return config
-
-    module.configure_optimizers = configure_optimizers
-    return module
+    return make_scheduled_module()
 
 
 class Recorder(L.Callback):

@@ -23,11 +23,18 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from rag_mm.model import InMemoryBackend, synthetic_batch
-from tests.helpers.parallel import ADAM_EPS, LR, NUM_DOCS, TWO, Reference, assert_fp32_close
+from rag_mm.model import synthetic_batch
+from tests.helpers.parallel import (
+    LR,
+    NUM_DOCS,
+    TWO,
+    Reference,
+    assert_fp32_close,
+    make_scheduled_module,
+)
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
 from trainers.parallel.strategy import PipelineStrategy
 
@@ -35,22 +42,7 @@ WARMUP, STEPS, EPOCH, BATCH = 3, 4, 2, 4  # 2 epochs of 2 batches
 
 
 def make_module():
-    from trainers.module import RAGModule
-
-    torch.manual_seed(0)
-    module = RAGModule(size="tiny", mode="rag", lr=LR, warmup_steps=2,
-                       retriever_warmup_steps=WARMUP)
-    module.model.attach(InMemoryBackend.random(NUM_DOCS))
-    configure = module.configure_optimizers
-
-    def configure_optimizers():  # the module's own groups and schedule; eps: see ADAM_EPS
-        config = configure()
-        for group in config["optimizer"].param_groups:
-            group["eps"] = ADAM_EPS
-        return config
-
-    module.configure_optimizers = configure_optimizers
-    return module
+    return make_scheduled_module(retriever_warmup_steps=WARMUP)
 
 
 class Recorder(L.Callback):

@@ -167,6 +167,26 @@ def make_module(*, tied: bool = False):
     return module
 
 
+def make_scheduled_module(**hparams):
+    """The tiny `RAGModule` with its own optimizer groups and LR schedule (`hparams`: e.g.
+    `retriever_warmup_steps`), only AdamW's eps raised to ADAM_EPS (see there)."""
+    from trainers.module import RAGModule
+
+    torch.manual_seed(0)
+    module = RAGModule(size="tiny", mode="rag", lr=LR, warmup_steps=2, **hparams)
+    module.model.attach(InMemoryBackend.random(NUM_DOCS))
+    configure = module.configure_optimizers
+
+    def configure_optimizers():
+        config = configure()
+        for group in config["optimizer"].param_groups:
+            group["eps"] = ADAM_EPS
+        return config
+
+    module.configure_optimizers = configure_optimizers
+    return module
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind an FSDP / TP shard (collective over its mesh)."""
     from torch.distributed.tensor import DTensor
