@@ -13,7 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainers.partition.chain import CostChain, MemoryModel, UnitCost
+from trainers.partition.chain import (
+    CostChain,
+    MemoryModel,
+    UnitCost,
+    checkpointed_layers,
+    with_activation_checkpointing,
+)
 from trainers.partition.partition import (
     InfeasibleError,
     PartitionConfig,
@@ -37,6 +43,7 @@ def chains(draw, min_units=2, max_units=9):
                            param_count=draw(st.integers(0, 1000)),
                            param_bytes=draw(st.integers(0, 4000)),
                            act_bytes=draw(st.integers(0, 500)),
+                           recompute_bytes=draw(st.one_of(st.just(0), st.integers(0, 3000))),
                            out_bytes=draw(st.integers(0, 10**9)),
                            is_layer=draw(st.booleans()))
                   for i in range(n))
@@ -308,3 +315,65 @@ def test_simulated_schedules_respect_every_dependency(p, v, k, data):
         assert sim.bubble == pytest.approx(1 - busy / (p * sim.step_ms))
     if name == "1f1b":
         assert sim.peak_inflight == tuple(min(p - s, m) for s in range(p))
+
+
+def _blocks_chain(num_blocks=4):
+    """embed, blocks.0 .. blocks.{n-1}, head: each 1 ms forward, 2 ms backward, 1000 static
+    bytes, 10 output bytes; blocks keep 100 activation bytes, embed and head 50."""
+    def unit(name, layer=None, act=100.0):
+        return UnitCost(name=name, fwd_ms=1, bwd_ms=2, state_bytes=1000, act_bytes=act,
+                        out_bytes=10, flops=30, is_layer=layer is not None, layer=layer)
+    return CostChain(units=(unit("embed", act=50),
+                            *(unit(f"blocks.{i}", f"blocks.{i}") for i in range(num_blocks)),
+                            unit("head", act=50)))
+
+
+def test_activation_checkpointing_units_by_hand():
+    chain = _blocks_chain()
+    assert checkpointed_layers(chain, "full") == checkpointed_layers(chain, 1) == tuple(
+        f"blocks.{i}" for i in range(4))
+    assert checkpointed_layers(chain, 2) == ("blocks.1", "blocks.3")  # 1-based multiples
+    assert checkpointed_layers(chain, 3) == ("blocks.2",)
+    assert checkpointed_layers(chain, "off") == checkpointed_layers(chain, 0) == ()
+    assert checkpointed_layers(chain, ["blocks.3", "blocks.0"]) == ("blocks.0", "blocks.3")
+    ckpt = with_activation_checkpointing(chain, 2).units
+    # blocks.1: keeps its input (the 10 bytes blocks.0 sends), backward = 2 + 1 recomputed
+    # forward, rebuilds its 100 bytes for that backward, runs 30 + 10 FLOPs
+    assert (ckpt[2].act_bytes, ckpt[2].bwd_ms, ckpt[2].recompute_bytes, ckpt[2].flops) == (
+        10, 3, 100, 40)
+    assert (ckpt[1].act_bytes, ckpt[1].bwd_ms, ckpt[1].recompute_bytes) == (100, 2, 0)
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, r"activation_checkpointing=-1: must be >= 0"),
+    ("some", r"activation_checkpointing='some': valid: 'off', 'full'"),
+    (["blocks.9"], r"names \['blocks.9'\], which are not blocks of the chain"),
+])
+def test_activation_checkpointing_bad_values(value, message):
+    with pytest.raises(ValueError, match=message):
+        checkpointed_layers(_blocks_chain(), value)
+
+
+def test_activation_checkpointing_memory_and_step_by_hand():
+    """2 stages, 1F1B, 4 micro-batches: [embed, blocks.0, blocks.1] | [blocks.2, blocks.3,
+    head]; rank 0 holds 2 micro-batches in flight, rank 1 one."""
+    chain = _blocks_chain()
+    plans = {}
+    for ac in (None, "full", 2):
+        plans[ac] = plan_partition(chain, PartitionConfig(
+            num_stages=2, activation_checkpointing=ac,
+            schedule=ScheduleSpec(name="1f1b", num_microbatches=4))).plan
+        assert plans[ac].cuts == (3,)
+    # off: 3000 static + in flight x (50 + 100 + 100) / (100 + 100 + 50)
+    assert plans[None].rank_memory_bytes == (3000 + 2 * 250, 3000 + 1 * 250)
+    # every block: each keeps its 10-byte input; + one block's 100 bytes rebuilt
+    assert plans["full"].rank_memory_bytes == (3000 + 2 * (50 + 10 + 10) + 100,
+                                               3000 + 1 * (10 + 10 + 50) + 100)
+    # every 2nd block (blocks.1, blocks.3)
+    assert plans[2].rank_memory_bytes == (3000 + 2 * (50 + 100 + 10) + 100,
+                                          3000 + 1 * (100 + 10 + 50) + 100)
+    # per micro-batch per rank 9 ms, + 1 ms per recomputed block on the rank; 1F1B with
+    # balanced stages: (m + p - 1) x that, the same transfers either way
+    for ac, per_rank in ((None, 9), ("full", 11), (2, 10)):
+        assert plans[ac].rank_compute_ms == (per_rank, per_rank)
+        assert plans[ac].step_ms - plans[None].step_ms == pytest.approx(5 * (per_rank - 9))

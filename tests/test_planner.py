@@ -314,3 +314,30 @@ def test_auto_partition_takes_the_training_batch_and_dp():
                             batch_size=4, dp_size=8, device=device)  # ... an eighth does
     assert [n for stage in stages for n in stage] == ["retrieval", "blocks.0", "blocks.1",
                                                       "head"]
+
+
+def test_auto_partition_takes_activation_checkpointing_and_a_gpu_name():
+    """8 tiny blocks, batch 64 over 2 micro-batches, dp = 8: on a 0.1 GiB device the
+    activations in flight do not fit; checkpointing every block (or every 2nd) they do."""
+    from dataclasses import replace
+
+    from rag_mm.config import model_config
+    from trainers.parallel.auto import auto_partition
+    from trainers.partition.costs import DeviceSpec
+    from trainers.partition.hardware import device_spec_for
+    from trainers.partition.partition import InfeasibleError
+
+    tiny = model_config("tiny")
+    config = model_config("tiny", generator=replace(tiny.generator, num_layers=8))
+    device = DeviceSpec(name="0.1 GiB", tflops=1.0, mem_gb_per_s=10.0, memory_gib=0.1)
+    kwargs = {"pp_size": 2, "schedule": "1f1b", "num_microbatches": 2, "batch_size": 64,
+              "dp_size": 8, "device": device}
+    with pytest.raises(InfeasibleError):
+        auto_partition(config, **kwargs)
+    stages = auto_partition(config, activation_checkpointing="full", **kwargs)
+    assert stages == [["retrieval"], [f"blocks.{i}" for i in range(8)] + ["head"]]
+    spec = device_spec_for("h100-80gb")
+    assert (spec.tflops, spec.mem_gb_per_s, spec.memory_gib) == (989.0, 3350.0, 80.0)
+    with pytest.raises(ValueError, match=r"partition device 'v100' is unknown; valid: "
+                                         r"a100-40gb, a100-80gb, h100-80gb, h200"):
+        auto_partition(config, **{**kwargs, "device": "v100"})

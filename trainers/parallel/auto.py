@@ -2,7 +2,8 @@
 
 The model is costed analytically (meta device, shapes only) for the device this process
 trains on (`hardware.local_device_spec`: the named GPU spec under CUDA, a fixed CPU spec
-otherwise, the same on every rank) and at the batch size it trains with, cut by
+otherwise, the same on every rank; or a GPU named by the caller), at the batch size it
+trains with, with FSDP2's sharding over dp and the blocks it checkpoints, cut by
 `trainers.partition.plan_partition` under that device's memory and the planner schedule
 of the same shape as the pipeline schedule, and returned as unit-name lists in stage order
 (chunk c of an interleaved plan is stage c).
@@ -29,25 +30,34 @@ def planner_schedule(schedule: str, num_microbatches: int):
 
 def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int,
                    batch_size: int | None = None, dp_size: int = 1,
-                   device=None) -> list[list[str]]:
+                   activation_checkpointing=None, device=None) -> list[list[str]]:
     """Stages (unit names) for a `rag_mm.config.ModelConfig` on `pp_size` pipeline ranks.
 
-    batch_size: samples per step in one pipeline (None: costed per micro-batch of one).
+    batch_size: samples per step in one pipeline, i.e. one data-parallel replica's loader
+        batch (None: costed per micro-batch of one sample).
     dp_size: data-parallel ranks FSDP2 shards parameters, gradients and optimizer over.
-    device: a `trainers.partition.costs.DeviceSpec` (None: this process's device).
+    activation_checkpointing: the blocks the runtime checkpoints: None / "off", "full"
+        (every block), n (every n-th block) or block names
+        (`trainers.partition.chain.with_activation_checkpointing`).
+    device: a GPU name of `trainers.partition.hardware.GPUS` (e.g. "h100-80gb"), a
+        `trainers.partition.costs.DeviceSpec`, or None: this process's device
+        (`hardware.local_device_spec`).
     """
     from trainers.partition.chain import MemoryModel
-    from trainers.partition.hardware import local_device_spec
+    from trainers.partition.hardware import device_spec_for, local_device_spec
     from trainers.partition.models import profile_rag
     from trainers.partition.partition import PartitionConfig, plan_partition
     from trainers.partition.units import chain_from_profile
 
+    if isinstance(device, str):
+        device = device_spec_for(device)
     device = device or local_device_spec()
     as_fields = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "name"}
     profile = profile_rag("tiny", analytic=True, batch_size=1, device=device, **as_fields)
     result = plan_partition(chain_from_profile(profile), PartitionConfig(
         num_stages=pp_size, batch_size=batch_size, memory_cap_bytes=device.memory_gib * 2**30,
         memory=MemoryModel(data_parallel_shards=dp_size),
+        activation_checkpointing=activation_checkpointing,
         schedule=planner_schedule(schedule, num_microbatches)))
     stages = sorted(result.plan.stages, key=lambda stage: stage.chunk)
     return [list(stage.units) for stage in stages]

@@ -95,7 +95,10 @@ class PipelineStrategy(ModelParallelStrategy):
 
     Args:
         partition: unit names per pipeline stage, in chain order, or "auto": the
-            partitioner's plan (`trainers.parallel.auto`), made at setup.
+            partitioner's plan (`trainers.parallel.auto`), made at setup for this replica's
+            loader batch size, FSDP2's sharding over dp and `partition_device`.
+        partition_device: for "auto", the GPU to cost for, a name of
+            `trainers.partition.hardware.GPUS`; None: the device this process runs on.
         pipeline_parallel_size, tensor_parallel_size: ranks per pipeline / per layer.
         data_parallel_size: replicas; None takes the rest of the world size.
         num_microbatches: micro-batches per step; must divide the per-replica batch.
@@ -118,6 +121,7 @@ class PipelineStrategy(ModelParallelStrategy):
                  num_microbatches: int = 1, schedule: str = "1f1b",
                  sequence_parallel: bool = False, split_tied_weights: bool = False,
                  process_group_backend: str | None = None,
+                 partition_device: str | None = None,
                  timeout: timedelta | None = default_pg_timeout) -> None:
         super().__init__(data_parallel_size=1, tensor_parallel_size=1,
                          save_distributed_checkpoint=True,
@@ -133,6 +137,7 @@ class PipelineStrategy(ModelParallelStrategy):
                        "tensor_parallel_size": tensor_parallel_size,
                        "data_parallel_size": data_parallel_size}
         self.sequence_parallel = sequence_parallel
+        self.partition_device = partition_device
         self.dims: ParallelDims | None = None
         self.pipeline: Pipeline | None = None
         self._ties: list = []
@@ -176,7 +181,7 @@ class PipelineStrategy(ModelParallelStrategy):
         self.accelerator.setup(trainer)
         model = self._chain_model()
         if self.pipeline_config.stages is None:
-            self._plan_partition(model)
+            self._plan_partition(model, trainer)
         units = dict(model.units())
         self._ties = tied_parameters(units)
         check_partition(self.pipeline_config.stages, list(units),
@@ -202,16 +207,21 @@ class PipelineStrategy(ModelParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
 
-    def _plan_partition(self, model: nn.Module) -> None:
-        """`partition="auto"`: the partitioner's split of the model's chain."""
+    def _plan_partition(self, model: nn.Module, trainer) -> None:
+        """`partition="auto"`: the partitioner's split of the model's chain, for the batch
+        one replica trains with (the loaders are not built yet at setup, so the
+        datamodule's `batch_size` says it; None: costed per sample), sharded over dp."""
         from trainers.parallel.auto import auto_partition
 
         if not hasattr(model, "config"):
             raise TypeError(f"partition='auto' needs a rag_mm model (with .config); give "
                             f"{type(self).__name__} explicit stages instead")
         config = self.pipeline_config
+        batch_size = self._loader_batch_size() or getattr(trainer.datamodule, "batch_size", None)
         stages = auto_partition(model.config, pp_size=self.dims.pp, schedule=config.schedule,
-                                num_microbatches=config.num_microbatches)
+                                num_microbatches=config.num_microbatches,
+                                batch_size=batch_size if isinstance(batch_size, int) else None,
+                                dp_size=self.dims.dp, device=self.partition_device)
         self.pipeline_config = replace(config, stages=stages)
         check_schedule(self.pipeline_config, self.dims.pp)
 

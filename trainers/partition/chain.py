@@ -20,6 +20,9 @@ class UnitCost:
     param_count, param_bytes: parameters owned (shared ones counted once, by the first user).
     state_bytes: other fixed memory (buffers; or, for plain lists, all static memory).
     act_bytes: activation bytes kept from forward until backward.
+    recompute_bytes: under activation checkpointing, the bytes the unit's recomputed
+        forward rebuilds and holds during its backward (one such block at a time per rank);
+        0 when it is not checkpointed.
     out_bytes: bytes of the output sent to the next unit (a stage boundary's transfer).
     flops: forward + backward floating point operations, when known.
     modules: names of the modules the unit covers.
@@ -35,6 +38,7 @@ class UnitCost:
     param_bytes: float = 0.0
     state_bytes: float = 0.0
     act_bytes: float = 0.0
+    recompute_bytes: float = 0.0
     out_bytes: float = 0.0
     flops: float = 0.0
     modules: tuple[str, ...] = ()
@@ -43,7 +47,7 @@ class UnitCost:
 
     def __post_init__(self) -> None:
         for key in ("fwd_ms", "bwd_ms", "param_count", "param_bytes", "state_bytes",
-                    "act_bytes", "out_bytes", "flops"):
+                    "act_bytes", "recompute_bytes", "out_bytes", "flops"):
             if getattr(self, key) < 0:
                 raise ValueError(f"unit {self.name!r}: {key}={getattr(self, key)} must be >= 0")
 
@@ -133,6 +137,7 @@ class CostChain:
         """Costs for micro-batches ``factor`` times larger (time and activations linear)."""
         units = tuple(replace(u, fwd_ms=u.fwd_ms * factor, bwd_ms=u.bwd_ms * factor,
                               act_bytes=u.act_bytes * factor, out_bytes=u.out_bytes * factor,
+                              recompute_bytes=u.recompute_bytes * factor,
                               flops=u.flops * factor) for u in self.units)
         size = None if self.microbatch_size is None else self.microbatch_size * factor
         return replace(self, units=units,
@@ -192,3 +197,64 @@ class CostChain:
         if any(u.param_count for u in self.units):
             return [float(u.param_count) for u in self.units]
         return [u.state_bytes + u.param_bytes for u in self.units]
+
+
+def checkpointed_layers(chain: CostChain, activation_checkpointing) -> tuple[str, ...]:
+    """The layers (repeated blocks, ``UnitCost.layer``, in chain order) that
+    ``activation_checkpointing`` wraps.
+
+    None, "off" or 0: none. "full" or 1: every block. An int n >= 2: every n-th block, the
+    ones whose 1-based position is a multiple of n (torchtitan's ``selective_ac_option``
+    counter). A sequence of layer names: exactly those.
+    """
+    layers = list(dict.fromkeys(u.layer for u in chain.units if u.is_layer and u.layer))
+    value = activation_checkpointing
+    if value is None or value == "off":
+        return ()
+    if value == "full":
+        value = 1
+    if isinstance(value, (bool, str)):
+        raise ValueError(  # noqa: TRY004 - a user's value, refused like the others
+            f"activation_checkpointing={value!r}: valid: 'off', 'full', an int >= 0 (every "
+            f"n-th block; 0 = off, 1 = every block) or block names")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"activation_checkpointing={value}: must be >= 0 (0 = off, "
+                             f"1 = every block, n = every n-th block)")
+        return tuple(layers[value - 1::value]) if value else ()
+    names = tuple(value)
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        shown = layers if len(layers) <= 6 else [*layers[:3], "...", *layers[-2:]]
+        raise ValueError(f"activation_checkpointing names {unknown}, which are not blocks of "
+                         f"the chain; blocks: {shown}")
+    return tuple(n for n in layers if n in names)
+
+
+def with_activation_checkpointing(chain: CostChain, activation_checkpointing) -> CostChain:
+    """The chain's costs with the blocks ``activation_checkpointing`` names checkpointed
+    (``checkpointed_layers``), as ``torch.utils.checkpoint`` runs them:
+
+    * kept for backward: only the block's input (the output of the unit before it; the
+      block's own output when it is the first unit), put on its first unit;
+    * backward: one more forward first (``bwd_ms += fwd_ms``, ``flops`` + the forward's
+      share), whose activations (the block's ``act_bytes`` without checkpointing) live
+      until that backward ends: ``recompute_bytes``, on every unit of the block.
+    """
+    chosen = set(checkpointed_layers(chain, activation_checkpointing))
+    if not chosen:
+        return chain
+    units = list(chain.units)
+    for layer in chosen:
+        idx = [i for i, u in enumerate(units) if u.layer == layer]
+        first = idx[0]
+        full = sum(units[i].act_bytes for i in idx)
+        kept = units[first - 1].out_bytes if first > 0 else units[first].out_bytes
+        for i in idx:
+            u = units[i]
+            fwd_flops = u.flops * u.fwd_ms / u.compute_ms if u.compute_ms > 0 else 0.0
+            units[i] = replace(u, act_bytes=kept if i == first else 0.0,
+                               recompute_bytes=full, bwd_ms=u.bwd_ms + u.fwd_ms,
+                               flops=u.flops + fwd_flops)
+    return replace(chain, units=tuple(units),
+                   notes=chain.notes + (f"activation checkpointing: {len(chosen)} blocks",))

@@ -184,6 +184,19 @@ def memory_seconds(num_bytes: float, gpu: GPU) -> float:
 CPU_TFLOPS, CPU_GB_PER_S = 0.2, 20.0
 
 
+def device_spec_for(name: str):
+    """The ``costs.DeviceSpec`` of a GPU named in ``GPUS`` at the calibrated GEMM and memory
+    shares (ValueError naming the known names otherwise)."""
+    from trainers.partition.costs import DeviceSpec
+
+    if name not in GPUS:
+        raise ValueError(f"partition device {name!r} is unknown; valid: {', '.join(GPUS)}")
+    gpu = GPUS[name]
+    return DeviceSpec(name=gpu.name, tflops=gpu.peak_tflops, mem_gb_per_s=gpu.hbm_gb_per_s,
+                      memory_gib=gpu.memory_gib, matmul_efficiency=GEMM_PEAK_SHARE,
+                      memory_efficiency=MEMORY_BW_SHARE)
+
+
 def local_device_spec():
     """A ``costs.DeviceSpec`` for the device this process trains on: the named GPU when CUDA
     is present (matched by name and memory), else the fixed CPU spec."""
@@ -198,12 +211,10 @@ def local_device_spec():
                else ("a100-80gb" if memory_gib > 60 else "a100-40gb") if "A100" in name
                else None)
         if key is not None:
-            gpu = GPUS[key]
-            return DeviceSpec(name=gpu.name, tflops=gpu.peak_tflops, mem_gb_per_s=gpu.hbm_gb_per_s,
-                              memory_gib=gpu.memory_gib, matmul_efficiency=GEMM_PEAK_SHARE,
-                              memory_efficiency=MEMORY_BW_SHARE)
+            return device_spec_for(key)
         raise ValueError(f"partition='auto': no spec for GPU {name!r} (known: "
-                         f"{', '.join(GPUS)}); give the strategy explicit stages")
+                         f"{', '.join(GPUS)}); name one with partition_device=, or give the "
+                         f"strategy explicit stages")
     import os
 
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

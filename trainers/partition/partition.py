@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
-from trainers.partition.chain import CostChain, MemoryModel
+from trainers.partition.chain import CostChain, MemoryModel, with_activation_checkpointing
 from trainers.partition.schedule import ScheduleSpec, Simulation, simulate
 from trainers.partition.search import Problem, Score, SearchResult, fits_memory, search
 
@@ -46,6 +46,10 @@ class PartitionConfig:
         in [0, 1] on memory, like SageMaker model parallel's ``optimize``.
     link_gb_per_s, link_latency_ms: the link between consecutive stages.
     memory: bytes per parameter for gradients and optimizer state.
+    activation_checkpointing: which blocks run under ``torch.utils.checkpoint`` (None /
+        "off", "full" = every block, n = every n-th block, or block names; see
+        ``chain.with_activation_checkpointing``): they keep only their input for backward,
+        recompute their forward in it, and hold one block's activations while they do.
     max_nodes: search budget; past it the answer is the best found, marked not exact.
     """
 
@@ -57,6 +61,7 @@ class PartitionConfig:
     link_gb_per_s: float = 25.0
     link_latency_ms: float = 0.01
     memory: MemoryModel = field(default_factory=MemoryModel)
+    activation_checkpointing: str | int | tuple[str, ...] | None = None
     max_nodes: int = 500_000
 
     def __post_init__(self) -> None:
@@ -99,6 +104,7 @@ class StagePlan:
     param_count: int
     static_bytes: float
     act_bytes: float
+    recompute_bytes: float = 0.0  # the most one checkpointed unit rebuilds for its backward
 
     @property
     def compute_ms(self) -> float:
@@ -136,7 +142,8 @@ class PartitionResult:
 
 def plan_partition(chain: CostChain, config: PartitionConfig) -> PartitionResult:
     """The optimal split of ``chain`` for ``config``, with both baselines."""
-    chain = microbatch_chain(chain, config)
+    chain = with_activation_checkpointing(microbatch_chain(chain, config),
+                                          config.activation_checkpointing)
     _check_sizes(chain, config)
     problem = make_problem(chain, config)
     baseline_cuts = {"equal_layers": equal_layer_cuts(chain, config.num_chunks),
@@ -168,6 +175,7 @@ def _item_level_cuts(chain: CostChain, config: PartitionConfig) -> tuple[int, ..
                              param_bytes=sum(u.param_bytes for u in part),
                              state_bytes=sum(u.state_bytes for u in part),
                              act_bytes=sum(u.act_bytes for u in part), out_bytes=part[-1].out_bytes,
+                             recompute_bytes=max(u.recompute_bytes for u in part),
                              flops=sum(u.flops for u in part), layer=None))
     where = {a: i for i, a in enumerate(starts)}
     groups = tuple(tuple(sorted({where[max(s for s in starts if s <= k)] for k in g}))
@@ -224,6 +232,8 @@ def make_problem(chain: CostChain, config: PartitionConfig) -> Problem:
         pa.append(pa[-1] + unit.act_bytes)
     comm = (0.0,) + tuple(transfer_ms(chain.units[k - 1].out_bytes, config)
                           for k in range(1, len(chain)))
+    recompute = tuple(u.recompute_bytes for u in chain.units)
+    recompute = recompute if any(recompute) else ()
     inflight = tuple(m if sched.name == "gpipe" else min(p - s, m) for s in range(p))
     time_ref = pc[-1] * (m + p - 1) / p if pc[-1] > 0 else 1.0
     memory_ref = (ps[-1] + pa[-1] * min(p, m)) / p if ps[-1] + pa[-1] > 0 else 1.0
@@ -232,7 +242,7 @@ def make_problem(chain: CostChain, config: PartitionConfig) -> Problem:
                    num_microbatches=m, fwd_prefix=tuple(pf), compute_prefix=tuple(pc), static_prefix=tuple(ps),
                    act_prefix=tuple(pa), comm_ms=comm, allowed_cuts=chain.allowed_cuts(),
                    inflight=inflight, schedule=sched.name, memory_cap=cap, alpha=config.alpha,
-                   time_ref=time_ref, memory_ref=memory_ref)
+                   time_ref=time_ref, memory_ref=memory_ref, recompute_bytes=recompute)
 
 
 def transfer_ms(num_bytes: float, config: PartitionConfig) -> float:
@@ -253,8 +263,11 @@ def _score(chain, cuts, config, problem: Problem) -> Score | None:
     sim = simulate(fwd, bwd, comm, config.schedule, num_ranks=p,
                    act_bytes=[pa[e] - pa[a] for a, e in pairs], keep_ops=False)
     memory = list(sim.peak_act_bytes)
+    rebuilt = [0.0] * p
     for k, (a, e) in enumerate(pairs):
         memory[k % p] += ps[e] - ps[a]
+        rebuilt[k % p] = max(rebuilt[k % p], problem.recompute_peak(a, e))
+    memory = [mem + extra for mem, extra in zip(memory, rebuilt)]
     worst = max(memory)
     if worst > problem.memory_cap:
         return None
@@ -277,9 +290,12 @@ def evaluate_split(chain: CostChain, cuts, config: PartitionConfig, *, method: s
                    keep_ops=keep_ops)
     compute = [0.0] * p
     memory = list(sim.peak_act_bytes)
+    rebuilt = [0.0] * p
     for stage in stages:
         compute[stage.rank] += stage.compute_ms
         memory[stage.rank] += stage.static_bytes
+        rebuilt[stage.rank] = max(rebuilt[stage.rank], stage.recompute_bytes)
+    memory = [mem + extra for mem, extra in zip(memory, rebuilt)]
     cap = config.memory_cap_bytes
     comm_bytes = 2 * config.schedule.num_microbatches * sum(
         chain.units[b - 1].out_bytes for b in bounds[1:-1]) if p > 1 else 0.0
@@ -294,7 +310,8 @@ def _stage(chain, chunk, rank, a, e, memory: MemoryModel) -> StagePlan:
                      tuple(m for u in units for m in u.modules),
                      sum(u.fwd_ms for u in units), sum(u.bwd_ms for u in units),
                      sum(u.param_count for u in units),
-                     sum(memory.static_bytes(u) for u in units), sum(u.act_bytes for u in units))
+                     sum(memory.static_bytes(u) for u in units), sum(u.act_bytes for u in units),
+                     max((u.recompute_bytes for u in units), default=0.0))
 
 
 def _ratio(values) -> float:

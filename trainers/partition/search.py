@@ -78,6 +78,11 @@ class Problem:
     alpha: float
     time_ref: float
     memory_ref: float
+    recompute_bytes: tuple[float, ...] = ()  # per unit; empty when nothing is checkpointed
+
+    def recompute_peak(self, a: int, e: int) -> float:
+        """The most bytes one checkpointed unit among a..e-1 rebuilds for its backward."""
+        return max(self.recompute_bytes[a:e], default=0.0) if self.recompute_bytes else 0.0
 
     def objective(self, step_ms: float, memory: float) -> float:
         return ((1 - self.alpha) * step_ms / self.time_ref
@@ -164,7 +169,8 @@ class _Pipeline:
     def stage_memory(self, a: int, e: int, stage: int) -> float:
         pb = self.pb
         return (pb.static_prefix[e] - pb.static_prefix[a]
-                + pb.inflight[stage] * (pb.act_prefix[e] - pb.act_prefix[a]))
+                + pb.inflight[stage] * (pb.act_prefix[e] - pb.act_prefix[a])
+                + pb.recompute_peak(a, e))
 
     def _suffix_bounds(self):
         """For r stages left starting at unit i: least max time bound, least max memory."""
