@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from rag_mm.config import model_config
 from rag_mm.model import build_model, synthetic_batch
@@ -192,3 +193,27 @@ def test_pipeline_step_matches_single_process(case, pipeline_runs):
     for name, expected in ref["values"].items():
         assert_fp32_close(values[name], expected, name)
 
+
+
+def _autocast_worker(rank: int, world_size: int, out_dir: str) -> None:
+    model, config = tiny_model()
+    batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
+    pipe = build_pipeline(model, PipelineConfig(stages=[[n for s in TWO for n in s]],
+                                                schedule="gpipe"),
+                          batch, pp_group=dist.group.WORLD, device=torch.device("cpu"))
+    pipe.step(batch)  # built and run without autocast
+    with torch.autocast("cpu", torch.bfloat16), \
+            pytest.raises(ParallelConfigError, match=r"built with autocast off and runs with "
+                                                     r"autocast on \(bfloat16\)"):
+        pipe.step(batch)
+    Path(out_dir, "ok").touch()
+
+
+@pytest.mark.distributed
+def test_a_pipeline_run_under_another_autocast_than_it_was_built_is_refused(tmp_path):
+    """Stage buffers take the trial run's dtypes (bf16 document scores under autocast): run
+    under another precision, torch's stages would receive into the wrong dtype silently."""
+    from trainers.parallel.local import run_local
+
+    run_local(_autocast_worker, 1, str(tmp_path))
+    assert (tmp_path / "ok").exists()

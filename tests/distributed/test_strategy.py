@@ -175,11 +175,7 @@ def test_lightning_cli_yaml_selects_the_strategy(tmp_path):
 @pytest.mark.parametrize("world_size, pp, tp, precision, tied",
                          [(2, 2, 1, "32-true", False), (4, 2, 1, "32-true", False),
                           (2, 1, 1, "32-true", False),
-                          pytest.param(2, 2, 1, "bf16-mixed", False, marks=pytest.mark.xfail(
-                              reason="known regression since ab43056 (partial-batch weights in "
-                                     "the schedule's target): under bf16-mixed the values after "
-                                     "3 steps differ from one process by 4% of their movement "
-                                     "(fp32 cases are equal); open in issue 8", strict=False)),
+                          (2, 2, 1, "bf16-mixed", False),
                           (2, 2, 1, "32-true", True), (4, 2, 1, "32-true", True),
                           (4, 2, 2, "32-true", True), (8, 2, 2, "32-true", False)],
                          ids=["pp2", "pp2xdp2", "dp2", "pp2-bf16", "pp2-split-tie",
@@ -210,16 +206,33 @@ def test_fit_matches_single_process_training(world_size, pp, tp, precision, tied
                            values["model.retrieval.tok_embed.weight"])
     assert values.keys() == ref["values"].keys()
     moved = sum(((ref["values"][n] - ref["initial"][n]) ** 2).sum() for n in values).sqrt()
-    error = sum(((values[n] - ref["values"][n]) ** 2).sum() for n in values).sqrt()
     assert moved > 0.1
-    # bf16 autocast: relative error of the parameters' movement grows with the vision tower
-    # (measured 4.4e-4 with tiny's 2-layer, 64-wide towers); fp32 stays below 1e-4.
-    assert error < (1e-4 if precision == "32-true" else 2e-3) * moved, (error.item(), moved.item())
+    exact = reference_fit(dp=world_size // (pp * tp), precision="64-true", tied=tied)
     if precision == "32-true":
-        exact = reference_fit(dp=world_size // (pp * tp), precision="64-true", tied=tied)
+        error = sum(((values[n] - ref["values"][n]) ** 2).sum() for n in values).sqrt()
+        assert error < 1e-4 * moved, (error.item(), moved.item())
         _assert_first_step_matches(results, ref, exact, tied)
         for name, expected in Reference.pair(ref["values"], exact["values"]).items():
             assert_fp32_close(values[name], expected, f"values {name}")  # after STEPS steps
+    else:
+        _assert_as_close_as_one_process(values, ref["values"], exact["values"], moved)
+
+
+def _assert_as_close_as_one_process(values: dict, one: dict, exact: dict,
+                                    moved: torch.Tensor) -> None:
+    """bf16 autocast rounds every matmul input to 8 significant bits, and document scores
+    near a tie can reorder a search, so after STEPS AdamW steps one process's bf16 values are
+    ~1% of their movement off the float64 run (measured 0.80%), and the pipeline's rounding
+    lands elsewhere (pipeline against one process: 0.48%). What must hold: the pipeline is as
+    close to float64 as one process is, within 2x (errors of one size, not one value; measured
+    0.94x). A real defect shows as more: stages receiving bf16 scores into fp32 buffers were
+    4.1% off, 5x."""
+    def distance(a: dict) -> torch.Tensor:
+        return sum(((a[n].double() - exact[n].double()) ** 2).sum() for n in exact).sqrt()
+
+    pipeline, one_process = distance(values), distance(one)
+    assert one_process < 0.05 * moved  # bf16 training moved the way float64 did
+    assert pipeline < 2 * one_process, (pipeline.item(), one_process.item(), moved.item())
 
 
 def _assert_first_step_matches(results: list[dict], ref: dict, exact: dict, tied: bool) -> None:

@@ -228,6 +228,7 @@ class Pipeline:
     batch_size: int
     pp_group: dist.ProcessGroup | None = None
     split_ties: list[_SplitTie] = field(default_factory=list)
+    autocast: torch.dtype | None = None  # the autocast dtype it was built under (None: off)
     has_first: bool = field(init=False)
     has_last: bool = field(init=False)
 
@@ -294,6 +295,13 @@ class Pipeline:
                 f"fixed when it is built), got {batch_size}; pad smaller batches to "
                 f"{self.batch_size} rows (PipelineStrategy does) and keep one batch size"
             )
+        running = autocast_dtype(self.stages[0].device)
+        if running != self.autocast:
+            raise ParallelConfigError(
+                f"the pipeline was built with autocast {_named(self.autocast)} and runs with "
+                f"autocast {_named(running)}: the dtypes its stages send are fixed when it is "
+                f"built; build and run it under the same precision context"
+            )
         kwargs = {}
         if self.has_last:  # the schedule splits `target` into micro-batches with the batch
             kwargs["target"] = (weights * self.config.num_microbatches).to(self.stages[0].device)
@@ -350,7 +358,20 @@ def build_pipeline(model: nn.Module, config: PipelineConfig, example_batch: dict
     split = [t for t in (_split_tie(tie, modules, owners, stage_of, pp_group) for tie in ties)
              if t is not None]
     return Pipeline(config, [modules[s] for s in local], stages, schedule, batch_keys, batch_size,
-                    pp_group, split)
+                    pp_group, split, autocast_dtype(device))
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype autocast computes in on `device` now, None where it is off. The stages'
+    receive buffers take the dtypes of the build's trial run: a boundary tensor made by an
+    autocast op (e.g. bf16 document scores) must have the same dtype when the pipeline runs,
+    or torch's stages receive it into buffers of the other dtype without an error."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _named(dtype: torch.dtype | None) -> str:
+    return "off" if dtype is None else f"on ({str(dtype).removeprefix('torch.')})"
 
 
 def binding_groups(model: nn.Module, config: PipelineConfig,

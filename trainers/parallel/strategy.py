@@ -285,10 +285,11 @@ class PipelineStrategy(ModelParallelStrategy):
             dp_mesh = self.device_mesh["dp"]
             shard = (lambda stage: fully_shard(stage, mesh=dp_mesh)) if self.dims.dp > 1 else None
             size = max(len(_rows(batch)), self._loader_batch_size())
-            self.pipeline = build_pipeline(self._chain_model(), self.pipeline_config,
-                                           pad_rows(batch, size), pp_group=self.pp_group,
-                                           device=self.root_device, parallelize=shard,
-                                           ties=self._ties)
+            with self.precision_plugin.forward_context():  # the stages' dtypes at run time
+                self.pipeline = build_pipeline(self._chain_model(), self.pipeline_config,
+                                               pad_rows(batch, size), pp_group=self.pp_group,
+                                               device=self.root_device, parallelize=shard,
+                                               ties=self._ties)
         return self.pipeline
 
     def _loader_batch_size(self) -> int:
