@@ -119,7 +119,8 @@ def cmd_estimate(args) -> None:
                              virtual_stages=args.virtual_stages, recompute=args.recompute,
                              zero=args.zero, sequence_parallel=args.sequence_parallel,
                              overlap_grad_reduce=args.overlap_grad_reduce,
-                             overlap_tp_comm=args.overlap_tp_comm)
+                             overlap_tp_comm=args.overlap_tp_comm,
+                             zero3_unit=args.zero3_unit, overlap_zero3=not args.serial_zero3)
         estimate = estimate_step(shape, _cluster(args), layout)
     except ValueError as err:
         _fail(err)
@@ -216,6 +217,12 @@ def _add_shape_commands(sub) -> None:
     layout.add_argument("--overlap-grad-reduce", action="store_true")
     layout.add_argument("--overlap-tp-comm", action="store_true",
                         help="backward tensor-parallel all-reduces behind weight gradients")
+    layout.add_argument("--zero3-unit", default="layer", choices=["layer", "module"],
+                        help="ZeRO-3 gathers per layer (FSDP2, the runtime) or per submodule "
+                             "(DeepSpeed)")
+    layout.add_argument("--serial-zero3", action="store_true",
+                        help="ZeRO-3 collectives in series with compute (default: prefetched "
+                             "behind it, as FSDP2)")
     est.set_defaults(func=cmd_estimate)
     lay = sub.add_parser("layouts", help="rank (dp, pp, tp, micro-batch, schedule, "
                                          "recompute, ZeRO) layouts")

@@ -27,7 +27,7 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trainers.partition.hardware import (
     RESERVED_GIB,
@@ -47,6 +47,7 @@ WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
 # Megatron-LM accumulates and all-reduces gradients in fp32 (its main_grad buffers, option
 # --accumulate-allreduce-grads-in-fp32) without ZeRO; ZeRO / FSDP reduce them in bf16.
 GRAD_REDUCE_BYTES = {0: 4, 1: 2, 2: 2, 3: 2}
+ZERO3_UNITS = ("layer", "module")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +159,14 @@ class TrainLayout:
         micro-batch's backward (PyTorch DDP / FSDP2); else after it (Megatron 2021).
     overlap_tp_comm: the two backward tensor-parallel all-reduces of a layer run behind
         its weight-gradient GEMMs (Korthikanti et al. 2022, sec. 6.2); else exposed.
+    zero3_unit: what ZeRO-3 gathers and reduces at a time, each collective paying its
+        ring's dp - 1 step latencies: "layer" (FSDP2's ``fully_shard`` per transformer
+        block, as the runtime wraps units) or "module" (DeepSpeed ZeRO-3's pre-forward hook
+        on every submodule holding parameters: 2 norms, QKV, projection, MLP up, (gate,)
+        down per layer).
+    overlap_zero3: ZeRO-3's per micro-batch all-gathers and reduce-scatters run on their
+        own stream behind compute (FSDP2's prefetch: exposed only beyond the micro-batch's
+        compute); else in series with it.
     """
 
     tp: int = 1
@@ -172,6 +181,8 @@ class TrainLayout:
     sequence_parallel: bool = False
     overlap_grad_reduce: bool = False
     overlap_tp_comm: bool = False
+    zero3_unit: str = "layer"
+    overlap_zero3: bool = True
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp),
@@ -192,11 +203,15 @@ class TrainLayout:
             raise ValueError(f"--recompute {self.recompute!r}: valid: {', '.join(RECOMPUTE)}")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"--zero {self.zero}: valid: 0, 1, 2, 3")
+        if self.zero3_unit not in ZERO3_UNITS:
+            raise ValueError(f"--zero3-unit {self.zero3_unit!r}: valid: {', '.join(ZERO3_UNITS)}")
 
     def describe(self, dp: int) -> str:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         extras = [f"recompute={self.recompute}"] if self.recompute != "none" else []
         extras += [f"zero={self.zero}"] if self.zero else []
+        extras += [f"zero3-per-{self.zero3_unit}"] if self.zero == 3 and self.zero3_unit != "layer" else []
+        extras += ["zero3-serial"] if self.zero == 3 and not self.overlap_zero3 else []
         extras += ["sp"] if self.sequence_parallel else []
         extras += ["tp-overlap"] if self.overlap_tp_comm else []
         return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
@@ -347,6 +362,10 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
     params = _stage_params(shape, layout)
     zero = layout.zero
     weights = params * WEIGHT_BYTES / (dp if zero >= 3 else 1)
+    if zero == 3 and dp > 1:  # the unit computing and the one prefetched, gathered whole
+        per_layer = zero3_units(shape, replace(layout, pp=shape.num_layers)) - 1
+        unit = max(shape.layer_params / per_layer, shape.embedding_params) / layout.tp
+        weights += 2 * unit * WEIGHT_BYTES
     grads = params * GRAD_BYTES / (dp if zero >= 2 else 1)
     if zero == 0:
         grads = params * GRAD_REDUCE_BYTES[0]  # fp32 main gradients
@@ -376,9 +395,40 @@ def _p2p_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> floa
     return 2 * layout.virtual_stages * num_bytes / bandwidth
 
 
+# DeepSpeed ZeRO-3 keeps parameters with fewer elements than this whole on every rank
+# (``stage3_param_persistence_threshold``, default 1e5, DeepSpeed ZeRO config docs): a GPT
+# layer's norms (h elements) are never gathered unless h >= 1e5.
+DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000
+
+
+def zero3_units(shape: GPTShape, layout: TrainLayout) -> int:
+    """Gathered units on the busiest rank: one per layer (FSDP2 per block) or one per
+    submodule with partitioned parameters (DeepSpeed: QKV, projection, MLP up, (gate,)
+    down; the norms too when h >= the persistence threshold), plus the embedding."""
+    if layout.zero3_unit == "layer":
+        per_layer = 1
+    else:
+        per_layer = 4 + (1 if shape.gated_mlp else 0)
+        per_layer += 2 if shape.hidden >= DEEPSPEED_PERSISTENCE_THRESHOLD else 0
+    return shape.num_layers // layout.pp * per_layer + 1
+
+
+def zero3_gathers(layout: TrainLayout) -> int:
+    """All-gathers of every unit per micro-batch: forward and backward; DeepSpeed's module
+    hooks fire again for the forward that full recomputation reruns (FSDP2 unshards a
+    block once for its backward, recomputation included)."""
+    return 3 if layout.zero3_unit == "module" and layout.recompute == "full" else 2
+
+
 def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
                 m: int) -> tuple[float, float]:
-    """(gradient reduction per step, parameter all-gathers per micro-batch) seconds."""
+    """(gradient reduction per step, ZeRO-3 communication per micro-batch) seconds.
+
+    ZeRO-3 gathers every unit's parameters for its forward and again for its backward, and
+    reduce-scatters its gradient, every micro-batch (Rajbhandari et al. 2020, sec. 7.2.2:
+    3x the parameters per GPU; ``zero3_gathers`` for recomputation); one ring collective
+    per unit and kind, so the dp - 1 step latencies are paid per unit.
+    """
     if dp == 1:
         return 0.0, 0.0
     params = _stage_params(shape, layout)
@@ -386,11 +436,14 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
     grad_bytes = params * GRAD_REDUCE_BYTES[layout.zero]
     if layout.zero == 0:
         return ring_seconds(grad_bytes, dp, nodes, cluster, factor=2), 0.0
-    reduce_scatter = ring_seconds(grad_bytes, dp, nodes, cluster, factor=1)
-    gather = ring_seconds(params * WEIGHT_BYTES, dp, nodes, cluster, factor=1)
     if layout.zero < 3:
+        reduce_scatter = ring_seconds(grad_bytes, dp, nodes, cluster, factor=1)
+        gather = ring_seconds(params * WEIGHT_BYTES, dp, nodes, cluster, factor=1)
         return reduce_scatter + gather, 0.0  # updated parameters gathered once a step
-    return reduce_scatter, 2 * gather  # FSDP: gathered for forward and again for backward
+    units = zero3_units(shape, layout)
+    gather = ring_seconds(params * WEIGHT_BYTES / units, dp, nodes, cluster, factor=1)
+    reduce_scatter = ring_seconds(grad_bytes / units, dp, nodes, cluster, factor=1)
+    return 0.0, units * (zero3_gathers(layout) * gather + reduce_scatter)
 
 
 def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> StepEstimate:
@@ -404,8 +457,9 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     # Busiest rank per micro-batch: the last one (its layers and the logits).
     rank_compute = layers * layer_compute + head
     rank_comm = layers * layer_comm
-    grad_reduce, gathers = _dp_seconds(shape, cluster, layout, dp, m)
-    exposed_gathers = max(0.0, gathers - rank_compute)  # FSDP prefetch behind compute
+    grad_reduce, zero3 = _dp_seconds(shape, cluster, layout, dp, m)
+    # FSDP2 prefetch hides ZeRO-3's collectives behind compute up to its length
+    exposed_gathers = max(0.0, zero3 - rank_compute) if layout.overlap_zero3 else zero3
     per_micro = rank_compute + rank_comm + _p2p_seconds(shape, cluster, layout) + exposed_gathers
     pipeline = (m + (p - 1) / v) * per_micro
     if layout.overlap_grad_reduce:

@@ -114,9 +114,16 @@ def _narayanan_table2() -> list[PublishedRun]:
     return runs
 
 
+_ZERO3_ASSUMED = ("full recomputation (eq. 3); DeepSpeed ZeRO-3 as it worked then: each "
+                  "submodule's parameters gathered by its own hook (forward, recomputed "
+                  "forward, backward) and its gradient reduce-scattered, every micro-batch, "
+                  "in series with compute (the 384-GPU row's step is 1.5x its compute)")
+
+
 def _narayanan_zero3() -> list[PublishedRun]:
     """Table 2, ZeRO-3 rows (DeepSpeed, no model parallelism): 174.6B at batch 1536 and
-    529.6B at batch 2560 / 2240, micro-batch 4, 2, 1 as GPUs double."""
+    529.6B at batch 2560 / 2240, micro-batch 4, 2, 1 as GPUs double (one micro-batch per
+    step in every row). DeepSpeed's ZeRO-3: gathered per submodule, serial with compute."""
     runs = []
     for (layers, hidden, heads), points in (
             ((96, 12288, 96), ((384, 1536, 4, 144), (768, 1536, 2, 88), (1536, 1536, 1, 44))),
@@ -125,13 +132,13 @@ def _narayanan_zero3() -> list[PublishedRun]:
         shape = _gpt(layers, hidden, heads)
         for gpus, batch, micro, tflops in points:
             layout = TrainLayout(global_batch=batch, microbatch=micro, recompute="full",
-                                 zero=3)
+                                 zero=3, zero3_unit="module", overlap_zero3=False)
             step = megatron_flops(shape, batch) / (gpus * tflops * 1e12)
             size = "174.6B" if layers == 96 else "529.6B"
             runs.append(PublishedRun(f"GPT {size} ZeRO-3, {gpus} A100", f"{NARAYANAN}, Table 2",
                                      shape, _selene(gpus), layout, step,
                                      f"eq. 3 FLOPs / ({gpus} x {tflops} TFLOP/s)",
-                                     "full recomputation (eq. 3)"))
+                                     _ZERO3_ASSUMED))
     return runs
 
 
@@ -167,18 +174,26 @@ def _korthikanti() -> list[PublishedRun]:
     return runs
 
 
+# MT-NLG's micro-batch size is not printed. Its TFLOP/s per GPU fall 126 -> 121 -> 113 as
+# dp grows and the micro-batches per step shrink; under 1F1B (bubble (p - 1) / m, p = 35)
+# micro-batch 1 (m = 240, 192, 160) would keep 0.970 and 0.941 of the first row's rate,
+# micro-batch 2 (m = 120, 96, 80) keeps 0.948 and 0.901: measured 0.960 and 0.897.
+MTNLG_MICROBATCH = 2
+
+
 def _mt_nlg() -> list[PublishedRun]:
     """MT-NLG 530B (105 x 20480, 128 heads, sequence 2048), t = 8, p = 35, batch 1920 on 280,
     350 and 420 DGX A100 nodes: 60.1, 50.2, 44.4 s per iteration (sec. 2.4)."""
     shape = _gpt(105, 20480, 128, vocab=50272)
     runs = []
     for nodes, step in ((280, 60.1), (350, 50.2), (420, 44.4)):
-        layout = TrainLayout(tp=8, pp=35, global_batch=1920, microbatch=1, schedule="1f1b",
-                             recompute="full")
+        layout = TrainLayout(tp=8, pp=35, global_batch=1920, microbatch=MTNLG_MICROBATCH,
+                             schedule="1f1b", recompute="full")
         runs.append(PublishedRun(f"MT-NLG 530B, {nodes * 8} A100", f"{MTNLG}, sec. 2.4", shape,
                                  _selene(nodes * 8), layout, step, "iteration time",
-                                 "micro-batch 1; DeepSpeed's 1F1B (not interleaved); full "
-                                 "recomputation"))
+                                 f"micro-batch {MTNLG_MICROBATCH}, inferred from the rows' "
+                                 f"TFLOP/s trend (published.py); DeepSpeed's 1F1B (not "
+                                 f"interleaved); full recomputation"))
     return runs
 
 
