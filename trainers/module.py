@@ -16,6 +16,7 @@ import torch
 
 from rag_mm.config import MODES, model_config
 from rag_mm.model import RAGModel, build_model
+from trainers.parallel.checkpointing import apply_activation_checkpointing
 
 
 class RAGModule(L.LightningModule):
@@ -34,12 +35,17 @@ class RAGModule(L.LightningModule):
         retriever_warmup_steps: first train the query encoder alone (contrastive loss on
             (query, gold document), no generator: cheap), so the gold document is in the
             top-k by the time the generator starts learning from retrieved documents.
+        activation_checkpointing: recompute activations in backward instead of keeping
+            them: "off", "every" (block), n (every n-th block: blocks.0, blocks.n, ...) or a
+            list of unit names (`trainers.parallel.checkpointing`). `PipelineStrategy` reads
+            it too (or takes its own, which must then agree).
     """
 
     def __init__(self, size: str = "demo", mode: str = "rag", index_dir: str | None = None,
                  top_k: int | None = None, contrastive_weight: float | None = None,
                  train_text_encoder: bool = False, lr: float = 1e-3, weight_decay: float = 0.01,
-                 warmup_steps: int = 50, retriever_warmup_steps: int = 0) -> None:
+                 warmup_steps: int = 50, retriever_warmup_steps: int = 0,
+                 activation_checkpointing: str | int | list[str] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         base = model_config(size, mode=mode)
@@ -52,6 +58,7 @@ class RAGModule(L.LightningModule):
         )
         self.config = replace(base, retriever=retriever)
         self.model: RAGModel = build_model(self.config)
+        apply_activation_checkpointing(self.model, activation_checkpointing)
 
     def setup(self, stage: str) -> None:
         if self.model.retrieval.backend is None and self.hparams.index_dir is not None:

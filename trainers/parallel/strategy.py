@@ -55,6 +55,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from trainers.parallel.answer import pipeline_generate
+from trainers.parallel.checkpointing import (
+    ActivationCheckpointing,
+    apply_activation_checkpointing,
+    check_checkpoint_schedule,
+)
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
 from trainers.parallel.pipeline import (
     Pipeline,
@@ -108,6 +113,11 @@ class PipelineStrategy(ModelParallelStrategy):
         sequence_parallel: with tensor_parallel_size > 1, also shard every transformer
             block's norms and residual stream on the sequence dim (`trainers.parallel.
             tensor`); each block's sequence length must divide by tensor_parallel_size.
+        activation_checkpointing: "off", "every" (block), n (every n-th block) or unit
+            names (`trainers.parallel.checkpointing`), applied to this rank's units after
+            tensor parallelism and before FSDP2. None: the LightningModule's own
+            `activation_checkpointing` hyperparameter (if given, the two must agree).
+            Refused under the zero-bubble / DualPipeV schedules.
         split_tied_weights: allow tied units (e.g. `retrieval` and `head` with tied
             embeddings) on different stages: each keeps a copy, their gradients are summed
             every step (FSDP2 shards over dp shard for shard) and counted once in gradient
@@ -120,6 +130,7 @@ class PipelineStrategy(ModelParallelStrategy):
                  tensor_parallel_size: int = 1, data_parallel_size: int | None = None,
                  num_microbatches: int = 1, schedule: str = "1f1b",
                  sequence_parallel: bool = False, split_tied_weights: bool = False,
+                 activation_checkpointing: str | int | list[str] | None = None,
                  process_group_backend: str | None = None,
                  partition_device: str | None = None,
                  timeout: timedelta | None = default_pg_timeout) -> None:
@@ -138,6 +149,8 @@ class PipelineStrategy(ModelParallelStrategy):
                        "data_parallel_size": data_parallel_size}
         self.sequence_parallel = sequence_parallel
         self.partition_device = partition_device
+        check_checkpoint_schedule(activation_checkpointing, schedule)
+        self.activation_checkpointing = activation_checkpointing
         self.dims: ParallelDims | None = None
         self.pipeline: Pipeline | None = None
         self._ties: list = []
@@ -190,10 +203,12 @@ class PipelineStrategy(ModelParallelStrategy):
         self._check_split_ties(model)
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_retriever_warmup()
+        checkpointing = self._checkpointing_setting(list(units))
         self._drop_remote_units(model)
         if self.dims.tp > 1:
             apply_tensor_parallel(model, self.device_mesh["tp"],
                                   sequence_parallel=self.sequence_parallel)
+        apply_activation_checkpointing(model, checkpointing, only=self._local_unit_names())
         if self.dims.dp > 1:
             for name in self._local_unit_names():
                 fully_shard(model.get_submodule(name), mesh=self.device_mesh["dp"])
@@ -224,6 +239,22 @@ class PipelineStrategy(ModelParallelStrategy):
                                 dp_size=self.dims.dp, device=self.partition_device)
         self.pipeline_config = replace(config, stages=stages)
         check_schedule(self.pipeline_config, self.dims.pp)
+
+    def _checkpointing_setting(self, chain: list[str]):
+        """The run's activation checkpointing: the strategy's, else the module's (which
+        `RAGModule` applied when it built the model); checked against the chain and the
+        schedule before any work."""
+        own = self.activation_checkpointing
+        module = getattr(self.lightning_module, "hparams", {}).get("activation_checkpointing")
+        if own is not None and module is not None and \
+                ActivationCheckpointing.parse(own) != ActivationCheckpointing.parse(module):
+            raise ParallelConfigError(
+                f"activation_checkpointing={own!r} in {type(self).__name__} but "
+                f"{module!r} in the LightningModule; give it in one place (or the same in both)")
+        setting = own if own is not None else module
+        ActivationCheckpointing.parse(setting).unit_names(chain)
+        check_checkpoint_schedule(setting, self.pipeline_config.schedule)
+        return setting
 
     def _check_split_ties(self, model: nn.Module) -> None:
         """Copies of a tied weight on different stages are summed as whole tensors (or as
