@@ -34,11 +34,33 @@ CHAIN = ["retrieval", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"
 @pytest.mark.parametrize("setting, units", [
     ("off", []), (None, []), ("every", ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"]),
     (1, ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"]),
-    (2, ["blocks.0", "blocks.2", "blocks.4"]), ("3", ["blocks.0", "blocks.3"]),
+    (2, ["blocks.1", "blocks.3"]), ("3", ["blocks.2"]), ("full", CHAIN[1:-1]),
     (["head", "blocks.1"], ["blocks.1", "head"]), ("blocks.4, head", ["blocks.4", "head"]),
 ])
 def test_settings_name_units_over_the_whole_chain(setting, units):
     assert ActivationCheckpointing.parse(setting).unit_names(CHAIN) == units
+
+
+def test_the_partitioner_costs_the_blocks_the_runtime_checkpoints():
+    from dataclasses import fields, replace
+
+    from rag_mm.config import model_config
+    from trainers.partition.chain import checkpointed_layers
+    from trainers.partition.hardware import local_device_spec
+    from trainers.partition.models import profile_rag
+    from trainers.partition.units import chain_from_profile
+
+    config = model_config("tiny")
+    config = replace(config, generator=replace(config.generator, num_layers=5))
+    as_fields = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "name"}
+    chain = chain_from_profile(profile_rag("tiny", analytic=True, batch_size=1,
+                                           device=local_device_spec(), **as_fields))
+    assert [u.name for u in chain.units] == CHAIN
+    for setting in ("off", "every", 1, 2, 3, ["blocks.1", "blocks.4", "head"]):
+        blocks = ActivationCheckpointing.parse(setting).planner_blocks(CHAIN)
+        assert list(checkpointed_layers(chain, blocks)) == blocks
+        if setting not in ("every", "off") and not isinstance(setting, list):
+            assert list(checkpointed_layers(chain, setting)) == blocks
 
 
 @pytest.mark.parametrize("setting, words", [
@@ -128,7 +150,7 @@ def loss_and_grads(setting):
 
 @pytest.mark.parametrize("setting, names, calls", [
     ("every", ["blocks.0", "blocks.1"], [2, 2, 1]),
-    (2, ["blocks.0"], [2, 1, 1]),
+    (2, ["blocks.1"], [1, 2, 1]),
     (["blocks.1", "head"], ["blocks.1", "head"], [1, 2, 2]),
 ])
 def test_checkpointed_model_matches_the_plain_one_bitwise(setting, names, calls):
@@ -182,7 +204,7 @@ def test_module_checkpoints_what_its_setting_names_and_trains_alike():
     torch.manual_seed(0)  # the weights of tiny_model()
     module = RAGModule(size="tiny", activation_checkpointing=2)
     flagged = [n for n, unit in module.model.units() if getattr(unit, "activation_checkpointed", False)]
-    assert flagged == ["blocks.0"] and module.hparams.activation_checkpointing == 2
+    assert flagged == ["blocks.1"] and module.hparams.activation_checkpointing == 2
     module.model.attach(InMemoryBackend.random(NUM_DOCS))
     loss = module.model(synthetic_batch(module.config, BATCH_SIZE, num_docs=NUM_DOCS))["loss"]
     assert torch.equal(loss.detach(), plain_run()[0])

@@ -1,11 +1,12 @@
 """Activation checkpointing under a pp=2 gloo pipeline equals one process without it.
 
 Two processes: (1) the pipeline layer with 1F1B (every block and the head checkpointed) and
-interleaved 1F1B over 4 stages (every 2nd block): the loss, every gradient and every value
+interleaved 1F1B over 4 stages (every 2nd block: blocks.1): the loss, every gradient and every value
 after one AdamW step within fp32 error of single-process training over the same
 micro-batches (`assert_fp32_close`); the units' recomputes are counted, so an unapplied
 setting fails. (2) `Trainer.fit` with `PipelineStrategy(activation_checkpointing="every")`
-(the strategy's own path: applied to each rank's units after setup), 3 steps with clipping:
+(the strategy's own path: the partitioner plans for it, each rank applies it to its
+units at setup), 3 steps with clipping:
 the logged losses and gradient norms and the final parameters equal a one-process Trainer
 without checkpointing.
 
@@ -83,7 +84,7 @@ def _worker(rank: int, world_size: int, out_dir: str) -> None:
         torch.save({"losses": losses, "grads": grads, "values": values, "runs": runs},
                    Path(out_dir) / f"{name}_{rank}.pt")
     module, recorder = make_module(), Recorder()
-    strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2,
+    strategy = PipelineStrategy(partition="auto", pipeline_parallel_size=2,
                                 num_microbatches=MICRO, activation_checkpointing="every")
     _fit(module, recorder, devices=world_size, strategy=strategy)
     flagged = [n for n, unit in module.model.units() if getattr(unit, "activation_checkpointed", 0)]
@@ -107,7 +108,7 @@ def test_checkpointed_pipeline_matches_single_process(case, runs):
     ref = reference_step(MICRO)
     results = [torch.load(runs / f"{case}_{r}.pt") for r in range(2)]
     recomputed = {n: k for r in results for n, k in r["runs"].items()}
-    expected_units = {"1f1b": ["blocks.0", "blocks.1", "head"], "interleaved_1f1b": ["blocks.0"]}
+    expected_units = {"1f1b": ["blocks.0", "blocks.1", "head"], "interleaved_1f1b": ["blocks.1"]}
     # every checkpointed unit: a forward and one recompute per micro-batch
     assert recomputed == {n: 2 * MICRO for n in expected_units[case]}
     losses = [r["losses"] for r in results if r["losses"] is not None]
@@ -122,7 +123,7 @@ def test_checkpointed_pipeline_matches_single_process(case, runs):
 @pytest.mark.distributed
 def test_strategy_fit_with_checkpointing_matches_one_process(runs):
     results = [torch.load(runs / f"fit_{r}.pt") for r in range(2)]
-    assert results[0]["flagged"] == ["blocks.0"] and results[1]["flagged"] == ["blocks.1"]
+    assert sorted(n for r in results for n in r["flagged"]) == ["blocks.0", "blocks.1"]
     module, recorder = make_module(), Recorder()
     initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     size = BATCH_SIZE // MICRO

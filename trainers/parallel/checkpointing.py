@@ -5,12 +5,14 @@ One setting, read the same way by the one-process module (`RAGModule(activation_
 and by `PipelineStrategy(activation_checkpointing=)`:
 
     "off" / None          nothing is checkpointed
-    "every" / 1           every decoder block
-    n (an int >= 2)       every n-th decoder block: blocks.0, blocks.n, blocks.2n, ...
+    "every" / "full" / 1  every decoder block
+    n (an int >= 2)       every n-th decoder block, those whose 1-based position is a
+                          multiple of n: blocks.{n-1}, blocks.{2n-1}, ... (torchtitan's count)
     ["blocks.3", "head"]  these units (a list, or a comma-separated string on a command line)
 
 Blocks are counted over the whole chain (not per pipeline stage), so a setting means the
-same units under any partition. The retrieval unit is never checkpointed: its forward
+same units under any partition, and the partitioner costs the same blocks
+(`trainers.partition.chain.checkpointed_layers` counts alike). The retrieval unit is never checkpointed: its forward
 searches the index on the host and fills caches, which a recompute would redo outside
 autograd (and `mode="random"` draws its documents from numpy's generator, which torch
 does not restore).
@@ -64,7 +66,7 @@ class ActivationCheckpointing:
             return setting
         if setting is None or setting is False or setting == "off":
             return cls()
-        if setting is True or setting == "every":
+        if setting is True or setting in ("every", "full"):
             return cls(every=1)
         if isinstance(setting, str) and setting.strip().lstrip("-").isdigit():
             setting = int(setting)
@@ -86,12 +88,17 @@ class ActivationCheckpointing:
     def enabled(self) -> bool:
         return bool(self.every or self.units)
 
+    def planner_blocks(self, chain: Sequence[str]) -> list[str]:
+        """The decoder blocks checkpointed, for the partitioner's cost model (which knows
+        blocks only; a checkpointed head is not costed)."""
+        return [name for name in self.unit_names(chain) if name.startswith("blocks.")]
+
     def unit_names(self, chain: Sequence[str]) -> list[str]:
         """The units of `chain` (a model's `units()` names) this setting checkpoints, in chain
         order; a name the chain lacks, or a unit that cannot be recomputed, is refused."""
         blocks = [name for name in chain if name.startswith("blocks.")]
         if self.every:
-            chosen = set(blocks[:: self.every])
+            chosen = set(blocks[self.every - 1:: self.every])
         else:
             unknown = [name for name in self.units if name not in chain]
             if unknown:

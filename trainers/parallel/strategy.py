@@ -232,11 +232,14 @@ class PipelineStrategy(ModelParallelStrategy):
             raise TypeError(f"partition='auto' needs a rag_mm model (with .config); give "
                             f"{type(self).__name__} explicit stages instead")
         config = self.pipeline_config
+        chain = [name for name, _ in model.units()]
         batch_size = self._loader_batch_size() or getattr(trainer.datamodule, "batch_size", None)
         stages = auto_partition(model.config, pp_size=self.dims.pp, schedule=config.schedule,
                                 num_microbatches=config.num_microbatches,
                                 batch_size=batch_size if isinstance(batch_size, int) else None,
-                                dp_size=self.dims.dp, device=self.partition_device)
+                                dp_size=self.dims.dp, device=self.partition_device,
+                                activation_checkpointing=ActivationCheckpointing.parse(
+                                    self._checkpointing_setting(chain)).planner_blocks(chain))
         self.pipeline_config = replace(config, stages=stages)
         check_schedule(self.pipeline_config, self.dims.pp)
 
