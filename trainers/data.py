@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from rag_mm.config import model_config
 from rag_mm.data import DataError, ExampleColumns, load_examples
@@ -33,6 +33,38 @@ from trainers.data_sources import (  # noqa: F401  (add_data_arguments, data_kwa
 from trainers.run.resume import ResumableSampler, resume_position
 
 SPLITS = ("train", "val", "test")
+ROW_VALID = "row_valid"  # batch key: False marks a row that only fills a replica's share
+
+
+class EvalShardSampler(DistributedSampler):
+    """One data-parallel replica's share of an evaluation split, every row exactly once
+    over all replicas: rows rank, rank + n, rank + 2n, ... in order. The shares must be
+    equally long (the replicas' steps run collectives together), so a share one row short
+    ends with a repeat of its last row marked not valid (`DistributedSampler` repeats rows
+    unmarked, and every metric counts them twice). Yields (row, valid) for `MarkedRows`."""
+
+    def __init__(self, dataset, *, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self):
+        rows = list(range(self.rank, len(self.dataset), self.num_replicas))
+        yield from ((row, True) for row in rows)
+        fill = rows[-1] if rows else 0
+        yield from ((fill, False) for _ in range(self.num_samples - len(rows)))
+
+
+class MarkedRows(Dataset):
+    """A dataset indexed by `EvalShardSampler`'s (row, valid): the row, and whether it counts."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]) -> dict:
+        row, valid = key
+        return {**self.dataset[row], ROW_VALID: valid}
 
 
 class Collator:
@@ -65,6 +97,8 @@ class Collator:
             "target_ids": target_ids,
             "target_mask": target_ids != 0,
             "gold_keys": torch.tensor([r.get("gold_key", -1) for r in rows], dtype=torch.long),
+            **({ROW_VALID: torch.tensor([r[ROW_VALID] for r in rows])} if ROW_VALID in rows[0]
+               else {}),
         }
 
 
@@ -220,7 +254,21 @@ class RAGDataModule(L.LightningDataModule):
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """In order; over data-parallel replicas, every row once (`EvalShardSampler`: a
+        share one row short is filled with a row marked `row_valid` False, which the module
+        and `PipelineStrategy` leave out of every loss and metric)."""
+        trainer = self.trainer
+        replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer else None
+        if not replicas or replicas.get("num_replicas", 1) == 1 or split not in self.datasets:
+            return self._loader(split)
+        sampler = EvalShardSampler(self.datasets[split], num_replicas=replicas["num_replicas"],
+                                   rank=replicas["rank"])
+        return DataLoader(MarkedRows(self.datasets[split]), batch_size=self.batch_size,
+                          sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)

@@ -16,6 +16,7 @@ import torch
 
 from rag_mm.config import MODES, model_config
 from rag_mm.model import RAGModel, build_model
+from trainers.data import ROW_VALID
 from trainers.parallel.checkpointing import apply_activation_checkpointing
 
 
@@ -94,6 +95,9 @@ class RAGModule(L.LightningModule):
         return out["loss"]
 
     def _eval_step(self, batch, prefix: str) -> None:
+        batch = valid_rows(batch)
+        if len(batch["images"]) == 0:  # a replica's share filler alone (see EvalShardSampler)
+            return
         out = self.model(batch)
         metrics = {f"{prefix}/{k}": v for k, v in out.items()}
         metrics.update({f"{prefix}/{k}": v for k, v in self.answer_metrics(batch).items()})
@@ -170,6 +174,16 @@ def warmup_cosine(step: int, length: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, length - warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def valid_rows(batch: dict) -> dict:
+    """`batch` without the rows its `row_valid` marks False (fillers of a data-parallel
+    replica's share, `trainers.data.EvalShardSampler`), and without that key."""
+    if ROW_VALID not in batch:
+        return batch
+    keep = batch[ROW_VALID].bool()
+    return {k: v[keep.to(v.device)] if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items() if k != ROW_VALID}
 
 
 def rates(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,10 @@ gives them weight 0):
   over the same micro-batches and its own `answer_metrics` (neither metric 0 or 1: some
   targets are the model's own answers, some gold keys one of its retrieved documents);
 - `Trainer.fit` for 2 steps over batches of 4 and 3 (drop_last=False): both steps' losses,
-  the partial step's every gradient and every value after AdamW equal one process's.
+  the partial step's every gradient and every value after AdamW equal one process's;
+- over dp=2 replicas (pp=1, FSDP2), `Trainer.validate` through `EvalShardSampler` (7 rows:
+  shares of 4 and 3 + a filler row marked not valid) logs what one process logs over the
+  7 rows once each (Lightning's `DistributedSampler` would count row 0 twice).
 
 Run: .venv/bin/pytest tests/distributed/test_partial_batches.py -q     (about 40 s on 2 cores)
 """
@@ -25,6 +28,7 @@ import torch
 
 from rag_mm.model import synthetic_batch
 from tests.helpers.parallel import (
+    ALL,
     NUM_DOCS,
     TWO,
     Reference,
@@ -168,3 +172,68 @@ def test_partial_last_batches_match_single_process(tmp_path):
         assert kept.keys() == ref[key][1].keys(), key
         for name, expected in Reference.pair(ref[key][1], exact[key][1]).items():
             assert_fp32_close(kept[name], expected, f"{key} {name}")
+
+
+def stack_marked(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([torch.as_tensor(row[k]) for row in rows]) for k in rows[0]}
+
+
+def _dp_worker(rank: int, world_size: int, out_dir: str) -> None:
+    from trainers.data import EvalShardSampler, MarkedRows
+
+    case = torch.load(Path(out_dir) / "case.pt", weights_only=False)
+    module = make_module()
+    module.load_state_dict(case["state_dict"])
+    rows = [{k: v[i] for k, v in case["val"].items()} for i in range(ROWS)]
+    loader = torch.utils.data.DataLoader(
+        MarkedRows(rows), batch_size=2, collate_fn=stack_marked,
+        sampler=EvalShardSampler(rows, num_replicas=world_size, rank=rank))
+    strategy = PipelineStrategy(partition=ALL, pipeline_parallel_size=1, data_parallel_size=2,
+                                num_microbatches=1, schedule="gpipe")
+    run_trainer = trainer(devices=world_size, strategy=strategy)
+    run_trainer.validate(module, loader)
+    logged = {m: run_trainer.callback_metrics[m].item() for m in METRICS}
+    torch.save(logged, Path(out_dir) / f"dp_{rank}.pt")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_validation_over_data_parallel_replicas_counts_every_row_once(tmp_path):
+    from trainers.parallel.local import run_local
+
+    state_dict, val, _ = make_case()
+    torch.save({"state_dict": state_dict, "val": val}, tmp_path / "case.pt")
+    module = make_module()
+    module.load_state_dict(state_dict)
+    model = module.model.eval()
+    # the replicas' batches (rank 0: rows 0 2 4 6, rank 1: rows 1 3 5 + a filler), one
+    # micro-batch each: in-batch negatives are taken within these groups
+    groups = [[0, 2], [4, 6], [1, 3], [5]]
+    with torch.no_grad():
+        losses = torch.cat([model.head(*model.run_chain(model.retrieval(
+            {k: v[group] for k, v in val.items()}))) for group in groups]).mean(0)
+    expected = {"val/loss": losses.sum().item(), "val/generator_loss": losses[0].item(),
+                "val/retriever_loss": losses[1].item(),
+                **{f"val/{k}": v.item() for k, v in module.answer_metrics(val).items()}}
+    assert 0 < expected["val/exact_match"] < 1 and 0 < expected["val/recall@2"] < 1
+
+    run_local(_dp_worker, 2, str(tmp_path))
+    for rank in range(2):
+        logged = torch.load(tmp_path / f"dp_{rank}.pt")
+        for name in METRICS:  # rates of counts: equal; losses: fp32 sums in another order
+            assert logged[name] == pytest.approx(expected[name], rel=1e-5), name
+
+
+def test_eval_shards_cover_every_row_once_in_equal_lengths():
+    from trainers.data import EvalShardSampler
+
+    for size, replicas in [(7, 2), (8, 2), (10, 4), (2, 4), (0, 2)]:
+        shares = [list(EvalShardSampler(range(size), num_replicas=replicas, rank=r))
+                  for r in range(replicas)]
+        assert len({len(share) for share in shares}) == 1
+        assert all(len(share) == -(-size // replicas) for share in shares)
+        valid = sorted(row for share in shares for row, ok in share if ok)
+        assert valid == list(range(size))
+        for share in shares:  # fillers come last
+            marks = [ok for _, ok in share]
+            assert marks == sorted(marks, reverse=True)

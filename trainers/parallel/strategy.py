@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from trainers.data import ROW_VALID
 from trainers.parallel.answer import pipeline_generate
 from trainers.parallel.checkpointing import (
     ActivationCheckpointing,
@@ -341,12 +342,14 @@ class PipelineStrategy(ModelParallelStrategy):
                 sizes.append(size if isinstance(size, int) else 0)
         return max(sizes)
 
-    def _padded(self, tensors: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor, int]:
+    def _padded(self, tensors: dict[str, torch.Tensor],
+                rows: int | None = None) -> tuple[dict, torch.Tensor, int]:
         """`tensors` padded to the pipeline's batch size, each row's weight in the step's
         loss (the mean over the real rows of every replica: FSDP2 averages over dp, so a
-        real row weighs dp / rows of all replicas; padding 0), and the rows of all replicas."""
+        real row weighs dp / rows of all replicas; padding 0), and the rows of all replicas.
+        `rows`: how many leading rows are real (default: all)."""
         pipeline = self._pipeline_for(tensors)
-        rows = len(_rows(tensors))
+        rows = len(_rows(tensors)) if rows is None else rows
         total = self._sum_over_dp(torch.tensor([float(rows)], device=self.root_device))
         weights = torch.zeros(pipeline.batch_size)
         weights[:rows] = self.dims.dp / total.item()
@@ -404,21 +407,24 @@ class PipelineStrategy(ModelParallelStrategy):
         metrics (`answer_counts`: exact match, recall@k) from greedy answers decoded through
         the pipeline (the module's own evaluation step is not run)."""
         with torch.inference_mode(False):  # Lightning evaluates under inference mode
-            tensors = {k: v.clone() for k, v in _tensors(batch).items()}
-            padded, _, total = self._padded(tensors)  # a partial last batch: real rows only count
+            tensors, rows = _valid_prefix({k: v.clone() for k, v in _tensors(batch).items()})
+            # a partial last batch, or a replica's share filler: only the valid rows count
+            padded, _, total = self._padded(tensors, rows)
             with self.precision_plugin.val_step_context():
                 losses = self.pipeline.evaluate(padded)
-                answers = self._answer_metrics(tensors)  # decoding takes any batch size
-            loss = self._log_losses(losses, len(_rows(tensors)), total, prefix)
+                answers = self._answer_metrics(tensors, rows)  # decoding takes any batch size
+            loss = self._log_losses(losses, rows, total, prefix)
             if answers:
                 self.lightning_module.log_dict(
                     {f"{prefix}/{name}": value for name, value in answers.items()},
                     prog_bar=prefix != "test", batch_size=total)
             return loss
 
-    def _answer_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The module's `answer_counts` of the answers decoded through the pipeline, summed
-        over dp, as rates: what `answer_metrics` gives for the global batch in one process."""
+    def _answer_metrics(self, batch: dict[str, torch.Tensor],
+                        rows: int) -> dict[str, torch.Tensor]:
+        """The module's `answer_counts` of the answers decoded through the pipeline for the
+        first `rows` (valid) rows, summed over dp, as rates: what `answer_metrics` gives for
+        the global batch in one process."""
         from trainers.module import rates
 
         module = self.lightning_module
@@ -427,7 +433,8 @@ class PipelineStrategy(ModelParallelStrategy):
         dp_group = self.device_mesh["dp"].get_group() if self.dims.dp > 1 else None
         tokens, keys = pipeline_generate(self._chain_model(), self.pipeline, batch,
                                          dp_group=dp_group)
-        counts = module.answer_counts(batch, tokens, keys)
+        counts = module.answer_counts({k: v[:rows] for k, v in batch.items()}, tokens[:rows],
+                                      keys[:rows])
         if dp_group is not None:
             names = sorted(counts)
             summed = torch.stack([counts[name] for name in names]).to(self.root_device)
@@ -571,6 +578,21 @@ def _drop_unsaved_state(model: nn.Module, optimizer, missing_keys) -> None:
 
 def _tensors(batch: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _valid_prefix(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """`batch` without its `row_valid` marks, and how many leading rows are valid: the
+    rows a replica's evaluation share was filled with (`trainers.data.EvalShardSampler`)
+    come last. Fillers stay in a batch of no valid row (every replica runs the step); in a
+    batch that has some, they are dropped (the strategy pads with hidden copies)."""
+    if ROW_VALID not in batch:
+        return batch, len(_rows(batch))
+    valid = batch.pop(ROW_VALID).bool().cpu()
+    rows = int(valid.sum())
+    if not valid[:rows].all():
+        raise ValueError(f"{ROW_VALID} must mark a prefix of the batch's rows valid, got "
+                         f"{valid.int().tolist()}")
+    return ({k: v[:rows] for k, v in batch.items()} if rows else batch), rows
 
 
 def _rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
