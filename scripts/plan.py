@@ -120,7 +120,8 @@ def cmd_estimate(args) -> None:
                              zero=args.zero, sequence_parallel=args.sequence_parallel,
                              overlap_grad_reduce=args.overlap_grad_reduce,
                              overlap_tp_comm=args.overlap_tp_comm,
-                             zero3_unit=args.zero3_unit, overlap_zero3=not args.serial_zero3)
+                             zero3_unit=args.zero3_unit, overlap_zero3=not args.serial_zero3,
+                             deferred_grad_sync=args.deferred_grad_sync)
         estimate = estimate_step(shape, _cluster(args), layout)
     except ValueError as err:
         _fail(err)
@@ -212,7 +213,8 @@ def _add_shape_commands(sub) -> None:
     layout.add_argument("--virtual-stages", type=int, default=1)
     layout.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     layout.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3],
-                        help="3 = FSDP2 (the runtime's data parallelism)")
+                        help="3 = ZeRO-3 / FSDP (the runtime's FSDP2: with "
+                             "--deferred-grad-sync)")
     layout.add_argument("--sequence-parallel", action="store_true")
     layout.add_argument("--overlap-grad-reduce", action="store_true")
     layout.add_argument("--overlap-tp-comm", action="store_true",
@@ -220,6 +222,9 @@ def _add_shape_commands(sub) -> None:
     layout.add_argument("--zero3-unit", default="layer", choices=["layer", "module"],
                         help="ZeRO-3 gathers per layer (FSDP2, the runtime) or per submodule "
                              "(DeepSpeed)")
+    layout.add_argument("--deferred-grad-sync", action="store_true",
+                        help="ZeRO-3 as the runtime runs FSDP2 under pipelining: one "
+                             "reduce-scatter per step, parameters and gradients whole during it")
     layout.add_argument("--serial-zero3", action="store_true",
                         help="ZeRO-3 collectives in series with compute (default: prefetched "
                              "behind it, as FSDP2)")

@@ -135,6 +135,12 @@ def test_memory_per_gpu_zero_stages_by_hand():
         assert memory["params"] == pytest.approx(weights * p)
         assert memory["grads"] == pytest.approx(grads * p)
         assert memory["optimizer"] == pytest.approx(optimizer * p)
+    # the runtime's FSDP2 under pipelining: the weights' quarter + whole weights and whole
+    # gradients during the step; Adam's quarter
+    runtime = memory_per_gpu(shape, TrainLayout(dp=4, global_batch=4, zero=3,
+                                                deferred_grad_sync=True), 4, 1)
+    assert (runtime["params"], runtime["grads"], runtime["optimizer"]) == pytest.approx(
+        (0.5 * p + 2 * p, 2 * p, 3 * p))
     untied = GPTShape(num_layers=4, hidden=1024, num_heads=8, seq_len=256, vocab=1000,
                       tied_embeddings=False)
     assert untied.num_params == p + 1000 * 1024
@@ -270,8 +276,14 @@ def test_fsdp_shards_the_partitioners_static_memory():
 
     unit = UnitCost(name="u", fwd_ms=1, bwd_ms=2, param_count=1000, param_bytes=4000,
                     state_bytes=100)
-    # (4000 weights + 4000 grads + 8 x 1000 Adam) / 4 ranks + 100 unsharded buffers
-    assert MemoryModel(data_parallel_shards=4).static_bytes(unit) == 16000 / 4 + 100
+    # ZeRO-3 semantics: (4000 weights + 4000 grads + 8 x 1000 Adam) / 4 ranks + 100 buffers
+    assert MemoryModel(data_parallel_shards=4, deferred_gradient_sync=False).static_bytes(
+        unit) == 16000 / 4 + 100
+    # the runtime (pipelining defers FSDP2's reduce-scatter to the step's end): the weights'
+    # shard, whole weights and whole gradients during the step, Adam's quarter, buffers
+    assert MemoryModel(data_parallel_shards=4).static_bytes(unit) == (
+        4000 / 4 + 4000 + 4000 + 8000 / 4 + 100)
+    assert MemoryModel().static_bytes(unit) == 16000 + 100
 
 
 def test_auto_partition_costs_for_this_device(monkeypatch):
@@ -299,25 +311,28 @@ def test_auto_partition_costs_for_this_device(monkeypatch):
 
 
 def test_auto_partition_takes_the_training_batch_and_dp():
+    """The tiny model's retrieval unit (25 M fp32 parameters) on a 0.25 GiB device: one
+    replica's state (weights, gradients, Adam: 16 B each) does not fit; with FSDP2 over 8
+    data-parallel ranks (whole weights and gradients during the step, Adam's and the
+    weights' resting eighth: 9.5 B each) it does."""
     from rag_mm.config import model_config
     from trainers.parallel.auto import auto_partition
     from trainers.partition.costs import DeviceSpec
     from trainers.partition.partition import InfeasibleError
 
     config = model_config("tiny")
-    device = DeviceSpec(name="64 MiB", tflops=1.0, mem_gb_per_s=10.0, memory_gib=1 / 16)
-    with pytest.raises(InfeasibleError, match="fits memory_cap_bytes=6.711e\\+07"):
+    device = DeviceSpec(name="0.25 GiB", tflops=1.0, mem_gb_per_s=10.0, memory_gib=0.25)
+    with pytest.raises(InfeasibleError, match="fits memory_cap_bytes=2.684e\\+08"):
         auto_partition(config, pp_size=2, schedule="1f1b", num_microbatches=2, batch_size=4,
-                       device=device)  # one replica's state does not fit 64 MiB ...
+                       device=device)
     stages = auto_partition(config, pp_size=2, schedule="1f1b", num_microbatches=2,
-                            batch_size=4, dp_size=8, device=device)  # ... an eighth does
-    assert [n for stage in stages for n in stage] == ["retrieval", "blocks.0", "blocks.1",
-                                                      "head"]
+                            batch_size=4, dp_size=8, device=device)
+    assert stages == [["retrieval"], ["blocks.0", "blocks.1", "head"]]
 
 
 def test_auto_partition_takes_activation_checkpointing_and_a_gpu_name():
-    """8 tiny blocks, batch 64 over 2 micro-batches, dp = 8: on a 0.1 GiB device the
-    activations in flight do not fit; checkpointing every block (or every 2nd) they do."""
+    """8 tiny blocks, batch 256 over 2 micro-batches, dp = 8: on a 0.4 GiB device the
+    activations in flight do not fit; checkpointing every block they do."""
     from dataclasses import replace
 
     from rag_mm.config import model_config
@@ -328,8 +343,8 @@ def test_auto_partition_takes_activation_checkpointing_and_a_gpu_name():
 
     tiny = model_config("tiny")
     config = model_config("tiny", generator=replace(tiny.generator, num_layers=8))
-    device = DeviceSpec(name="0.1 GiB", tflops=1.0, mem_gb_per_s=10.0, memory_gib=0.1)
-    kwargs = {"pp_size": 2, "schedule": "1f1b", "num_microbatches": 2, "batch_size": 64,
+    device = DeviceSpec(name="0.4 GiB", tflops=1.0, mem_gb_per_s=10.0, memory_gib=0.4)
+    kwargs = {"pp_size": 2, "schedule": "1f1b", "num_microbatches": 2, "batch_size": 256,
               "dp_size": 8, "device": device}
     with pytest.raises(InfeasibleError):
         auto_partition(config, **kwargs)
@@ -374,5 +389,12 @@ def test_zero3_collectives_per_unit_by_hand():
                                                      overlap_zero3=False))
     assert deep.time_s["fsdp_gather_exposed"] == pytest.approx(
         9 * 4 * ring(2 * params / 9), rel=1e-9)
+    # the runtime's deferred sync: the 3 reduce-scatters once after the last backward, the
+    # gathers every micro-batch (here one)
+    deferred = estimate_step(shape, cluster, TrainLayout(global_batch=16, zero=3,
+                                                         overlap_zero3=False,
+                                                         deferred_grad_sync=True))
+    assert deferred.time_s["dp_grad_reduce"] == pytest.approx(3 * ring(2 * params / 3))
+    assert deferred.time_s["fsdp_gather_exposed"] == pytest.approx(6 * ring(2 * params / 3))
     with pytest.raises(ValueError, match=r"--zero3-unit 'block': valid: layer, module"):
         TrainLayout(global_batch=16, zero=3, zero3_unit="block")

@@ -64,14 +64,25 @@ class MemoryModel:
     optimizer_bytes_per_param: optimizer state; Adam keeps two fp32 moments = 8.
     master_bytes_per_param: an fp32 master copy under mixed precision (4), else 0.
     data_parallel_shards: FSDP2 over this many data-parallel ranks (the runtime's
-        ``fully_shard`` on the "dp" mesh axis) divides parameters, gradients and optimizer
-        state by it; 1 for none.
+        ``fully_shard`` on the "dp" mesh axis); 1 for none. It divides the optimizer state
+        and the parameters at rest by it.
+    deferred_gradient_sync: with data_parallel_shards > 1, the stage's parameters and
+        gradients are also held whole during a step, as the runtime runs them:
+        ``torch.distributed.pipelining`` backs every micro-batch of an FSDP2 stage through
+        without gradient sync and without resharding (``PipelineStage.
+        backward_maybe_with_nosync``: ``set_requires_gradient_sync(False)``,
+        ``set_reshard_after_backward(False)``) and reduce-scatters once after the last
+        (``perform_reduce_grad``), so from the first backward to the step's end every rank
+        holds the unsharded parameters and their unsharded gradients beside its shards.
+        False: ZeRO-3 / FSDP with a reduce-scatter every backward (parameters, gradients
+        and optimizer state all divided by the shards).
     """
 
     grad_bytes_per_param: float | None = None
     optimizer_bytes_per_param: float = 8.0
     master_bytes_per_param: float = 0.0
     data_parallel_shards: int = 1
+    deferred_gradient_sync: bool = True
 
     def __post_init__(self) -> None:
         for key in ("optimizer_bytes_per_param", "master_bytes_per_param"):
@@ -86,8 +97,12 @@ class MemoryModel:
         grads = (unit.param_bytes if self.grad_bytes_per_param is None
                  else unit.param_count * self.grad_bytes_per_param)
         per_param = self.optimizer_bytes_per_param + self.master_bytes_per_param
-        sharded = unit.param_bytes + grads + unit.param_count * per_param
-        return sharded / self.data_parallel_shards + unit.state_bytes
+        shards = self.data_parallel_shards
+        optimizer = unit.param_count * per_param / shards
+        if shards > 1 and self.deferred_gradient_sync:
+            whole = unit.param_bytes + grads  # unsharded during the step
+            return unit.param_bytes / shards + whole + optimizer + unit.state_bytes
+        return (unit.param_bytes + grads) / shards + optimizer + unit.state_bytes
 
 
 @dataclass(frozen=True, kw_only=True)

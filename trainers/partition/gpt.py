@@ -167,6 +167,11 @@ class TrainLayout:
     overlap_zero3: ZeRO-3's per micro-batch all-gathers and reduce-scatters run on their
         own stream behind compute (FSDP2's prefetch: exposed only beyond the micro-batch's
         compute); else in series with it.
+    deferred_grad_sync: ZeRO-3 as this project's runtime runs FSDP2 under
+        ``torch.distributed.pipelining``: micro-batches back through without gradient sync
+        or resharding and one reduce-scatter per unit ends the step, so parameters and
+        gradients are whole on every rank during the step (chain.MemoryModel has the same
+        rule); the parameters are still gathered for each forward and backward.
     """
 
     tp: int = 1
@@ -183,6 +188,7 @@ class TrainLayout:
     overlap_tp_comm: bool = False
     zero3_unit: str = "layer"
     overlap_zero3: bool = True
+    deferred_grad_sync: bool = False
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp),
@@ -212,6 +218,7 @@ class TrainLayout:
         extras += [f"zero={self.zero}"] if self.zero else []
         extras += [f"zero3-per-{self.zero3_unit}"] if self.zero == 3 and self.zero3_unit != "layer" else []
         extras += ["zero3-serial"] if self.zero == 3 and not self.overlap_zero3 else []
+        extras += ["deferred-sync"] if self.zero == 3 and self.deferred_grad_sync else []
         extras += ["sp"] if self.sequence_parallel else []
         extras += ["tp-overlap"] if self.overlap_tp_comm else []
         return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
@@ -362,11 +369,14 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
     params = _stage_params(shape, layout)
     zero = layout.zero
     weights = params * WEIGHT_BYTES / (dp if zero >= 3 else 1)
-    if zero == 3 and dp > 1:  # the unit computing and the one prefetched, gathered whole
+    grads = params * GRAD_BYTES / (dp if zero >= 2 else 1)
+    if zero == 3 and dp > 1 and layout.deferred_grad_sync:  # whole during the step
+        weights += params * WEIGHT_BYTES
+        grads = params * GRAD_BYTES
+    elif zero == 3 and dp > 1:  # the unit computing and the one prefetched, gathered whole
         per_layer = zero3_units(shape, replace(layout, pp=shape.num_layers)) - 1
         unit = max(shape.layer_params / per_layer, shape.embedding_params) / layout.tp
         weights += 2 * unit * WEIGHT_BYTES
-    grads = params * GRAD_BYTES / (dp if zero >= 2 else 1)
     if zero == 0:
         grads = params * GRAD_REDUCE_BYTES[0]  # fp32 main gradients
     optimizer = params * OPTIMIZER_BYTES / (dp if zero >= 1 else 1)
@@ -443,6 +453,8 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
     units = zero3_units(shape, layout)
     gather = ring_seconds(params * WEIGHT_BYTES / units, dp, nodes, cluster, factor=1)
     reduce_scatter = ring_seconds(grad_bytes / units, dp, nodes, cluster, factor=1)
+    if layout.deferred_grad_sync:  # one reduce-scatter per unit, after the last backward
+        return units * reduce_scatter, units * zero3_gathers(layout) * gather
     return 0.0, units * (zero3_gathers(layout) * gather + reduce_scatter)
 
 
