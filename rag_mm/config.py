@@ -65,6 +65,9 @@ class RetrieverConfig:
 
     text_encoder: str | None = None  # local HF encoder folder; None = the bundled MiniLM
     train_text_encoder: bool = False  # fine-tune the text tower of the query encoder
+    # Folder of the query encoder's vision path (rag_mm.query_vision): the query encoder starts
+    # from it, and an index of image documents must have been embedded with it (attach checks).
+    vision_dir: str | None = None
     top_k: int = 4  # documents marginalised over by the generator
     num_candidates: int = 16  # over-retrieved list (recall@num_candidates, hard negatives)
     # Use the over-retrieved non-gold documents as extra negatives. Off by default: documents

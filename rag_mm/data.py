@@ -425,8 +425,10 @@ def _text_problems(table, specs, locator, ids) -> dict[int, tuple[str, str]]:
         if spec.kind not in ("id", "text"):
             continue
         col = table.column(spec.name)
-        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0)
-        bad = np.flatnonzero(pc.fill_null(blank, True).to_numpy(zero_copy_only=False))
+        blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), True)
+        if spec.name == "text" and "image" in table.column_names:  # an image-only document
+            blank = pc.and_(blank, pc.is_null(table.column("image")))
+        bad = np.flatnonzero(blank.to_numpy(zero_copy_only=False))
         reason = "missing_id" if spec.kind == "id" else f"empty_{spec.name}"
         for row in bad:
             row = int(row)

@@ -59,7 +59,8 @@ class RetrievalUnit(nn.Module):
         self.config = config
         text = build_text_encoder(config.retriever.text_encoder, pretrained=pretrained_text)
         self.query_encoder = QueryEncoder(
-            text, config.vision, train_text=config.retriever.train_text_encoder
+            text, config.vision, train_text=config.retriever.train_text_encoder,
+            vision_dir=config.retriever.vision_dir,
         )
         gen = config.generator
         self.vision = VisionTower(config.vision)
@@ -80,9 +81,7 @@ class RetrievalUnit(nn.Module):
         this model's query text encoder (same weights hash, dim, pooling, normalisation), else
         `EncoderMismatchError` names both; `check_encoder=False` skips the check."""
         if backend is not None and check_encoder and hasattr(backend, "check_encoder"):
-            from rag_mm.text_encoder import encoder_identity
-
-            identity = encoder_identity(self.config.retriever.text_encoder)
+            identity = self.query_encoder.identity(self.config.retriever.text_encoder)
             backend.check_encoder(identity, what="the model's query text encoder")
         self.backend = backend
         self._doc_tokens.clear()

@@ -100,9 +100,10 @@ class QueryEncoder(nn.Module):
     """
 
     def __init__(self, text: TextEncoder, vision: VisionConfig, *, train_text: bool,
-                 cache_size: int = 100_000) -> None:
+                 cache_size: int = 100_000, vision_dir: str | Path | None = None) -> None:
         super().__init__()
         self.text = text
+        self.vision_dir = vision_dir
         self.train_text = train_text
         self.text.requires_grad_(train_text)
         self.cache_size = cache_size
@@ -161,9 +162,36 @@ class QueryEncoder(nn.Module):
         return self
 
     def init_weights(self) -> None:
-        """text_proj = identity; image_proj normal(0, 0.02); the text tower keeps its weights."""
+        """text_proj = identity; image_proj normal(0, 0.02), or the vision tower and image_proj
+        of `vision_dir` (the weights that embedded the index's document images); the text tower
+        keeps its weights."""
         nn.init.eye_(self.text_proj.weight)
         nn.init.normal_(self.image_proj.weight, 0.0, 0.02)
+        if self.vision_dir is not None:
+            from rag_mm.query_vision import check_fits, load_query_vision
+
+            check_fits(self.vision_dir, self.vision.config, self.dim)
+            loaded = load_query_vision(self.vision_dir)
+            self.vision.load_state_dict(loaded.vision.state_dict())
+            self.image_proj.load_state_dict(loaded.image_proj.state_dict())
+
+    def save_vision(self, folder: str | Path) -> Path:
+        """Write the vision path to `folder` (`rag_mm.query_vision`), e.g. to embed an index."""
+        from rag_mm.query_vision import save_query_vision
+
+        return save_query_vision(folder, self.vision, self.image_proj)
+
+    def identity(self, text_folder: str | Path | None) -> dict:
+        """The vector space of the queries: the text tower's folder identity, plus `vision`
+        (the `vision_dir` identity) when the vision path started from a folder."""
+        from rag_mm.text_encoder import encoder_identity
+
+        identity = encoder_identity(text_folder)
+        if self.vision_dir is not None:
+            from rag_mm.query_vision import vision_identity
+
+            identity["vision"] = vision_identity(self.vision_dir)
+        return identity
 
 
 def contrastive_loss(

@@ -11,15 +11,24 @@ An index directory holds `manifest.json`, `docs.arrow` (the document store), `em
 """
 
 from retrieval_index.build import FactoryError
+from retrieval_index.collective import Collective, LocalCollective, TorchCollective
 from retrieval_index.durable import IndexLockedError
-from retrieval_index.embed import DocumentEmbedder, TextDocumentEmbedder, UnsupportedImageError
+from retrieval_index.embed import (
+    DocumentEmbedder,
+    MultimodalDocumentEmbedder,
+    TextDocumentEmbedder,
+    UnsupportedImageError,
+)
 from retrieval_index.index import Index, IndexFileError, load
-from retrieval_index.job import BuildConfig, IndexExistsError, build_index
+from retrieval_index.job import VISION_DIR, BuildConfig, IndexExistsError, build_index
 from retrieval_index.manifest import EncoderMismatchError, ResumeMismatchError
+from retrieval_index.sharded import ShardedIndex, ShardLayoutError
 from retrieval_index.store import CorpusError, DocumentStore, UnknownIdError
 
 __all__ = [
+    "VISION_DIR",
     "BuildConfig",
+    "Collective",
     "CorpusError",
     "DocumentEmbedder",
     "DocumentStore",
@@ -29,8 +38,13 @@ __all__ = [
     "IndexExistsError",
     "IndexFileError",
     "IndexLockedError",
+    "LocalCollective",
+    "MultimodalDocumentEmbedder",
     "ResumeMismatchError",
+    "ShardLayoutError",
+    "ShardedIndex",
     "TextDocumentEmbedder",
+    "TorchCollective",
     "UnknownIdError",
     "UnsupportedImageError",
     "build_index",

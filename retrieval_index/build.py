@@ -131,9 +131,16 @@ def _is_idmap(index: faiss.Index) -> bool:
 
 
 def train_and_add(
-    vectors: np.ndarray, factory: str, *, train_size: int | None, seed: int, progress: bool = False
+    vectors: np.ndarray,
+    factory: str,
+    *,
+    train_size: int | None,
+    seed: int,
+    progress: bool = False,
+    on_trained=None,
 ) -> tuple[faiss.Index, dict]:
-    """Build the index over `vectors` (row i gets key i); returns it (on CPU) and timings."""
+    """Build the index over `vectors` (row i gets key i); returns it (on CPU) and timings.
+    `on_trained(empty)` gets a CPU copy of the trained, still empty index (search shards)."""
     count, dim = vectors.shape
     cpu_index = make_index(factory, dim)
     check_trainable(cpu_index, count, factory)
@@ -144,6 +151,8 @@ def train_and_add(
         start = time.perf_counter()
         _train(index, vectors, size, seed, factory)
         info["train_seconds"] = round(time.perf_counter() - start, 3)
+    if on_trained is not None:
+        on_trained(faiss.index_gpu_to_cpu(index) if resources is not None else faiss.clone_index(index))
     start = time.perf_counter()
     _add_in_order(index, vectors, progress)
     info["add_seconds"] = round(time.perf_counter() - start, 3)
@@ -161,6 +170,18 @@ def _train(index: faiss.Index, vectors: np.ndarray, size: int, seed: int, factor
         raise FactoryError(
             f"training --index-factory {factory!r} on {size} vectors failed: {err}"
         ) from None
+
+
+def add_rows(index: faiss.Index, vectors: np.ndarray, start: int, stop: int) -> None:
+    """Add rows [start, stop) of `vectors` to an empty `index` under keys 0 .. stop - start."""
+    idmap = _is_idmap(index)
+    for first in range(start, stop, ADD_CHUNK):
+        chunk = np.ascontiguousarray(vectors[first : min(stop, first + ADD_CHUNK)], dtype=np.float32)
+        if idmap:
+            index.add_with_ids(chunk, np.arange(first - start, first - start + len(chunk)))
+        else:
+            index.add(chunk)
+    assert index.ntotal == stop - start, (index.ntotal, start, stop)
 
 
 def _add_in_order(index: faiss.Index, vectors: np.ndarray, progress: bool) -> None:

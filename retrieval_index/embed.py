@@ -76,7 +76,14 @@ class TextDocumentEmbedder:
     """
 
     def __init__(
-        self, encoder, tokenizer, *, max_length: int = 256, batch_size: int = 64, device=None
+        self,
+        encoder,
+        tokenizer,
+        *,
+        max_length: int = 256,
+        batch_size: int = 64,
+        device=None,
+        ignore_images: bool = False,
     ):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
@@ -94,6 +101,7 @@ class TextDocumentEmbedder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.dim = encoder.dim
+        self.ignore_images = ignore_images
         self._identity: dict | None = None
 
     @property
@@ -122,10 +130,12 @@ class TextDocumentEmbedder:
                 **encoder_identity(self.encoder.path),
                 "max_length": self.max_length,
             }
+            if self.ignore_images:  # the store keeps the images; the vectors are the texts'
+                self._identity["images"] = "not embedded"
         return dict(self._identity)
 
     def embed(self, texts: list[str], images: list[Image.Image | None] | None = None) -> np.ndarray:
-        if images is not None:
+        if images is not None and not self.ignore_images:
             self._refuse_images(images)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
@@ -156,10 +166,88 @@ class TextDocumentEmbedder:
             if image is not None:
                 raise UnsupportedImageError(
                     row,
-                    "has an image but TextDocumentEmbedder embeds text only; pass an embedder "
-                    "with an image path (build_index(..., embedder=<DocumentEmbedder that embeds "
-                    "images>)), or index the texts only (CLI: --drop-images)",
+                    "has an image but TextDocumentEmbedder embeds text only; embed the images "
+                    "too (build_index(..., embedder=MultimodalDocumentEmbedder(text, vision_dir)); "
+                    "CLI: the default for an image corpus, --vision DIR), or embed the texts "
+                    "only and keep the images in the store "
+                    "(TextDocumentEmbedder(..., ignore_images=True); CLI: --drop-images)",
                 )
+
+
+FUSION = "normalize(text(text) + image_proj(mean(vision(image))))"
+
+
+class MultimodalDocumentEmbedder:
+    """Embeds documents of text, an image, or both, into the query encoder's space.
+
+    A document is embedded the way `rag_mm.retriever.QueryEncoder` embeds a query at
+    initialisation (`text_proj` = identity): `d = normalize(t + v)`, where `t` is the text
+    encoder's (unit) sentence embedding of the text and `v = image_proj(mean over patches of
+    vision(image)))` the query vision path of the folder `vision_dir`
+    (`rag_mm.query_vision`). A text-only document is `t` (the `TextDocumentEmbedder` vector),
+    an image-only document (empty text) `normalize(v)`. The model's query encoder must start
+    from the same folder (`RetrieverConfig.vision_dir`), which attach checks through the
+    identity's `vision` hash.
+    """
+
+    def __init__(self, text: TextDocumentEmbedder, vision_dir, *, batch_size: int | None = None):
+        from rag_mm.query_vision import load_query_vision, vision_identity
+
+        self.text = text
+        self.vision = load_query_vision(vision_dir).to(text.device)
+        if self.vision.dim != text.dim:
+            raise ValueError(
+                f"query vision folder {vision_dir} projects to dim {self.vision.dim}, but the text "
+                f"encoder {text.encoder.path} embeds {text.dim}: save the vision path of a model "
+                f"built with this text encoder"
+            )
+        self._vision_identity = vision_identity(vision_dir)
+        self.dim = text.dim
+        self.device = text.device
+        self.batch_size = batch_size or text.batch_size
+        self.max_length = text.max_length
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.text.compute_dtype
+
+    def identity(self) -> dict:
+        return {**self.text.identity(), "kind": "multimodal", "vision": self._vision_identity,
+                "fusion": FUSION}
+
+    def embed(self, texts: list[str], images: list[Image.Image | None]) -> np.ndarray:
+        has_text = np.array([bool(t) for t in texts], dtype=bool)
+        has_image = np.array([img is not None for img in images], dtype=bool)
+        out = np.zeros((len(texts), self.dim), dtype=np.float64)
+        rows = np.flatnonzero(has_text)
+        if rows.size:
+            out[rows] = self.text.embed([texts[i] for i in rows])
+        rows = np.flatnonzero(has_image)
+        for start in range(0, rows.size, self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            out[chunk] += self._embed_images([images[i] for i in chunk], chunk)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        empty = np.flatnonzero(norms[:, 0] == 0)
+        if empty.size:
+            raise ValueError(f"document {int(empty[0])} has neither text nor image")
+        return (out / norms).astype(np.float32)
+
+    def _embed_images(self, images: list, rows: np.ndarray) -> np.ndarray:
+        from rag_mm.images import to_tensor
+
+        size = self.vision.config.image_size
+        tensors = []
+        for row, image in zip(rows, images):
+            try:
+                tensors.append(to_tensor(image, size))
+            except (OSError, ValueError, TypeError) as err:
+                raise UnsupportedImageError(
+                    int(row), f"image cannot be read as an RGB picture ({err})"
+                ) from None
+        batch = torch.stack(tensors).to(self.device)
+        with torch.inference_mode(), _autocast(self.device):
+            vectors = self.vision(batch)
+        return vectors.double().cpu().numpy()
 
 
 def _autocast(device: torch.device):
@@ -276,7 +364,7 @@ def embed_store(
             if reason != "missing":
                 reembedded[reason] = reembedded.get(reason, 0) + 1
                 bar.write(f"shard {path}: {message}; re-embedding it")
-            vectors = embedder.embed(store.texts(start, stop), store.images(start, stop))
+            vectors = _embed_rows(store, embedder, start, stop)
             _check_vectors(vectors, stop - start, embedder.dim, start)
             digest = save_atomic(path, np.ascontiguousarray(vectors, dtype=np.float32))
             ledger[path.stem] = {"rows": stop - start, "sha256": digest, **env}
@@ -292,6 +380,19 @@ def embed_store(
         "reembedded": reembedded,
         "environment": env,
     }
+
+
+def _embed_rows(store: DocumentStore, embedder: DocumentEmbedder, start: int, stop: int):
+    """The embedder's vectors of store rows [start, stop); an image it cannot read is refused
+    naming the store file, the corpus row and its id."""
+    try:
+        return embedder.embed(store.texts(start, stop), store.images(start, stop))
+    except UnsupportedImageError as err:
+        row = start + err.row
+        doc_id = store.ids([row])[0]
+        raise UnsupportedImageError(
+            row, err.reason, where=f"{store.path}: corpus row {row} (id {doc_id!r})"
+        ) from None
 
 
 def _check_images_supported(store: DocumentStore, embedder: DocumentEmbedder) -> None:

@@ -13,6 +13,7 @@ from retrieval_index.embed import (
     EMBEDDINGS_FILE,
     NORM_TOLERANCE,
     DocumentEmbedder,
+    MultimodalDocumentEmbedder,
     TextDocumentEmbedder,
     load_embeddings,
 )
@@ -85,7 +86,7 @@ class Index:
         from rag_mm.text_encoder import default_encoder_path
 
         built = self.manifest["encoder"]
-        if built.get("kind") != "text":
+        if built.get("kind") not in ("text", "multimodal"):
             raise ValueError(
                 f"the index at {self.path} was built with a {built.get('kind')!r} embedder "
                 f"{describe(built)}; pass it as load(..., embedder=...) to search with texts"
@@ -94,7 +95,11 @@ class Index:
         for folder in candidates:
             if not folder.is_dir():
                 continue
-            embedder = TextDocumentEmbedder.from_folder(folder, max_length=built["max_length"])
+            embedder = TextDocumentEmbedder.from_folder(
+                folder, max_length=built["max_length"], ignore_images="images" in built
+            )
+            if built["kind"] == "multimodal":
+                embedder = MultimodalDocumentEmbedder(embedder, built["vision"]["path"])
             if not identity_differences(built, embedder.identity()) or not self._check:
                 return embedder
         raise EncoderMismatchError(

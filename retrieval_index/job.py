@@ -24,6 +24,7 @@ from pathlib import Path
 import faiss
 
 from retrieval_index.build import (
+    add_rows,
     apply_search_params,
     check_trainable,
     default_search_params,
@@ -51,9 +52,12 @@ from retrieval_index.manifest import (
     read_manifest,
     write_manifest,
 )
+from retrieval_index.sharded import SEARCH_SHARD_DIR, search_shard_path, shard_bounds
 from retrieval_index.store import STORE_FILE, DocumentStore, write_store
 
-ARTIFACTS = (MANIFEST_FILE, STORE_FILE, EMBEDDINGS_FILE, INDEX_FILE, SHARD_DIR)
+ARTIFACTS = (MANIFEST_FILE, STORE_FILE, EMBEDDINGS_FILE, INDEX_FILE, SHARD_DIR, SEARCH_SHARD_DIR)
+# The query vision folder scripts/build_index.py writes for an image corpus; kept by --overwrite.
+VISION_DIR = "vision"
 
 
 class IndexExistsError(ValueError):
@@ -72,6 +76,9 @@ class BuildConfig:
     nprobe: int | None = None  # IVF lists searched; None = nlist/16 within [min(8, nlist/2), 256]
     ef_search: int | None = None  # HNSW efSearch; None = 128
     num_recall_queries: int = 1000  # queries of the recall@10 / QPS report
+    # Search shards for sharded search over data-parallel ranks (`retrieval_index.sharded`):
+    # S FAISS files over contiguous row ranges; a world size must divide S. Flat needs none.
+    search_shards: int | None = None
 
     def __post_init__(self) -> None:
         if not self.index_factory or not isinstance(self.index_factory, str):
@@ -85,6 +92,7 @@ class BuildConfig:
             "nprobe",
             "ef_search",
             "num_recall_queries",
+            "search_shards",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -104,6 +112,7 @@ def build_index(
     nprobe: int | None = None,
     ef_search: int | None = None,
     num_recall_queries: int = 1000,
+    search_shards: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     on_shard: Callable[[int, int], None] | None = None,
@@ -122,6 +131,7 @@ def build_index(
         nprobe=nprobe,
         ef_search=ef_search,
         num_recall_queries=num_recall_queries,
+        search_shards=search_shards,
     )
     embedder = _resolve_embedder(embedder, batch_size)
     out_dir = Path(out_dir).expanduser().resolve()
@@ -177,6 +187,11 @@ def _plan(config: BuildConfig, embedder: DocumentEmbedder, count: int) -> dict:
     """Build parameters, checked (factory, training size, search params) before any work."""
     empty = make_index(config.index_factory, embedder.dim)
     check_trainable(empty, count, config.index_factory)
+    if config.search_shards is not None and config.search_shards > count:
+        raise ValueError(
+            f"search_shards (--search-shards) {config.search_shards} is larger than the {count} "
+            f"documents; every search shard needs at least one"
+        )
     build = asdict(config)
     build.pop("index_factory")
     build["batch_size"] = getattr(embedder, "batch_size", config.batch_size)
@@ -192,14 +207,24 @@ def _plan(config: BuildConfig, embedder: DocumentEmbedder, count: int) -> dict:
 def _index_and_report(out_dir: Path, config: BuildConfig, build: dict, progress: bool) -> dict:
     """Train + add + save the FAISS index; its recall@10 / QPS report with timings."""
     vectors = load_embeddings(out_dir)
+    shards = config.search_shards if config.index_factory != "Flat" else None
+
+    def write_search_shards(empty: faiss.Index) -> None:
+        (out_dir / SEARCH_SHARD_DIR).mkdir(exist_ok=True)
+        for shard, (start, stop) in enumerate(shard_bounds(len(vectors), shards)):
+            part = faiss.clone_index(empty)
+            add_rows(part, vectors, start, stop)
+            _save_index(part, search_shard_path(out_dir, shard))
+
     index, info = train_and_add(
         vectors,
         config.index_factory,
         train_size=build["train_size"],
         seed=config.seed,
         progress=progress,
+        on_trained=write_search_shards if shards else None,
     )
-    _save_index(index, out_dir)
+    _save_index(index, out_dir / INDEX_FILE)
     apply_search_params(index, build["search_params"])
     report = recall_report(index, vectors, num_queries=config.num_recall_queries, seed=config.seed)
     return {**report, **info}
@@ -227,7 +252,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-    if overwrite or not any(p.name != LOCK_FILE for p in out_dir.iterdir()):
+    if overwrite or not any(p.name not in (LOCK_FILE, VISION_DIR) for p in out_dir.iterdir()):
         out_dir.mkdir(parents=True, exist_ok=True)
         return None
     if not (out_dir / MANIFEST_FILE).is_file():
@@ -283,8 +308,7 @@ def _search_params(index: faiss.Index, config: BuildConfig) -> dict:
     return params
 
 
-def _save_index(index: faiss.Index, out_dir: Path) -> None:
-    path = out_dir / INDEX_FILE
+def _save_index(index: faiss.Index, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(index, str(tmp))
     replace_durably(tmp, path)

@@ -141,6 +141,19 @@ def check_query_encoder(
             f"model's text encoder (scripts/build_index.py --encoder DIR), or configure the model "
             f"with the encoder the index was built with"
         )
+    built_vision = built.get("vision")
+    if built_vision is None:
+        return
+    vision = identity.get("vision")
+    if vision is None or vision.get("content_hash") != built_vision["content_hash"]:
+        now = "no vision_dir" if vision is None else f"vision_dir {vision['path']} ({vision['content_hash'][:19]}…)"
+        raise EncoderMismatchError(
+            f"the index at {index_dir} embeds document images with the query vision folder "
+            f"{built_vision['path']} ({built_vision['content_hash'][:19]}…), but the model's query "
+            f"encoder has {now}: set the model's vision_dir (RAGModule vision_dir=, "
+            f"RetrieverConfig.vision_dir) to that folder, so a query picture and a document "
+            f"picture are embedded by the same weights, or rebuild the index with --vision DIR"
+        )
 
 
 def check_resumable(partial: dict, new: dict, *, out_dir: str | Path) -> None:

@@ -75,8 +75,20 @@ def _check_columns(columns: set) -> None:
         )
 
 
-def to_png(image, *, row: int) -> bytes | None:
-    """PNG bytes of a PIL image (or of encoded image bytes / a datasets image dict); None stays None."""
+def to_png(image, *, row: int, doc_id: str | None = None) -> bytes | None:
+    """PNG bytes of a PIL image (or of encoded image bytes / a datasets image dict); None stays
+    None. An image that cannot be decoded is a `CorpusError` naming the row and id."""
+    try:
+        return _to_png(image, row=row)
+    except (OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, CorpusError):
+            raise
+        where = f"corpus row {row}" + (f" (id {doc_id!r})" if doc_id is not None else "")
+        raise CorpusError(f"{where}: its image cannot be read ({err}); fix or drop that row "
+                          f"(CLI: --on-bad skip)") from None
+
+
+def _to_png(image, *, row: int) -> bytes | None:
     if image is None:
         return None
     if isinstance(image, Mapping):  # datasets Image feature with decode=False
@@ -129,8 +141,9 @@ def _write_rows(corpus, tmp: Path, digest, seen: dict[str, int], progress: bool)
         batches = iter_corpus(corpus)
         for ids, texts, images in _progress(batches, progress, len(corpus)):
             start = len(seen)
+            texts = [t if t is not None or img is None else "" for t, img in zip(texts, images)]
             _check_rows(ids, texts, start, seen)
-            pngs = [to_png(img, row=start + i) for i, img in enumerate(images)]
+            pngs = [to_png(img, row=start + i, doc_id=d) for i, (img, d) in enumerate(zip(images, ids))]
             for doc_id, text, png in zip(ids, texts, pngs):
                 digest.update(_row_bytes(doc_id, text, png))
             writer.write_batch(

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import retrieval_index
+from rag_mm.config import NAMED_CONFIGS, model_config
 from rag_mm.data import (
     FORMATS_HELP,
     ON_BAD,
@@ -47,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="IVF lists to search (default nlist/16, in [min(8, nlist/2), 256])",
     )
     p.add_argument("--ef-search", type=int, help="HNSW efSearch (default 128)")
+    p.add_argument(
+        "--search-shards",
+        type=int,
+        help="also write S search shards (sharded search over a world size dividing S; "
+        "not needed for Flat)",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_column_args(p, CorpusColumns)
     p.add_argument(
@@ -56,7 +63,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fix-images", action="store_true", help="convert corpus images that are not RGB to RGB"
     )
     p.add_argument(
-        "--drop-images", action="store_true", help="index the texts only, ignoring images"
+        "--vision",
+        type=Path,
+        help="query vision folder (rag_mm.query_vision) that embeds document images; default "
+        "for an image corpus: --out/vision, written once from --vision-from or seeded from "
+        "--vision-size and --seed. Train with the model's vision_dir set to it",
+    )
+    p.add_argument(
+        "--vision-from",
+        type=Path,
+        help="a RAGModule checkpoint (.ckpt) whose query vision path embeds the images",
+    )
+    p.add_argument(
+        "--vision-size",
+        default="demo",
+        choices=sorted(NAMED_CONFIGS),
+        help="model size whose vision tower a new seeded vision folder has",
+    )
+    p.add_argument(
+        "--drop-images",
+        action="store_true",
+        help="embed the texts only; the images stay in the document store (use_doc_images)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the index files in --out")
     return p.parse_args(argv)
@@ -76,12 +103,15 @@ def build(args: argparse.Namespace) -> None:
     )
     print(loaded.report, flush=True)
     corpus = loaded.dataset
-    if args.drop_images and "image" in corpus.column_names:
-        corpus = corpus.remove_columns("image")
     options = {} if args.max_length is None else {"max_length": args.max_length}
     embedder = retrieval_index.TextDocumentEmbedder.from_folder(
-        args.encoder, batch_size=args.batch_size, **options
+        args.encoder, batch_size=args.batch_size, ignore_images=args.drop_images, **options
     )
+    table = corpus.data
+    has_images = "image" in table.column_names and table.column("image").null_count < len(table)
+    if (has_images and not args.drop_images) or args.vision or args.vision_from:
+        folder = vision_folder(args, embedder.dim)
+        embedder = retrieval_index.MultimodalDocumentEmbedder(embedder, folder)
     retrieval_index.build_index(
         corpus,
         args.out,
@@ -91,8 +121,42 @@ def build(args: argparse.Namespace) -> None:
         seed=args.seed,
         nprobe=args.nprobe,
         ef_search=args.ef_search,
+        search_shards=args.search_shards,
         overwrite=args.overwrite,
     )
+
+
+def vision_folder(args: argparse.Namespace, dim: int) -> Path:
+    """--vision, else --out/vision: reused when it exists, else written from --vision-from or
+    seeded (the model's random initialisation of --vision-size, seed --seed)."""
+    from rag_mm.query_vision import (
+        CONFIG_FILE,
+        QueryVision,
+        save_query_vision,
+        vision_from_checkpoint,
+    )
+
+    if args.vision is not None:
+        if args.vision_from is not None:
+            raise ValueError("--vision and --vision-from both name the vision weights; pass one")
+        return args.vision
+    folder = args.out / retrieval_index.VISION_DIR
+    if (folder / CONFIG_FILE).is_file():
+        print(f"document images: embedded with the query vision folder {folder}", flush=True)
+        return folder
+    if args.vision_from is not None:
+        vision_from_checkpoint(args.vision_from, folder)
+        origin = f"the query encoder of {args.vision_from}"
+    else:
+        seeded = QueryVision.seeded(model_config(args.vision_size).vision, dim, args.seed)
+        save_query_vision(folder, seeded.vision, seeded.image_proj)
+        origin = f"a seeded initialisation (size {args.vision_size}, seed {args.seed})"
+    print(
+        f"document images: embedded with the query vision folder {folder}, from {origin}; "
+        f"train with the model's vision_dir={folder}",
+        flush=True,
+    )
+    return folder
 
 
 if __name__ == "__main__":

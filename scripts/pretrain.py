@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--use-doc-images", action="store_true",
+                   help="the generator also reads the retrieved documents' images")
+    p.add_argument("--vision-dir", help="the query vision folder the image index was embedded "
+                   "with (build_index.py prints it)")
     p.add_argument("--retriever-warmup-steps", type=int, default=0,
                    help="train the query encoder alone (contrastive) for the first N steps")
     p.add_argument("--val-every", type=int, default=650, help="validate every N steps")
@@ -82,7 +86,8 @@ def main(argv=None) -> Path:
                          batch_size=args.batch_size, **data_kwargs(args))
     module = RAGModule(size=args.size, mode=args.mode, index_dir=args.index, top_k=args.top_k,
                        lr=args.lr, warmup_steps=args.warmup_steps,
-                       retriever_warmup_steps=args.retriever_warmup_steps)
+                       retriever_warmup_steps=args.retriever_warmup_steps,
+                       use_doc_images=args.use_doc_images, vision_dir=args.vision_dir)
 
     # -- trainer -------------------------------------------------------------------------------
     callbacks = run_callbacks(out / "checkpoints", every_n_steps=args.save_every or args.val_every,

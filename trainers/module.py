@@ -40,13 +40,23 @@ class RAGModule(L.LightningModule):
             them: "off", "every" (block), n (every n-th block: blocks.0, blocks.n, ...) or a
             list of unit names (`trainers.parallel.checkpointing`). `PipelineStrategy` reads
             it too (or takes its own, which must then agree).
+        use_doc_images: the generator also reads the retrieved documents' images (their
+            patches before the query image's).
+        vision_dir: the query vision folder an index of image documents was embedded with
+            (scripts/build_index.py prints it; `rag_mm.query_vision`): the query encoder's
+            vision path starts from it, and `setup` refuses an image index without it.
+        shard_index: under data parallelism, each replica holds 1/N of the index and searches
+            with the others (`retrieval_index.ShardedIndex` over the strategy's
+            `retrieval_group()`, else the world); without processes, the whole index.
     """
 
     def __init__(self, size: str = "demo", mode: str = "rag", index_dir: str | None = None,
                  top_k: int | None = None, contrastive_weight: float | None = None,
                  train_text_encoder: bool = False, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_steps: int = 50, retriever_warmup_steps: int = 0,
-                 activation_checkpointing: str | int | list[str] | None = None) -> None:
+                 activation_checkpointing: str | int | list[str] | None = None,
+                 use_doc_images: bool = False, vision_dir: str | None = None,
+                 shard_index: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         base = model_config(size, mode=mode)
@@ -56,20 +66,33 @@ class RAGModule(L.LightningModule):
             contrastive_weight=(base.retriever.contrastive_weight if contrastive_weight is None
                                 else contrastive_weight),
             train_text_encoder=train_text_encoder,
+            vision_dir=vision_dir,
         )
-        self.config = replace(base, retriever=retriever)
+        self.config = replace(base, retriever=retriever, use_doc_images=use_doc_images)
         self.model: RAGModel = build_model(self.config)
         apply_activation_checkpointing(self.model, activation_checkpointing)
 
     def setup(self, stage: str) -> None:
         if self.model.retrieval.backend is None and self.hparams.index_dir is not None:
-            import retrieval_index
-
-            self.model.attach(retrieval_index.load(self.hparams.index_dir))
+            backend = self._open_index()
+            if backend is not None:
+                self.model.attach(backend)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if stage == "fit" and hasattr(datamodule, "gold_keys"):
             # the training set's gold documents are negatives for every query (never held-out ones)
             self.model.set_shared_negatives(datamodule.gold_keys("train"))
+
+    def _open_index(self):
+        """The whole index, or this rank's shard of it (`shard_index`); None on a rank that
+        does not search (a pipeline stage without the retrieval unit)."""
+        import retrieval_index
+
+        if not self.hparams.shard_index:
+            return retrieval_index.load(self.hparams.index_dir)
+        collective = retrieval_collective(self.trainer.strategy if self._trainer else None)
+        if collective is None:
+            return None
+        return retrieval_index.ShardedIndex(self.hparams.index_dir, collective)
 
     def set_mode(self, mode: str) -> None:
         """Evaluate the same weights under another document source (baselines)."""
@@ -157,6 +180,22 @@ class RAGModule(L.LightningModule):
 
         if self._trainer is not None:
             checkpoint[PARAM_NAMES] = param_names(self, self.trainer.optimizers)
+
+
+def retrieval_collective(strategy):
+    """The ranks that search one sharded index together: the strategy's `retrieval_group()`
+    (None: this rank does not search), else every process (data parallelism), else one."""
+    import torch.distributed as dist
+
+    from retrieval_index import LocalCollective, TorchCollective
+
+    hook = getattr(strategy, "retrieval_group", None)
+    if hook is not None:
+        group = hook()
+        return None if group is None else TorchCollective(group)
+    if dist.is_available() and dist.is_initialized():
+        return TorchCollective()
+    return LocalCollective()
 
 
 def phase_bounds(total: int, retriever_warmup: int) -> list[tuple[int, int]]:

@@ -180,6 +180,11 @@ class PipelineStrategy(ModelParallelStrategy):
     def pp_rank(self) -> int:
         return self.device_mesh["pp"].get_local_rank()
 
+    def retrieval_group(self) -> dist.ProcessGroup | None:
+        """The ranks that search a sharded index together (`RAGModule(shard_index=True)`):
+        stage 0 (the retrieval unit) of every dp replica; None on the other stages."""
+        return self.device_mesh["dp"].get_group() if self.pp_rank == 0 else None
+
     # -- model -----------------------------------------------------------------------------------
     def _chain_model(self) -> nn.Module:
         model = getattr(self.lightning_module, "model", None)
