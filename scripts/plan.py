@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainers.errors import run_cli
 from trainers.partition.chain import MemoryModel
 from trainers.partition.draw import draw_partition, draw_timeline
 from trainers.partition.gpt import GPTShape, TrainLayout, estimate_step, rank_layouts
@@ -93,7 +94,7 @@ def _shape(args) -> tuple[GPTShape, int]:
                                         ("--seq-len", args.seq_len), ("--vocab", args.vocab))
                if value is None]
     if missing:
-        raise SystemExit(f"--layers needs {', '.join(missing)} too (or use --model)")
+        raise ValueError(f"--layers needs {', '.join(missing)} too (or use --model)")
     return GPTShape(num_layers=args.layers, hidden=args.hidden, num_heads=args.heads,
                     num_kv_heads=args.kv_heads, ffn_hidden=args.ffn_hidden,
                     gated_mlp=args.gated_mlp, seq_len=args.seq_len, vocab=args.vocab,
@@ -106,25 +107,18 @@ def _cluster(args) -> Cluster:
                    inter_node_gbps=args.inter_node_gbps)
 
 
-def _fail(err: ValueError) -> None:
-    raise SystemExit(f"error: {err}")
-
-
 def cmd_estimate(args) -> None:
     shape, per_example = _shape(args)
-    try:
-        layout = TrainLayout(tp=args.tp, pp=args.pp, dp=args.dp,
-                             global_batch=args.global_batch * per_example,
-                             microbatch=args.microbatch, schedule=args.schedule,
-                             virtual_stages=args.virtual_stages, recompute=args.recompute,
-                             zero=args.zero, sequence_parallel=args.sequence_parallel,
-                             overlap_grad_reduce=args.overlap_grad_reduce,
-                             overlap_tp_comm=args.overlap_tp_comm,
-                             zero3_unit=args.zero3_unit, overlap_zero3=not args.serial_zero3,
-                             deferred_grad_sync=args.deferred_grad_sync)
-        estimate = estimate_step(shape, _cluster(args), layout)
-    except ValueError as err:
-        _fail(err)
+    layout = TrainLayout(tp=args.tp, pp=args.pp, dp=args.dp,
+                         global_batch=args.global_batch * per_example,
+                         microbatch=args.microbatch, schedule=args.schedule,
+                         virtual_stages=args.virtual_stages, recompute=args.recompute,
+                         zero=args.zero, sequence_parallel=args.sequence_parallel,
+                         overlap_grad_reduce=args.overlap_grad_reduce,
+                         overlap_tp_comm=args.overlap_tp_comm,
+                         zero3_unit=args.zero3_unit, overlap_zero3=not args.serial_zero3,
+                         deferred_grad_sync=args.deferred_grad_sync)
+    estimate = estimate_step(shape, _cluster(args), layout)
     print(format_step(estimate, shape))
     if args.json:
         Path(args.json).write_text(json.dumps(step_dict(estimate), indent=1))
@@ -132,10 +126,7 @@ def cmd_estimate(args) -> None:
 
 def cmd_layouts(args) -> None:
     shape, per_example = _shape(args)
-    try:
-        ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example)
-    except ValueError as err:
-        _fail(err)
+    ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example)
     print(format_steps(ranked, top=args.top))
     if args.json:
         Path(args.json).write_text(json.dumps([step_dict(e) for e in ranked[:args.top]],
@@ -144,11 +135,8 @@ def cmd_layouts(args) -> None:
 
 def cmd_source_case(args) -> None:
     shape, per_example = _shape(args)
-    try:
-        case = source_case(shape, args.global_batch * per_example, gpu=gpu_spec(args.gpu).name,
-                           overlap_tp_comm=args.overlap_tp_comm)
-    except ValueError as err:
-        _fail(err)
+    case = source_case(shape, args.global_batch * per_example, gpu=gpu_spec(args.gpu).name,
+                       overlap_tp_comm=args.overlap_tp_comm)
     print(format_source_case(case))
     if args.json:
         rows = [{"earlier": r["earlier"], "ratio": r["ratio"],
@@ -292,4 +280,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="plan.py")  # a user error: one line naming the flag, exit 2

@@ -8,6 +8,7 @@ Run: .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_planner.py
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -265,10 +266,34 @@ def test_estimate_cli_writes_the_json_keys(tmp_path, capsys):
             "fits"} <= data.keys()
     assert data["tokens_per_s"] == pytest.approx(8 * 256 / data["step_s"])
     assert "fits: yes" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--heads 8 .*not divisible by --tp 3"):
-        main(["estimate", "--layers", "4", "--hidden", "512", "--heads", "8", "--seq-len",
-              "256", "--vocab", "1000", "--nodes", "3", "--gpus-per-node", "1", "--tp", "3",
-              "--global-batch", "9"])
+
+
+SHAPE_FLAGS = ["--layers", "8", "--hidden", "512", "--heads", "8", "--seq-len", "256",
+               "--vocab", "1000"]
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("estimate", ["--nodes", "3", "--gpus-per-node", "1", "--tp", "3", "--global-batch", "9"],
+     r"--heads 8 \(--kv-heads 8\) not divisible by --tp 3; valid --tp: \[1, 2, 4, 8\]"),
+    ("estimate", ["--pp", "2", "--schedule", "interleaved_1f1b", "--virtual-stages", "3",
+                  "--global-batch", "8"],
+     (r"--layers 8 not divisible by the 6 pipeline chunks \(--pp 2 x --virtual-stages 3\); "
+     r"valid chunk counts: \[1, 2, 4, 8\]")),
+    ("layouts", ["--gpu", "v100"], (r"--gpu 'v100' is unknown; valid: a100-40gb, a100-80gb, "
+                                   r"h100-80gb, h200")),
+    ("estimate", ["--global-batch", "12", "--microbatch", "2"],
+     r"--global-batch 12 is not divisible by dp 8 x --microbatch 2 = 16; use a multiple of 16"),
+    ("estimate", ["--hidden", "500"], r"--hidden 500 is not divisible by --heads 8"),
+])
+def test_cli_refuses_bad_input_in_one_line(command, flags, message, capsys):
+    """Every refusal names the flag and what is valid; exit 2, no traceback."""
+    from scripts.plan import main
+    from trainers.errors import UserExit, run_cli
+
+    with pytest.raises(UserExit) as err:
+        run_cli(main, [command, *SHAPE_FLAGS, *flags], prog="plan.py")
+    assert err.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_fsdp_shards_the_partitioners_static_memory():
