@@ -27,8 +27,10 @@ NVLINK_BUS_SHARE = 0.70
 # i.e. a collective uses all eight NICs of a node (NVIDIA technical blog, Newburn, Datta,
 # Shainer 2020, "Accelerating IO in the Modern Data Center: Network IO", fig. 3 and sec. NCCL).
 NETWORK_SHARE = 0.96
-# Per-message latency of an NCCL step (alpha of the alpha-beta model), seconds; assumed
-# (the blog above measures 3.4 us MPI latency between two Selene nodes).
+# Latency of one ring step (alpha of the alpha-beta model), seconds; assumed, near NCCL's own
+# tuning model (src/graph/tuning.cc, ring, Simple protocol: 3.4 us per NVLink hop, 14.0 us
+# per network hop, 8.4 us per collective) and the blog above (3.4 us MPI latency between
+# two Selene nodes). A ring spanning nodes pays NETWORK_LATENCY_S on each of its steps.
 NVLINK_LATENCY_S = 5e-6
 NETWORK_LATENCY_S = 15e-6
 # Memory the framework cannot use for tensors: CUDA context, NCCL buffers, cuBLAS
