@@ -142,9 +142,8 @@ class RetrievalUnit(nn.Module):
             keys = np.random.randint(0, len(self._require_backend()), (batch_size, cfg.top_k))
             candidates = keys
         else:
-            _, candidates = self._require_backend().search(
-                q.detach().float().cpu().numpy(), cfg.num_candidates
-            )
+            # q stays a tensor on its device: a GPU backend searches it there
+            _, candidates = self._require_backend().search(q.detach(), cfg.num_candidates)
             keys = candidates[:, : cfg.top_k]
             if self.training and cfg.gold_in_training:
                 keys = with_gold(keys, gold_keys.cpu().numpy())

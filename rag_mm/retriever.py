@@ -23,8 +23,11 @@ from rag_mm.text_encoder import TextEncoder, default_encoder_path, read_pooling_
 class RetrievalBackend(Protocol):
     """What the retrieval unit needs from an index. Keys are int64 row numbers."""
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(num_queries, dim) float32 -> (scores, keys), each (num_queries, k); -1 = none."""
+    def search(self, queries: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(num_queries, dim) queries -> (scores, keys), numpy, each (num_queries, k); -1 = none.
+
+        The model passes its query tensor as it is (on its device, detached): a GPU backend
+        searches it there; a CPU one copies it to the host."""
 
     def vectors(self, keys: np.ndarray) -> np.ndarray:
         """The stored (fixed) document embeddings for `keys`, shape keys.shape + (dim,)."""
@@ -55,7 +58,9 @@ class InMemoryBackend:
         texts = [" ".join(rng.choice(words, size=8)) for _ in range(num_docs)]
         return cls(vectors, texts)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy()
         k_found = min(k, len(self))
         sims = queries.astype(np.float32) @ self._vectors.T
         keys = np.argsort(-sims, axis=1, kind="stable")[:, :k_found]

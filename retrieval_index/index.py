@@ -7,6 +7,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from retrieval_index.build import apply_search_params
 from retrieval_index.embed import (
@@ -28,8 +29,10 @@ from retrieval_index.manifest import (
     read_manifest,
 )
 from retrieval_index.store import STORE_FILE, DocumentStore
+from retrieval_index.torch_search import TorchExactSearch
 
 INDEX_FILE = "index.faiss"
+SEARCH_CHOICES = ("auto", "faiss", "torch")
 NORM_SAMPLE = 1024  # stored vectors whose norm `load` checks (evenly spaced rows)
 
 
@@ -41,7 +44,15 @@ class Index:
     """Search by texts or vectors; fetch documents, stored vectors and keys. Keys are int64 rows."""
 
     def __init__(
-        self, path: Path, manifest: dict, *, embedder: DocumentEmbedder | None, check: bool
+        self,
+        path: Path,
+        manifest: dict,
+        *,
+        embedder: DocumentEmbedder | None,
+        check: bool,
+        search: str = "auto",
+        search_device=None,
+        search_dtype=None,
     ):
         self.path = path
         self.manifest = manifest
@@ -49,11 +60,19 @@ class Index:
         for name in (INDEX_FILE, STORE_FILE, EMBEDDINGS_FILE):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} is missing: rebuild the index")
-        self.faiss_index = faiss.read_index(str(path / INDEX_FILE))
-        apply_search_params(self.faiss_index, manifest["build"]["search_params"])
         self.store = DocumentStore(path)
         self._vectors = load_embeddings(path)
+        self.torch_search = None
+        self.faiss_index = None
+        use_torch = _use_torch(search, manifest["index_factory"], path)
+        if not use_torch:  # exact torch search reads embeddings.npy instead of index.faiss
+            self.faiss_index = faiss.read_index(str(path / INDEX_FILE))
+            apply_search_params(self.faiss_index, manifest["build"]["search_params"])
         _check_files(self)
+        if use_torch:
+            self.torch_search = TorchExactSearch(
+                self._vectors, device=search_device, dtype=search_dtype
+            )
         self._check = check
         self._embedder = embedder
         if embedder is not None and check:
@@ -120,12 +139,20 @@ class Index:
             raise TypeError(
                 "search takes a list of query texts (or an (n, dim) array), not one string"
             )
-        if not isinstance(queries, np.ndarray) and all(isinstance(q, str) for q in queries):
+        if isinstance(queries, torch.Tensor):
+            vectors = queries.detach()
+        elif not isinstance(queries, np.ndarray) and all(isinstance(q, str) for q in queries):
             vectors = self.embedder.embed(list(queries), [None] * len(queries))
         else:
             vectors = np.asarray(queries)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"query vectors must have shape (n, {self.dim}), got {vectors.shape}")
+            raise ValueError(
+                f"query vectors must have shape (n, {self.dim}), got {tuple(vectors.shape)}"
+            )
+        if self.torch_search is not None:  # a tensor query stays on its device
+            return self.torch_search.search(vectors, k)
+        if isinstance(vectors, torch.Tensor):
+            vectors = vectors.float().cpu().numpy()
         scores, keys = self.faiss_index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         scores[keys < 0] = -np.inf
         return scores.astype(np.float32), keys.astype(np.int64)
@@ -159,6 +186,8 @@ class Index:
 
     def set_search_params(self, **params) -> None:
         """Override search parameters, e.g. `nprobe=64`, `efSearch=256`, `k_factor_rf=8`."""
+        if self.faiss_index is None:
+            raise ValueError(f"search parameters {params} do not apply to exact torch search")
         apply_search_params(self.faiss_index, params)
 
 
@@ -188,11 +217,13 @@ def _check_files(index: Index) -> None:
     if vectors.shape != (count, dim):
         raise IndexFileError(f"{embeddings}: shape {vectors.shape}; {said}")
     faiss_file = index.path / INDEX_FILE
-    if faiss_index.d != dim:
+    if faiss_index is None:  # exact torch search over embeddings.npy
+        pass
+    elif faiss_index.d != dim:
         raise IndexFileError(f"{faiss_file}: dim {faiss_index.d}; {said}")
-    if faiss_index.ntotal != count:
+    elif faiss_index.ntotal != count:
         raise IndexFileError(f"{faiss_file}: {faiss_index.ntotal} vectors; {said}")
-    if faiss_index.metric_type != faiss.METRIC_INNER_PRODUCT:
+    elif faiss_index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise IndexFileError(
             f"{faiss_file}: metric type {faiss_index.metric_type} (faiss.METRIC_L2 = "
             f"{faiss.METRIC_L2}); expected inner product ({faiss.METRIC_INNER_PRODUCT})"
@@ -209,10 +240,31 @@ def _check_files(index: Index) -> None:
         )
 
 
+def _use_torch(search: str, factory: str, path: Path) -> bool:
+    if search not in SEARCH_CHOICES:
+        raise ValueError(f"search={search!r} is not one of {SEARCH_CHOICES}")
+    if search == "torch" and factory != "Flat":
+        raise ValueError(
+            f"search='torch' is exact search over the stored vectors; the index at {path} is "
+            f"{factory!r} (use search='faiss', or build a 'Flat' index)"
+        )
+    return search == "torch" or (search == "auto" and factory == "Flat" and torch.cuda.is_available())
+
+
 def load(
-    index_dir: str | Path, *, embedder: DocumentEmbedder | None = None, check_encoder: bool = True
+    index_dir: str | Path,
+    *,
+    embedder: DocumentEmbedder | None = None,
+    check_encoder: bool = True,
+    search: str = "auto",
+    search_device=None,
+    search_dtype=None,
 ) -> Index:
-    """Open a complete index directory; with `embedder`, refuse one built by another encoder."""
+    """Open a complete index directory; with `embedder`, refuse one built by another encoder.
+
+    `search`: "auto" (torch exact search for a Flat index when CUDA is present, else FAISS),
+    "faiss", or "torch" (Flat only; on `search_device`, default CUDA if present, in
+    `search_dtype`, default fp16 on CUDA and fp32 on CPU; `retrieval_index.torch_search`)."""
     path = Path(index_dir).expanduser().resolve()
     manifest = read_manifest(path)
     if manifest["status"] != "complete":
@@ -220,4 +272,5 @@ def load(
             f"the index at {path} is incomplete (status {manifest['status']!r}): rerun the build "
             f"with the same arguments to resume it"
         )
-    return Index(path, manifest, embedder=embedder, check=check_encoder)
+    return Index(path, manifest, embedder=embedder, check=check_encoder, search=search,
+                 search_device=search_device, search_dtype=search_dtype)
