@@ -18,8 +18,12 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   tensor rank, forward and backward, once per chunk), on the network when neighbouring
   stages sit in different nodes. GPipe has the same bubble and holds all m micro-batches.
 * Data parallelism: gradient all-reduce (ZeRO 0), reduce-scatter + all-gather (ZeRO 1, 2),
-  or per micro-batch parameter all-gathers + a gradient reduce-scatter (ZeRO 3 / FSDP2,
-  prefetched behind compute); overlapped with the last micro-batch's backward or not.
+  or, every micro-batch, each unit's parameters all-gathered for forward and backward and
+  its gradient reduce-scattered (ZeRO 3: one ring collective per layer as FSDP2 wraps
+  blocks, or per submodule as DeepSpeed hooks them, each paying its ring's latencies;
+  prefetched behind compute or in series with it; the runtime's FSDP2 under pipelining
+  reduce-scatters once a step and holds whole weights and gradients meanwhile); the
+  once-a-step reduction overlapped with the last micro-batch's backward or not.
 * Optimizer: Adam's update reads and writes 16 bytes per local parameter (memory bound).
 * Memory per GPU: weights, gradients, fp32 master + Adam moments (ZeRO/FSDP sharded over
   dp), activations per Korthikanti et al. 2022 (eq. 1-6) for the micro-batches in flight.
@@ -27,7 +31,7 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from trainers.partition.hardware import (
     RESERVED_GIB,
@@ -374,7 +378,7 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
         weights += params * WEIGHT_BYTES
         grads = params * GRAD_BYTES
     elif zero == 3 and dp > 1:  # the unit computing and the one prefetched, gathered whole
-        per_layer = zero3_units(shape, replace(layout, pp=shape.num_layers)) - 1
+        per_layer = zero3_units_per_layer(shape, layout)
         unit = max(shape.layer_params / per_layer, shape.embedding_params) / layout.tp
         weights += 2 * unit * WEIGHT_BYTES
     if zero == 0:
@@ -411,16 +415,18 @@ def _p2p_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> floa
 DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000
 
 
-def zero3_units(shape: GPTShape, layout: TrainLayout) -> int:
-    """Gathered units on the busiest rank: one per layer (FSDP2 per block) or one per
-    submodule with partitioned parameters (DeepSpeed: QKV, projection, MLP up, (gate,)
-    down; the norms too when h >= the persistence threshold), plus the embedding."""
+def zero3_units_per_layer(shape: GPTShape, layout: TrainLayout) -> int:
+    """One (FSDP2 per block) or the submodules with partitioned parameters (DeepSpeed: QKV,
+    projection, MLP up, (gate,) down; the norms too when h >= the persistence threshold)."""
     if layout.zero3_unit == "layer":
-        per_layer = 1
-    else:
-        per_layer = 4 + (1 if shape.gated_mlp else 0)
-        per_layer += 2 if shape.hidden >= DEEPSPEED_PERSISTENCE_THRESHOLD else 0
-    return shape.num_layers // layout.pp * per_layer + 1
+        return 1
+    norms = 2 if shape.hidden >= DEEPSPEED_PERSISTENCE_THRESHOLD else 0
+    return 4 + (1 if shape.gated_mlp else 0) + norms
+
+
+def zero3_units(shape: GPTShape, layout: TrainLayout) -> int:
+    """Gathered units on the busiest rank: its layers' units plus the embedding."""
+    return shape.num_layers // layout.pp * zero3_units_per_layer(shape, layout) + 1
 
 
 def zero3_gathers(layout: TrainLayout) -> int:
