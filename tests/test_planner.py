@@ -380,6 +380,8 @@ def test_auto_partition_takes_activation_checkpointing_and_a_gpu_name():
     with pytest.raises(ValueError, match=r"partition device 'v100' is unknown; valid: "
                                          r"a100-40gb, a100-80gb, h100-80gb, h200"):
         auto_partition(config, **{**kwargs, "device": "v100"})
+    timed = auto_partition(config, **{**kwargs, "device": "measured"})  # this CPU, timed
+    assert len(timed) == 2 and [n for stage in timed for n in stage] == stages[0] + stages[1]
 
 
 def test_zero3_collectives_per_unit_by_hand():
@@ -423,3 +425,29 @@ def test_zero3_collectives_per_unit_by_hand():
     assert deferred.time_s["fsdp_gather_exposed"] == pytest.approx(6 * ring(2 * params / 3))
     with pytest.raises(ValueError, match=r"--zero3-unit 'block': valid: layer, module"):
         TrainLayout(global_batch=16, zero=3, zero3_unit="block")
+
+
+def test_measured_device_is_agreed_across_ranks(monkeypatch):
+    """partition_device="measured": this machine timed; the ranks take the slowest rates
+    (here a fake second rank at half the FLOP/s and a third of the bandwidth)."""
+    import torch
+    import torch.distributed as dist
+
+    from trainers.parallel.auto import _agreed
+    from trainers.partition.costs import DeviceSpec
+    from trainers.partition.hardware import measured_device_spec
+
+    spec = measured_device_spec(repeats=1)
+    assert spec.name == "measured cpu" and spec.tflops > 0 and spec.mem_gb_per_s > 0
+    mine = DeviceSpec(name="measured cpu", tflops=0.2, mem_gb_per_s=30.0, memory_gib=24.0)
+    other = torch.tensor([0.1, 10.0, 24.0], dtype=torch.float64)
+
+    def all_reduce(tensor, op):
+        assert op == dist.ReduceOp.MIN
+        torch.minimum(tensor, other, out=tensor)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    agreed = _agreed(mine)
+    assert (agreed.tflops, agreed.mem_gb_per_s, agreed.memory_gib) == (0.1, 10.0, 24.0)

@@ -39,17 +39,25 @@ def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int
     activation_checkpointing: the blocks the runtime checkpoints: None / "off", "full"
         (every block), n (every n-th block) or block names
         (`trainers.partition.chain.with_activation_checkpointing`).
-    device: a GPU name of `trainers.partition.hardware.GPUS` (e.g. "h100-80gb"), a
+    device: a GPU name of `trainers.partition.hardware.GPUS` (e.g. "h100-80gb"),
+        "measured" (this machine timed, `hardware.measured_device_spec`; under
+        torch.distributed every rank times and all take the slowest, so they plan alike), a
         `trainers.partition.costs.DeviceSpec`, or None: this process's device
         (`hardware.local_device_spec`).
     """
     from trainers.partition.chain import MemoryModel
-    from trainers.partition.hardware import device_spec_for, local_device_spec
+    from trainers.partition.hardware import (
+        device_spec_for,
+        local_device_spec,
+        measured_device_spec,
+    )
     from trainers.partition.models import profile_rag
     from trainers.partition.partition import PartitionConfig, plan_partition
     from trainers.partition.units import chain_from_profile
 
-    if isinstance(device, str):
+    if device == "measured":
+        device = _agreed(measured_device_spec())
+    elif isinstance(device, str):
         device = device_spec_for(device)
     device = device or local_device_spec()
     as_fields = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "name"}
@@ -61,3 +69,21 @@ def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int
         schedule=planner_schedule(schedule, num_microbatches)))
     stages = sorted(result.plan.stages, key=lambda stage: stage.chunk)
     return [list(stage.units) for stage in stages]
+
+
+def _agreed(spec):
+    """The same spec on every rank: the minimum of each timed rate over the process group
+    (every rank plans alike); ``spec`` itself outside torch.distributed."""
+    from dataclasses import replace
+
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return spec
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    rates = torch.tensor([spec.tflops, spec.mem_gb_per_s, spec.memory_gib],
+                         dtype=torch.float64, device=on)
+    dist.all_reduce(rates, op=dist.ReduceOp.MIN)
+    tflops, gb_per_s, memory_gib = rates.tolist()
+    return replace(spec, tflops=tflops, mem_gb_per_s=gb_per_s, memory_gib=memory_gib)

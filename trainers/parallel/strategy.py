@@ -104,7 +104,8 @@ class PipelineStrategy(ModelParallelStrategy):
             partitioner's plan (`trainers.parallel.auto`), made at setup for this replica's
             loader batch size, FSDP2's sharding over dp and `partition_device`.
         partition_device: for "auto", the GPU to cost for, a name of
-            `trainers.partition.hardware.GPUS`; None: the device this process runs on.
+            `trainers.partition.hardware.GPUS`, or "measured" (this machine timed, the
+            slowest rank's rates); None: the named spec of the device this process runs on.
         pipeline_parallel_size, tensor_parallel_size: ranks per pipeline / per layer.
         data_parallel_size: replicas; None takes the rest of the world size.
         num_microbatches: micro-batches per step; must divide the per-replica batch.

@@ -222,3 +222,49 @@ def local_device_spec():
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return DeviceSpec(name="cpu", tflops=CPU_TFLOPS, mem_gb_per_s=CPU_GB_PER_S,
                       memory_gib=ram_gib, matmul_efficiency=1.0, memory_efficiency=1.0)
+
+
+def measured_device_spec(device=None, *, repeats: int = 3):
+    """A ``costs.DeviceSpec`` from timing this machine: the best of ``repeats`` square
+    GEMMs (bf16 4096^3 on a GPU, fp32 512^3 on a CPU) and copies of a 256 MiB (GPU) / 32 MiB
+    (CPU) tensor, at efficiency 1 (the rates are achieved ones); memory: the GPU's, or RAM.
+    Ranks time differently: agree on one result before planning
+    (``trainers.parallel.auto.auto_partition(device="measured")`` takes the minimum)."""
+    import os
+    import time
+
+    import torch
+
+    from trainers.partition.costs import DeviceSpec
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    n, dtype = (4096, torch.bfloat16) if gpu else (512, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    src = torch.empty((256 if gpu else 32) * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+
+    def best(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            if gpu:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if gpu:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    tflops = 2 * n**3 / best(lambda: a @ b) / 1e12
+    gb_per_s = 2 * src.numel() / best(lambda: dst.copy_(src)) / 1e9  # read + write
+    if gpu:
+        memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        name = f"measured {torch.cuda.get_device_name(device)}"
+    else:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        name = "measured cpu"
+    return DeviceSpec(name=name, tflops=tflops, mem_gb_per_s=gb_per_s, memory_gib=memory_gib,
+                      matmul_efficiency=1.0, memory_efficiency=1.0)
