@@ -118,7 +118,12 @@ def cmd_estimate(args) -> None:
                          overlap_tp_comm=args.overlap_tp_comm,
                          zero3_unit=args.zero3_unit, overlap_zero3=not args.serial_zero3,
                          deferred_grad_sync=args.deferred_grad_sync)
-    estimate = estimate_step(shape, _cluster(args), layout)
+    cluster = _cluster(args)
+    if args.runtime:  # as trainers/parallel trains it
+        dp = args.dp or cluster.num_gpus // (args.tp * args.pp)
+        layout = replace(layout, zero=3 if dp > 1 else 0, fp32_params=True,
+                         deferred_grad_sync=True)
+    estimate = estimate_step(shape, cluster, layout)
     print(format_step(estimate, shape))
     if args.json:
         Path(args.json).write_text(json.dumps(step_dict(estimate), indent=1))
@@ -126,7 +131,8 @@ def cmd_estimate(args) -> None:
 
 def cmd_layouts(args) -> None:
     shape, per_example = _shape(args)
-    ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example)
+    ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example,
+                          runtime=args.runtime)
     print(format_steps(ranked, top=args.top))
     if args.json:
         Path(args.json).write_text(json.dumps([step_dict(e) for e in ranked[:args.top]],
@@ -186,6 +192,11 @@ def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = 
     p.add_argument("--global-batch", type=int, default=512,
                    help="examples per step (a project size: each becomes top_k sequences)")
     p.add_argument("--json", help="write the result as JSON here")
+    if not source_case:
+        p.add_argument("--runtime", action="store_true",
+                       help="as this project's runtime trains: fp32 parameters under bf16 "
+                            "autocast, FSDP2 over dp with one reduce-scatter per step "
+                            "(--zero 3 when dp > 1), recompute none or full")
 
 
 def _add_shape_commands(sub) -> None:

@@ -142,6 +142,12 @@ def test_memory_per_gpu_zero_stages_by_hand():
                                                 deferred_grad_sync=True), 4, 1)
     assert (runtime["params"], runtime["grads"], runtime["optimizer"]) == pytest.approx(
         (0.5 * p + 2 * p, 2 * p, 3 * p))
+    # ... with fp32 parameters under autocast, as Lightning's bf16-mixed trains: 4 B weights
+    # (a quarter at rest + whole), 4 B whole gradients, Adam's 8 B over 4
+    fp32 = memory_per_gpu(shape, TrainLayout(dp=4, global_batch=4, zero=3, fp32_params=True,
+                                             deferred_grad_sync=True), 4, 1)
+    assert (fp32["params"], fp32["grads"], fp32["optimizer"]) == pytest.approx(
+        (p + 4 * p, 4 * p, 2 * p))
     untied = GPTShape(num_layers=4, hidden=1024, num_heads=8, seq_len=256, vocab=1000,
                       tied_embeddings=False)
     assert untied.num_params == p + 1000 * 1024
@@ -451,3 +457,14 @@ def test_measured_device_is_agreed_across_ranks(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     agreed = _agreed(mine)
     assert (agreed.tflops, agreed.mem_gb_per_s, agreed.memory_gib) == (0.1, 10.0, 24.0)
+
+
+def test_runtime_layouts_are_the_ones_the_runtime_trains():
+    from trainers.partition.gpt import candidate_layouts
+
+    shape = GPTShape(num_layers=4, hidden=1024, num_heads=8, seq_len=256, vocab=1000)
+    cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=8)
+    layouts = list(candidate_layouts(shape, cluster, 64, runtime=True))
+    assert layouts and all(lay.fp32_params and lay.deferred_grad_sync for lay in layouts)
+    assert {lay.recompute for lay in layouts} == {"none", "full"}
+    assert {(lay.dp > 1, lay.zero) for lay in layouts} == {(True, 3), (False, 0)}

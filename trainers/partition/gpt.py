@@ -51,6 +51,16 @@ WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
 # Megatron-LM accumulates and all-reduces gradients in fp32 (its main_grad buffers, option
 # --accumulate-allreduce-grads-in-fp32) without ZeRO; ZeRO / FSDP reduce them in bf16.
 GRAD_REDUCE_BYTES = {0: 4, 1: 2, 2: 2, 3: 2}
+# fp32 parameters under autocast (Lightning's "bf16-mixed", this project's runtime: FSDP2
+# without a MixedPrecisionPolicy): fp32 weights and gradients, Adam's two fp32 moments.
+FP32_WEIGHT_BYTES, FP32_GRAD_BYTES, FP32_OPTIMIZER_BYTES = 4, 4, 8
+
+
+def state_bytes(layout: TrainLayout) -> tuple[int, int, int, int]:
+    """(weight, gradient, optimizer, reduced-gradient) bytes per parameter."""
+    if layout.fp32_params:
+        return FP32_WEIGHT_BYTES, FP32_GRAD_BYTES, FP32_OPTIMIZER_BYTES, FP32_GRAD_BYTES
+    return WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES, GRAD_REDUCE_BYTES[layout.zero]
 ZERO3_UNITS = ("layer", "module")
 
 
@@ -171,6 +181,9 @@ class TrainLayout:
     overlap_zero3: ZeRO-3's per micro-batch all-gathers and reduce-scatters run on their
         own stream behind compute (FSDP2's prefetch: exposed only beyond the micro-batch's
         compute); else in series with it.
+    fp32_params: weights and gradients in fp32 under autocast, Adam 8 bytes (Lightning's
+        bf16-mixed, the runtime); else bf16 weights and gradients with an fp32 master copy
+        in the optimizer state (Megatron, DeepSpeed).
     deferred_grad_sync: ZeRO-3 as this project's runtime runs FSDP2 under
         ``torch.distributed.pipelining``: micro-batches back through without gradient sync
         or resharding and one reduce-scatter per unit ends the step, so parameters and
@@ -193,6 +206,7 @@ class TrainLayout:
     zero3_unit: str = "layer"
     overlap_zero3: bool = True
     deferred_grad_sync: bool = False
+    fp32_params: bool = False
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp),
@@ -372,18 +386,19 @@ def _in_flight(layout: TrainLayout, m: int) -> float:
 def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dict:
     params = _stage_params(shape, layout)
     zero = layout.zero
-    weights = params * WEIGHT_BYTES / (dp if zero >= 3 else 1)
-    grads = params * GRAD_BYTES / (dp if zero >= 2 else 1)
+    weight_bytes, grad_bytes, optimizer_bytes, reduced_bytes = state_bytes(layout)
+    weights = params * weight_bytes / (dp if zero >= 3 else 1)
+    grads = params * grad_bytes / (dp if zero >= 2 else 1)
     if zero == 3 and dp > 1 and layout.deferred_grad_sync:  # whole during the step
-        weights += params * WEIGHT_BYTES
-        grads = params * GRAD_BYTES
+        weights += params * weight_bytes
+        grads = params * grad_bytes
     elif zero == 3 and dp > 1:  # the unit computing and the one prefetched, gathered whole
         per_layer = zero3_units_per_layer(shape, layout)
         unit = max(shape.layer_params / per_layer, shape.embedding_params) / layout.tp
-        weights += 2 * unit * WEIGHT_BYTES
+        weights += 2 * unit * weight_bytes
     if zero == 0:
-        grads = params * GRAD_REDUCE_BYTES[0]  # fp32 main gradients
-    optimizer = params * OPTIMIZER_BYTES / (dp if zero >= 1 else 1)
+        grads = params * reduced_bytes  # fp32 main gradients (Megatron) or fp32 grads
+    optimizer = params * optimizer_bytes / (dp if zero >= 1 else 1)
     layers = shape.num_layers // layout.pp
     act = layers * shape.activation_bytes(layout.microbatch, layout.tp,
                                           layout.sequence_parallel, layout.recompute)
@@ -449,15 +464,16 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
         return 0.0, 0.0
     params = _stage_params(shape, layout)
     nodes = group_nodes(cluster, dp, layout.tp * layout.pp)
-    grad_bytes = params * GRAD_REDUCE_BYTES[layout.zero]
+    weight_bytes, _, _, reduced_bytes = state_bytes(layout)
+    grad_bytes = params * reduced_bytes
     if layout.zero == 0:
         return ring_seconds(grad_bytes, dp, nodes, cluster, factor=2), 0.0
     if layout.zero < 3:
         reduce_scatter = ring_seconds(grad_bytes, dp, nodes, cluster, factor=1)
-        gather = ring_seconds(params * WEIGHT_BYTES, dp, nodes, cluster, factor=1)
+        gather = ring_seconds(params * weight_bytes, dp, nodes, cluster, factor=1)
         return reduce_scatter + gather, 0.0  # updated parameters gathered once a step
     units = zero3_units(shape, layout)
-    gather = ring_seconds(params * WEIGHT_BYTES / units, dp, nodes, cluster, factor=1)
+    gather = ring_seconds(params * weight_bytes / units, dp, nodes, cluster, factor=1)
     reduce_scatter = ring_seconds(grad_bytes / units, dp, nodes, cluster, factor=1)
     if layout.deferred_grad_sync:  # one reduce-scatter per unit, after the last backward
         return units * reduce_scatter, units * zero3_gathers(layout) * gather
@@ -502,9 +518,17 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
 
 
 def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
-                      recompute=RECOMPUTE, zero=(0, 1, 3), microbatches=(1, 2, 4, 8)):
+                      recompute=RECOMPUTE, zero=(0, 1, 3), microbatches=(1, 2, 4, 8),
+                      runtime: bool = False):
     """Every layout worth ranking: tp within a node dividing the heads, pp dividing the
-    layers, each schedule, micro-batch size, recomputation and ZeRO stage."""
+    layers, each schedule, micro-batch size, recomputation and ZeRO stage.
+
+    runtime: only what this project's runtime trains: fp32 parameters under autocast,
+    FSDP2 with deferred sync over dp (zero 3) or no sharding at dp = 1, activation
+    checkpointing of every block or none (``recompute`` full / none).
+    """
+    if runtime:
+        recompute = tuple(r for r in recompute if r != "selective")
     n = cluster.num_gpus
     for tp in (d for d in range(1, n + 1) if n % d == 0):
         if shape.num_heads % tp or shape.kv_heads % tp or tp > cluster.gpus_per_node:
@@ -519,14 +543,15 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                 m = global_batch // (dp * mb)
                 for schedule, v in _schedules(shape, pp, m):
                     for rc in recompute:
-                        for z in zero:
+                        for z in ((3 if dp > 1 else 0,) if runtime else zero):
                             if z and dp == 1:
                                 continue
                             yield TrainLayout(tp=tp, pp=pp, dp=dp, global_batch=global_batch,
                                               microbatch=mb, schedule=schedule,
                                               virtual_stages=v, recompute=rc, zero=z,
                                               sequence_parallel=tp > 1
-                                              and shape.seq_len % tp == 0)
+                                              and shape.seq_len % tp == 0,
+                                              fp32_params=runtime, deferred_grad_sync=runtime)
 
 
 def _schedules(shape: GPTShape, pp: int, m: int):
