@@ -291,16 +291,46 @@ def embedding_environment(embedder: DocumentEmbedder) -> dict:
     }
 
 
+def ledger_name(rank: int, world_size: int) -> str:
+    """One process writes `ledger.json`; rank r of a distributed build `ledger-r.json`."""
+    return LEDGER_FILE if world_size == 1 else f"ledger-{rank:05d}.json"
+
+
 def read_ledger(out_dir: Path) -> dict:
-    """`{shard name: {"rows", "sha256", environment...}}`; {} when missing or unreadable."""
-    try:
-        return json.loads((Path(out_dir) / SHARD_DIR / LEDGER_FILE).read_text())["shards"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    """`{shard name: {"rows", "sha256", environment...}}` of every ledger file (`ledger.json`,
+    then each rank's `ledger-*.json`, oldest first, so the newest entry of a shard wins); {}
+    when none is readable."""
+    folder = Path(out_dir) / SHARD_DIR
+    ranks = sorted(folder.glob("ledger-*.json"), key=lambda p: p.stat().st_mtime_ns)
+    merged = {}
+    for path in [folder / LEDGER_FILE, *ranks]:
+        try:
+            merged.update(json.loads(path.read_text())["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return merged
 
 
-def _write_ledger(out_dir: Path, shards: dict) -> None:
-    write_json_durably(Path(out_dir) / SHARD_DIR / LEDGER_FILE, {"shards": shards})
+def _write_ledger(out_dir: Path, shards: dict, name: str = LEDGER_FILE) -> None:
+    write_json_durably(Path(out_dir) / SHARD_DIR / name, {"shards": shards})
+
+
+class RemoteBuildError(ValueError):
+    """Another rank of a distributed build stopped with an error (its message is quoted)."""
+
+
+def raise_if_any_failed(collective, error: BaseException | None) -> list:
+    """All-gather whether each rank failed; re-raise this rank's error, else the first other
+    rank's as `RemoteBuildError`. Returns the gathered `None`s when every rank succeeded."""
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered = collective.all_gather_object(message)
+    if error is not None:
+        raise error
+    failed = [(rank, m) for rank, m in enumerate(gathered) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RemoteBuildError(f"rank {rank} of the build stopped: {message}")
+    return gathered
 
 
 def reuse_problem(
@@ -338,12 +368,21 @@ def embed_store(
     shard_size: int,
     on_shard: Callable[[int, int], None] | None = None,
     progress: bool = True,
+    collective=None,
 ) -> dict:
     """Embed every row of `store` into `out_dir/shards/`; returns `{"shards", "reused", "embedded"}`
     plus `"reembedded"` (shards on disk that could not be reused, per reason) and `"environment"`.
 
-    `on_shard(shard, num_shards)` is called after each shard is on disk (progress hooks).
+    `on_shard(shard, num_shards)` is called after each shard this process embeds or reuses.
+    With a `collective` of N ranks (a distributed build), rank r takes shards r, r + N, ...,
+    in rounds: after each round the ranks exchange their row counts (rank 0's progress bar
+    counts all of them) and whether one failed (then every rank stops, naming it). Each rank
+    records its shards in its own ledger file; the counts returned are summed over ranks.
     """
+    from retrieval_index.collective import LocalCollective
+
+    collective = collective or LocalCollective()
+    rank, world = collective.rank, collective.world_size
     out_dir = Path(out_dir)
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     n = len(store)
@@ -351,28 +390,31 @@ def embed_store(
     _check_images_supported(store, embedder)
     env = embedding_environment(embedder)
     ledger = read_ledger(out_dir)
-    bar = _bar(n, progress)
-    reused, reembedded = 0, {}
-    for shard in range(num_shards):
-        start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
-        path = shard_path(out_dir, shard)
-        problem = reuse_problem(path, ledger.get(path.stem), stop - start, embedder.dim, env)
-        if problem is None:
-            reused += 1
-        else:
-            reason, message = problem
-            if reason != "missing":
-                reembedded[reason] = reembedded.get(reason, 0) + 1
-                bar.write(f"shard {path}: {message}; re-embedding it")
-            vectors = _embed_rows(store, embedder, start, stop)
-            _check_vectors(vectors, stop - start, embedder.dim, start)
-            digest = save_atomic(path, np.ascontiguousarray(vectors, dtype=np.float32))
-            ledger[path.stem] = {"rows": stop - start, "sha256": digest, **env}
-            _write_ledger(out_dir, ledger)
-        bar.update(stop - start)
-        if on_shard is not None:
-            on_shard(shard, num_shards)
+    mine = ledger if world == 1 else {}
+    bar = _bar(n, progress and rank == 0)
+    counts = {"reused": 0, "reembedded": {}}
+    for first in range(0, num_shards, world):
+        shard, rows, error = first + rank, 0, None
+        if shard < num_shards:
+            try:
+                rows = _embed_shard(store, embedder, out_dir, shard, shard_size, ledger, mine,
+                                    env, counts, bar, ledger_name(rank, world))
+                if on_shard is not None:
+                    on_shard(shard, num_shards)
+            except Exception as err:  # noqa: BLE001 - re-raised after every rank learns of it
+                error = err
+        if world > 1:
+            raise_if_any_failed(collective, error)
+            rows = sum(collective.all_gather_object(rows))
+        elif error is not None:
+            raise error
+        bar.update(rows)
     bar.close()
+    reused = sum(collective.all_gather_object(counts["reused"]))
+    reembedded = {}
+    for part in collective.all_gather_object(counts["reembedded"]):
+        for reason, count in part.items():
+            reembedded[reason] = reembedded.get(reason, 0) + count
     return {
         "shards": num_shards,
         "reused": reused,
@@ -380,6 +422,31 @@ def embed_store(
         "reembedded": reembedded,
         "environment": env,
     }
+
+
+def _embed_shard(store, embedder, out_dir, shard, shard_size, ledger, mine, env, counts, bar,
+                 ledger_file) -> int:
+    """Reuse or (re-)embed one shard, recording it in `mine` (written to `ledger_file`)."""
+    n = len(store)
+    start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
+    path = shard_path(out_dir, shard)
+    problem = reuse_problem(path, ledger.get(path.stem), stop - start, embedder.dim, env)
+    if problem is None:
+        counts["reused"] += 1
+        if mine is not ledger:
+            mine[path.stem] = ledger[path.stem]
+            _write_ledger(out_dir, mine, ledger_file)
+        return stop - start
+    reason, message = problem
+    if reason != "missing":
+        counts["reembedded"][reason] = counts["reembedded"].get(reason, 0) + 1
+        bar.write(f"shard {path}: {message}; re-embedding it")
+    vectors = _embed_rows(store, embedder, start, stop)
+    _check_vectors(vectors, stop - start, embedder.dim, start)
+    digest = save_atomic(path, np.ascontiguousarray(vectors, dtype=np.float32))
+    mine[path.stem] = {"rows": stop - start, "sha256": digest, **env}
+    _write_ledger(out_dir, mine, ledger_file)
+    return stop - start
 
 
 def _embed_rows(store: DocumentStore, embedder: DocumentEmbedder, start: int, stop: int):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from retrieval_index.build import (
     train_and_add,
     train_size_for,
 )
+from retrieval_index.collective import Collective, LocalCollective
 from retrieval_index.durable import LOCK_FILE, BuildLock, replace_durably
 from retrieval_index.embed import (
     EMBEDDINGS_FILE,
@@ -43,6 +45,7 @@ from retrieval_index.embed import (
     embed_store,
     file_sha256,
     load_embeddings,
+    raise_if_any_failed,
 )
 from retrieval_index.index import INDEX_FILE, Index, load
 from retrieval_index.manifest import (
@@ -116,11 +119,17 @@ def build_index(
     overwrite: bool = False,
     progress: bool = True,
     on_shard: Callable[[int, int], None] | None = None,
-) -> Index:
+    collective: Collective | None = None,
+) -> Index | None:
     """Embed `corpus` (a `datasets.Dataset` or list of dicts with id, text[, image]) into an
     index at `out_dir` and return it loaded. Without `embedder`, the bundled all-MiniLM-L6-v2
     embeds texts. A partial build at `out_dir` with the same settings is resumed.
     `on_shard(shard, num_shards)` is called after each embedding shard is on disk.
+
+    With a `collective` of N ranks (e.g. `TorchCollective()` under torchrun), every rank calls
+    this with the same arguments: rank 0 takes the lock, writes the store and, at the end,
+    builds the FAISS index; every rank embeds its share of the shards (shard s on rank s % N)
+    and resumes its own. Rank 0 returns the index, the others None.
     """
     config = BuildConfig(
         index_factory=index_factory,
@@ -136,12 +145,74 @@ def build_index(
     embedder = _resolve_embedder(embedder, batch_size)
     out_dir = Path(out_dir).expanduser().resolve()
     build = _plan(config, embedder, len(corpus))
-    with BuildLock(out_dir):
-        _build_locked(corpus, out_dir, embedder, config, build, overwrite, progress, on_shard)
-    return load(out_dir, embedder=embedder)
+    collective = collective or LocalCollective()
+    check_world_size(len(corpus), config.shard_size, collective.world_size)
+    if collective.world_size == 1:
+        with BuildLock(out_dir):
+            manifest, timings = _start(corpus, out_dir, embedder, config, build, overwrite, progress)
+            start = time.perf_counter()
+            embedding = _embed(out_dir, embedder, config, manifest, on_shard, progress)
+            timings["embed_seconds"] = _since(start)
+            _finish(out_dir, config, build, manifest, timings, embedding, progress)
+        return load(out_dir, embedder=embedder)
+    _build_distributed(corpus, out_dir, embedder, config, build, overwrite, progress, on_shard,
+                       collective)
+    return load(out_dir, embedder=embedder) if collective.rank == 0 else None
 
 
-def _build_locked(corpus, out_dir, embedder, config, build, overwrite, progress, on_shard):
+def check_world_size(count: int, shard_size: int, world_size: int) -> None:
+    """Every rank of a distributed build needs a shard: refuse more ranks than shards."""
+    num_shards = -(-count // shard_size)
+    if num_shards < world_size:
+        raise ValueError(
+            f"--shard-size (shard_size=) {shard_size} splits the {count} documents into "
+            f"{num_shards} shard(s), fewer than the world size {world_size} (WORLD_SIZE, "
+            f"--nproc_per_node x nodes): use --shard-size <= {max(1, count // world_size)} or "
+            f"at most {num_shards} processes"
+        )
+
+
+def _build_distributed(corpus, out_dir, embedder, config, build, overwrite, progress, on_shard,
+                       collective) -> None:
+    """Rank 0 holds the lock throughout and does the steps before and after the embedding;
+    each step ends with an exchange, so an error on one rank stops all of them, named."""
+    with ExitStack() as stack:
+
+        def start():
+            stack.enter_context(BuildLock(out_dir))
+            manifest, timings = _start(corpus, out_dir, embedder, config, build, overwrite,
+                                       progress)
+            return manifest, timings, _embedded_already(out_dir, config, manifest)
+
+        manifest, timings, already = _on_lead(collective, start)
+        begin = time.perf_counter()
+        if already is None:
+            stats = embed_store(DocumentStore(out_dir), embedder, out_dir,
+                                shard_size=config.shard_size, on_shard=on_shard,
+                                progress=progress, collective=collective)
+        timings["embed_seconds"] = _since(begin)
+
+        def finish():
+            embedding = already or _join(out_dir, embedder, config, manifest, stats)
+            _finish(out_dir, config, build, manifest, timings, embedding, progress)
+
+        _on_lead(collective, finish)
+
+
+def _on_lead(collective, step):
+    """Run `step()` on rank 0; every rank gets its result, or raises if it failed."""
+    result, error = None, None
+    if collective.rank == 0:
+        try:
+            result = step()
+        except Exception as err:  # noqa: BLE001 - re-raised after the other ranks learn of it
+            error = err
+    raise_if_any_failed(collective, error)
+    return collective.all_gather_object(result)[0]
+
+
+def _start(corpus, out_dir, embedder, config, build, overwrite, progress) -> tuple[dict, dict]:
+    """Check or clear `out_dir`, write the building manifest and the store (steps 1-2)."""
     partial = _prepare_out_dir(out_dir, overwrite)
     manifest = new_manifest(
         encoder=embedder.identity(),
@@ -173,10 +244,11 @@ def _build_locked(corpus, out_dir, embedder, config, build, overwrite, progress,
     timings["store_seconds"] = _since(start)
     manifest.update(corpus=corpus_info, count=corpus_info["count"])
     write_manifest(out_dir, manifest)
+    return manifest, timings
 
-    start = time.perf_counter()
-    embedding = _embed(out_dir, embedder, config, manifest, on_shard, progress)
-    timings["embed_seconds"] = _since(start)
+
+def _finish(out_dir, config, build, manifest, timings, embedding, progress) -> None:
+    """FAISS, the recall / QPS report and the complete manifest (steps 4-5)."""
     report = _index_and_report(out_dir, config, build, progress)
     manifest.update(status="complete", report={**report, **timings, **embedding})
     write_manifest(out_dir, manifest)
@@ -274,19 +346,33 @@ def _embed(out_dir: Path, embedder, config: BuildConfig, manifest: dict, on_shar
 
     Returns the report's `embedding` (shard counts) and `shard_checks` (re-embedded shards
     per reason, the environment that embedded them)."""
-    store = DocumentStore(out_dir)
+    already = _embedded_already(out_dir, config, manifest)
+    if already is not None:
+        return already
+    stats = embed_store(
+        DocumentStore(out_dir), embedder, out_dir, shard_size=config.shard_size,
+        on_shard=on_shard, progress=progress,
+    )
+    return _join(out_dir, embedder, config, manifest, stats)
+
+
+def _embedded_already(out_dir: Path, config: BuildConfig, manifest: dict) -> dict | None:
+    """The report's embedding entries when `embeddings.npy` is recorded and intact, else None."""
     done = out_dir / EMBEDDINGS_FILE
     recorded = manifest.get("embeddings") or {}
-    num_shards = -(-len(store) // config.shard_size)
-    if done.is_file() and recorded.get("sha256") == file_sha256(done):
-        shutil.rmtree(out_dir / SHARD_DIR, ignore_errors=True)  # killed before it was removed
-        stats = {"shards": num_shards, "reused": num_shards, "embedded": 0}
-        return {"embedding": stats, "shard_checks": recorded.get("shard_checks")}
-    stats = embed_store(
-        store, embedder, out_dir, shard_size=config.shard_size, on_shard=on_shard, progress=progress
-    )
+    if not (done.is_file() and recorded.get("sha256") == file_sha256(done)):
+        return None
+    shutil.rmtree(out_dir / SHARD_DIR, ignore_errors=True)  # killed before it was removed
+    num_shards = -(-manifest["count"] // config.shard_size)
+    stats = {"shards": num_shards, "reused": num_shards, "embedded": 0}
+    return {"embedding": stats, "shard_checks": recorded.get("shard_checks")}
+
+
+def _join(out_dir: Path, embedder, config: BuildConfig, manifest: dict, stats: dict) -> dict:
+    """Consolidate the shards into `embeddings.npy`, record its sha256, remove `shards/`."""
+    done = out_dir / EMBEDDINGS_FILE
     checks = {"reembedded": stats.pop("reembedded"), "environment": stats.pop("environment")}
-    consolidate(out_dir, count=len(store), dim=embedder.dim, shard_size=config.shard_size)
+    consolidate(out_dir, count=manifest["count"], dim=embedder.dim, shard_size=config.shard_size)
     manifest["embeddings"] = {"sha256": file_sha256(done), "shard_checks": checks}
     write_manifest(out_dir, manifest)
     shutil.rmtree(out_dir / SHARD_DIR)

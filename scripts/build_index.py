@@ -2,6 +2,7 @@
 
     python scripts/build_index.py --corpus data/corpus.parquet --out indexes/corpus \
         [--index-factory 'IVF1024,Flat'] [--encoder DIR] [--batch-size 64] [--shard-size 10000]
+    torchrun --nproc_per_node=N scripts/build_index.py ...    (each rank embeds 1/N of the shards)
 
 The corpus is read by rag_mm.data.load_corpus (parquet, jsonl, imagefolder, save_to_disk);
 rerunning an interrupted build with the same arguments resumes from its finished shards.
@@ -95,22 +96,67 @@ def main(argv=None) -> None:
 
 
 def build(args: argparse.Namespace) -> None:
+    """One process, or every rank of `torchrun --nproc_per_node=N scripts/build_index.py ...`
+    (WORLD_SIZE > 1: each rank embeds its share of the shards, rank 0 builds FAISS)."""
+    collective = distributed_collective()
+    try:
+        build_on(args, collective)
+    finally:
+        if collective.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def distributed_collective():
+    """TorchCollective over gloo when torchrun started N > 1 processes, else one process."""
+    import os
+    from datetime import timedelta
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return retrieval_index.LocalCollective()
+    import torch.distributed as dist
+
+    # rank 0 trains FAISS while the others wait in a collective: allow long steps
+    dist.init_process_group("gloo", timeout=timedelta(hours=12))
+    return retrieval_index.TorchCollective()
+
+
+def build_on(args: argparse.Namespace, collective) -> None:
+    import torch
+
+    from retrieval_index.embed import raise_if_any_failed
+
+    lead = collective.rank == 0
     loaded = load_corpus(
         args.corpus,
         columns=columns_from_args(args, CorpusColumns),
         on_bad=args.on_bad,
         fix_images=args.fix_images,
     )
-    print(loaded.report, flush=True)
+    if lead:
+        print(loaded.report, flush=True)
     corpus = loaded.dataset
     options = {} if args.max_length is None else {"max_length": args.max_length}
+    if collective.world_size > 1 and torch.cuda.is_available():
+        options["device"] = f"cuda:{collective.rank % torch.cuda.device_count()}"
     embedder = retrieval_index.TextDocumentEmbedder.from_folder(
         args.encoder, batch_size=args.batch_size, ignore_images=args.drop_images, **options
     )
     table = corpus.data
     has_images = "image" in table.column_names and table.column("image").null_count < len(table)
     if (has_images and not args.drop_images) or args.vision or args.vision_from:
-        folder = vision_folder(args, embedder.dim)
+        folder, error = None, None
+        if lead:  # writes --out/vision once
+            try:
+                folder = vision_folder(args, embedder.dim)
+            except Exception as err:  # noqa: BLE001 - re-raised after the other ranks learn of it
+                error = err
+        if collective.world_size > 1:
+            raise_if_any_failed(collective, error)
+            folder = collective.all_gather_object(folder)[0]
+        elif error is not None:
+            raise error
         embedder = retrieval_index.MultimodalDocumentEmbedder(embedder, folder)
     retrieval_index.build_index(
         corpus,
@@ -123,6 +169,7 @@ def build(args: argparse.Namespace) -> None:
         ef_search=args.ef_search,
         search_shards=args.search_shards,
         overwrite=args.overwrite,
+        collective=collective,
     )
 
 
