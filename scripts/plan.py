@@ -71,6 +71,9 @@ def cmd_partition(args) -> None:
         optimize=float(args.optimize) if args.optimize[0].isdigit() else args.optimize,
         link_gb_per_s=args.link_gb_per_s,
         memory=MemoryModel(optimizer_bytes_per_param=args.optimizer_bytes_per_param),
+        activation_checkpointing=(int(args.activation_checkpointing)
+                                  if args.activation_checkpointing.isdigit()
+                                  else args.activation_checkpointing),
         schedule=ScheduleSpec(name=args.schedule, num_microbatches=args.microbatches,
                               virtual_stages=args.virtual_stages))
     result = plan_partition(chain, config)
@@ -281,6 +284,8 @@ def main(argv=None) -> None:
     part.add_argument("--optimize", default="speed", help="speed, memory, or a weight 0..1")
     part.add_argument("--optimizer-bytes-per-param", type=float, default=8.0)
     part.add_argument("--link-gb-per-s", type=float, default=25.0)
+    part.add_argument("--activation-checkpointing", default="off",
+                      help="off, full (every block) or N (every N-th block)")
     part.add_argument("--png", help="stage bars (compute, memory)")
     part.add_argument("--timeline-png", help="simulated schedule timeline")
     part.set_defaults(func=cmd_partition)

@@ -377,3 +377,17 @@ def test_activation_checkpointing_memory_and_step_by_hand():
     for ac, per_rank in ((None, 9), ("full", 11), (2, 10)):
         assert plans[ac].rank_compute_ms == (per_rank, per_rank)
         assert plans[ac].step_ms - plans[None].step_ms == pytest.approx(5 * (per_rank - 9))
+
+
+def test_plan_json_says_the_checkpointing(tmp_path):
+    from trainers.partition.plan_io import read_json, stage_units, write_json
+
+    result = plan_partition(_blocks_chain(), PartitionConfig(
+        num_stages=2, activation_checkpointing=["blocks.1"],
+        schedule=ScheduleSpec(name="1f1b", num_microbatches=4)))
+    write_json(result, tmp_path / "plan.json")
+    data = read_json(tmp_path / "plan.json")
+    assert data["config"]["activation_checkpointing"] == ["blocks.1"]
+    assert [s["recompute_bytes"] for s in data["optimal"]["stages"]] == [100, 0]
+    assert stage_units(data) == [["embed", "blocks.0", "blocks.1"],
+                                 ["blocks.2", "blocks.3", "head"]]

@@ -16,7 +16,7 @@ Format (all times per micro-batch unless named ``step``; bytes per GPU)::
             "max_memory_bytes", "fits", "comm_bytes",
             "stages": [{"stage", "rank", "units", "modules", "fwd_ms", "bwd_ms",
                         "compute_ms", "param_count", "static_bytes",
-                        "act_bytes_per_microbatch", "memory_bytes"}]}
+                        "act_bytes_per_microbatch", "recompute_bytes", "memory_bytes"}]}
 
 ``imbalance`` is max / mean of per-rank compute; a stage's ``memory_bytes`` is its rank's
 peak (parameters, gradients, optimizer state and in-flight activations).
@@ -44,7 +44,12 @@ def plan_to_dict(plan: LayoutPlan) -> dict:
                     "modules": list(s.modules), "fwd_ms": s.fwd_ms, "bwd_ms": s.bwd_ms,
                     "compute_ms": s.compute_ms, "param_count": s.param_count,
                     "static_bytes": s.static_bytes, "act_bytes_per_microbatch": s.act_bytes,
+                    "recompute_bytes": s.recompute_bytes,
                     "memory_bytes": plan.rank_memory_bytes[s.rank]} for s in plan.stages]}
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def result_to_dict(result: PartitionResult) -> dict:
@@ -57,7 +62,8 @@ def result_to_dict(result: PartitionResult) -> dict:
                    "memory_cap_bytes": config.memory_cap_bytes, "optimize": config.optimize,
                    "link_gb_per_s": config.link_gb_per_s,
                    "link_latency_ms": config.link_latency_ms,
-                   "memory": asdict(config.memory)},
+                   "memory": asdict(config.memory),
+                   "activation_checkpointing": _jsonable(config.activation_checkpointing)},
         "exact": result.exact, "search_nodes": result.search_nodes,
         "units": [{"name": u.name, "modules": list(u.modules), "fwd_ms": u.fwd_ms,
                    "bwd_ms": u.bwd_ms, "param_count": u.param_count, "act_bytes": u.act_bytes,
