@@ -61,6 +61,8 @@ def state_bytes(layout: TrainLayout) -> tuple[int, int, int, int]:
     if layout.fp32_params:
         return FP32_WEIGHT_BYTES, FP32_GRAD_BYTES, FP32_OPTIMIZER_BYTES, FP32_GRAD_BYTES
     return WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES, GRAD_REDUCE_BYTES[layout.zero]
+
+
 ZERO3_UNITS = ("layer", "module")
 
 
@@ -176,8 +178,8 @@ class TrainLayout:
     zero3_unit: what ZeRO-3 gathers and reduces at a time, each collective paying its
         ring's dp - 1 step latencies: "layer" (FSDP2's ``fully_shard`` per transformer
         block, as the runtime wraps units) or "module" (DeepSpeed ZeRO-3's pre-forward hook
-        on every submodule holding parameters: 2 norms, QKV, projection, MLP up, (gate,)
-        down per layer).
+        on every submodule holding partitioned parameters: QKV, projection, MLP up, (gate,)
+        down per layer; ``zero3_units_per_layer``).
     overlap_zero3: ZeRO-3's per micro-batch all-gathers and reduce-scatters run on their
         own stream behind compute (FSDP2's prefetch: exposed only beyond the micro-batch's
         compute); else in series with it.
@@ -234,9 +236,10 @@ class TrainLayout:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         extras = [f"recompute={self.recompute}"] if self.recompute != "none" else []
         extras += [f"zero={self.zero}"] if self.zero else []
-        extras += [f"zero3-per-{self.zero3_unit}"] if self.zero == 3 and self.zero3_unit != "layer" else []
-        extras += ["zero3-serial"] if self.zero == 3 and not self.overlap_zero3 else []
-        extras += ["deferred-sync"] if self.zero == 3 and self.deferred_grad_sync else []
+        if self.zero == 3:
+            extras += ["zero3-per-module"] if self.zero3_unit == "module" else []
+            extras += ["zero3-serial"] if not self.overlap_zero3 else []
+            extras += ["deferred-sync"] if self.deferred_grad_sync else []
         extras += ["sp"] if self.sequence_parallel else []
         extras += ["tp-overlap"] if self.overlap_tp_comm else []
         return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
