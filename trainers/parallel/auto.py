@@ -3,7 +3,7 @@
 The model is costed analytically (meta device, shapes only) for the device this process
 trains on (`hardware.local_device_spec`: the named GPU spec under CUDA, a fixed CPU spec
 otherwise, the same on every rank; or a GPU named by the caller), at the batch size it
-trains with, with FSDP2's sharding over dp and the blocks it checkpoints, cut by
+trains with, with FSDP2 over dp as the runtime runs it and the blocks it checkpoints, cut by
 `trainers.partition.plan_partition` under that device's memory and the planner schedule
 of the same shape as the pipeline schedule, and returned as unit-name lists in stage order
 (chunk c of an interleaved plan is stage c).
@@ -35,7 +35,9 @@ def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int
 
     batch_size: samples per step in one pipeline, i.e. one data-parallel replica's loader
         batch (None: costed per micro-batch of one sample).
-    dp_size: data-parallel ranks FSDP2 shards parameters, gradients and optimizer over.
+    dp_size: data-parallel ranks FSDP2 shards over, costed as the runtime runs it (the
+        optimizer state and resting weights sharded; weights and gradients whole during the
+        step: `trainers.partition.chain.MemoryModel.deferred_gradient_sync`).
     activation_checkpointing: the blocks the runtime checkpoints: None / "off", "full"
         (every block), n (every n-th block) or block names
         (`trainers.partition.chain.with_activation_checkpointing`).
