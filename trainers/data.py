@@ -131,7 +131,7 @@ class RAGDataModule(L.LightningDataModule):
         self.config = model_config(model_size)
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", "0")) if seed is None else seed
         self.on_bad, self.fix_images = on_bad, fix_images
         self.columns = columns or ExampleColumns()
         self.tokenizer = load_tokenizer(self.config.retriever.text_encoder)
