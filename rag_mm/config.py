@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 MODES = ("rag", "closed_book", "random", "gold")
+ATTENTION_KINDS = ("masked", "causal", "flex")
 
 
 @dataclass(kw_only=True)
@@ -48,8 +49,17 @@ class GeneratorConfig:
     mlp_ratio: float = 4.0
     vocab_size: int = 30522  # the MiniLM / BERT WordPiece vocabulary
     tie_embeddings: bool = False  # ties the LM head to the token embedding (forces one stage)
+    # How the decoder blocks attend (`rag_mm.layers.decoder_attention`): "masked" SDPA with a
+    # boolean causal + padding mask (any padding; rules out FlashAttention); "flex" the same
+    # rule as a FlexAttention block mask (a fused kernel under torch.compile on GPU; no CPU
+    # backward); "causal" SDPA is_causal=True without a mask (FlashAttention / cuDNN), for
+    # sequences whose only padding is at the end of the target (refused otherwise).
+    attention: str = "masked"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"generator attention={self.attention!r} is not one of "
+                             f"{', '.join(ATTENTION_KINDS)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"generator hidden_size={self.hidden_size} is not divisible by "

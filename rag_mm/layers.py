@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from rag_mm.config import VisionConfig
 
@@ -22,8 +23,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.o_proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask`: bool (batch, 1, T, T), True where a query may attend a key; None = full."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None = None, *,
+                is_causal: bool = False) -> torch.Tensor:
+        """`mask`: bool (batch, 1, T, T), True where a query may attend a key, or a
+        FlexAttention `BlockMask`; None = full, or causal with `is_causal`."""
         batch, seq, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
@@ -31,7 +34,10 @@ class Attention(nn.Module):
             return t.view(batch, seq, self.num_heads, -1).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, BlockMask):
+            out = flex_attention(q, k, v, block_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -56,8 +62,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(hidden_size)
         self.mlp = MLP(hidden_size, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None = None, *,
+                is_causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), mask, is_causal=is_causal)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -90,6 +97,30 @@ def causal_mask(key_valid: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(seq, seq, dtype=torch.bool, device=key_valid.device).tril()
     eye = torch.eye(seq, dtype=torch.bool, device=key_valid.device)
     return (causal & key_valid[:, None, None, :]) | eye
+
+
+def flex_causal_mask(key_valid: torch.Tensor) -> BlockMask:
+    """`causal_mask`'s rule as a FlexAttention block mask (no (T, T) tensor per row; fully
+    hidden blocks are skipped by the kernel)."""
+    batch, seq = key_valid.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((kv_idx <= q_idx) & key_valid[b, kv_idx]) | (q_idx == kv_idx)
+
+    return create_block_mask(mask_mod, batch, None, seq, seq, device=key_valid.device)
+
+
+def decoder_attention(key_valid: torch.Tensor, kind: str):
+    """(mask, is_causal) for `Attention` under `GeneratorConfig.attention` = `kind`:
+    "masked" the boolean `causal_mask` (SDPA kernels that take a mask: no FlashAttention),
+    "flex" the same rule as a FlexAttention block mask, "causal" no mask at all
+    (FlashAttention / cuDNN; only for sequences padded at the end, see
+    `RetrievalUnit.assemble`)."""
+    if kind == "causal":
+        return None, True
+    if kind == "flex":
+        return flex_causal_mask(key_valid), False
+    return causal_mask(key_valid), False
 
 
 def init_weights(module: nn.Module, *, std: float = 0.02, residual_layers: int = 1) -> None:

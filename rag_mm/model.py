@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rag_mm.config import ModelConfig
-from rag_mm.layers import Block, VisionTower, causal_mask, init_weights
+from rag_mm.layers import Block, VisionTower, decoder_attention, init_weights
 from rag_mm.retriever import (
     InMemoryBackend,
     QueryEncoder,
@@ -235,6 +235,8 @@ class RetrievalUnit(nn.Module):
         hidden = torch.cat(segments, dim=1)
         hidden = hidden + self.pos_embed.weight[: hidden.shape[1]]
         key_valid = torch.cat(masks, dim=1)
+        if cfg.generator.attention == "causal":
+            check_padded_at_end(key_valid, cfg.max_target_tokens)
         labels = torch.full(key_valid.shape, IGNORE, dtype=torch.long, device=device)
         start = hidden.shape[1] - cfg.max_target_tokens
         labels[:, start - 1 : -1] = torch.where(target_mask, targets, IGNORE).repeat_interleave(k, 0)
@@ -249,6 +251,24 @@ class RetrievalUnit(nn.Module):
         return self.assemble(answers.inputs(batch), retrieved)
 
 
+def check_padded_at_end(key_valid: torch.Tensor, target_slots: int) -> None:
+    """For `attention="causal"` (no mask): every position before the target is real and the
+    target is padded only at its end, so each position that is read (labels, the next-token
+    position of decoding) attends exactly the keys `causal_mask` gives it."""
+    start = key_valid.shape[1] - target_slots
+    target = key_valid[:, start:]
+    bad = ~key_valid[:, :start].all(dim=1) | (target[:, 1:] & ~target[:, :-1]).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        first_pad = int((~key_valid[row]).nonzero()[0])
+        raise ValueError(
+            f"generator attention='causal' runs without a mask, so a fused sequence may be "
+            f"padded only at the end of its target (its last {target_slots} of "
+            f"{key_valid.shape[1]} positions); sequence {row} (and {int(bad.sum()) - 1} more) "
+            f"has padding at position {first_pad}: use attention='masked' or 'flex', or fill "
+            f"every document and prompt slot")
+
+
 def with_gold(keys: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """`keys` with each row's last entry replaced by its gold key where the row lacks it."""
     missed = (gold >= 0) & ~(keys == gold[:, None]).any(axis=1)
@@ -258,10 +278,17 @@ def with_gold(keys: np.ndarray, gold: np.ndarray) -> np.ndarray:
 
 
 class DecoderBlock(Block):
-    """A causal pre-norm block that passes the rest of the carry through untouched."""
+    """A causal pre-norm block that passes the rest of the carry through untouched;
+    `attention`: `GeneratorConfig.attention`."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *,
+                 attention: str = "masked") -> None:
+        super().__init__(hidden_size, num_heads, mlp_ratio)
+        self.attention = attention
 
     def forward(self, hidden, key_valid, labels, doc_logits, contrastive) -> Carry:
-        hidden = super().forward(hidden, causal_mask(key_valid))
+        mask, is_causal = decoder_attention(key_valid, self.attention)
+        hidden = super().forward(hidden, mask, is_causal=is_causal)
         return hidden, key_valid, labels, doc_logits, contrastive
 
 
@@ -348,7 +375,8 @@ class RAGModel(nn.Module):
         gen = config.generator
         self.retrieval = RetrievalUnit(config, pretrained_text=pretrained_text)
         self.blocks = nn.ModuleList(
-            DecoderBlock(gen.hidden_size, gen.num_heads, gen.mlp_ratio) for _ in range(gen.num_layers)
+            DecoderBlock(gen.hidden_size, gen.num_heads, gen.mlp_ratio, attention=gen.attention)
+            for _ in range(gen.num_layers)
         )
         self.head = Head(config)
         self.sep_token_id = self.retrieval.tokenizer.sep_token_id  # ends a generated answer
