@@ -472,6 +472,9 @@ def main(argv=None) -> dict | None:
                          f"(torch {torch.__version__}); run on a GPU machine or pass --device cpu")
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"--device {args.device!r}: use cuda or cpu")
+    if args.attention == "flex" and device.type == "cpu":
+        raise ValueError("--attention flex trains on GPUs only: FlexAttention has no CPU "
+                         "backward; use causal or masked with --device cpu")
     if args.compile:
         check_compiler(device)
     if args.encoder_dir is not None and not (Path(args.encoder_dir) / "config.json").is_file():

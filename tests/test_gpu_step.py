@@ -56,4 +56,6 @@ def test_missing_cuda_and_bad_flags_are_refused_by_name(capsys):
         gpu_step.cli([*SMOKE, "--steps", "0"])
     with pytest.raises(UserExit, match="--encoder-dir /nowhere: no config.json"):
         gpu_step.cli([*SMOKE, "--encoder-dir", "/nowhere"])
+    with pytest.raises(UserExit, match="--attention flex trains on GPUs only"):
+        gpu_step.cli([*SMOKE, "--attention", "flex"])
     assert "gpu_step.py: error:" in capsys.readouterr().err
