@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 MODES = ("rag", "closed_book", "random", "gold")
 ATTENTION_KINDS = ("masked", "causal", "flex")
+READERS = ("rag", "fid")
 
 
 @dataclass(kw_only=True)
@@ -109,6 +110,38 @@ class RetrieverConfig:
             raise ValueError(f"retriever temperature must be > 0, got {self.temperature}")
 
 
+@dataclass(kw_only=True, frozen=True)
+class ReaderConfig:
+    """How the generator reads the retrieved documents and produces the answer."""
+
+    # "rag": each document read in its own sequence, the answers mixed by the document scores
+    # (the RAG marginal); "fid": fusion-in-decoder, all top-k documents in one sequence that
+    # the generator attends across; the scores are trained towards the documents the answer
+    # was copied from (needs `copy`).
+    kind: str = "rag"
+    # Mix a copy distribution over the read documents' tokens into the LM head (a pointer,
+    # See et al. 2017), so an answer the LM head never produced in training can be copied.
+    copy: bool = True
+    # While training, the probability that an example's answer is replaced, inside its gold
+    # document and as its target, by another example's answer of the same batch (Longpre et
+    # al. 2021), so that answering from memory stops paying. Applies where the target's tokens
+    # appear verbatim in the gold document's tokens; other examples are left unchanged.
+    counterfactual: float = 0.5
+    # fid: weight of KL(copy sources || softmax(doc scores)), how the scores are trained
+    distill_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in READERS:
+            raise ValueError(f"reader={self.kind!r} is not one of {', '.join(READERS)}")
+        if self.kind == "fid" and not self.copy:
+            raise ValueError("reader='fid' trains the document scores from the copy pointer's "
+                             "sources; set copy=True (--copy) or use reader='rag'")
+        if not 0.0 <= self.counterfactual <= 1.0:
+            raise ValueError(f"counterfactual must be in [0, 1], got {self.counterfactual}")
+        if self.distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Everything needed to build a `RAGModel`."""
@@ -117,6 +150,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
     mode: str = "rag"  # rag | closed_book | random | gold (baselines)
     max_doc_tokens: int = 24  # tokens kept per retrieved document
     max_prompt_tokens: int = 16
@@ -132,14 +166,29 @@ class ModelConfig:
 
     @property
     def docs_per_query(self) -> int:
-        """Documents the generator reads per example under the configured mode."""
+        """Sequences the generator runs per example under the configured mode: one per
+        document read (rag reader), or one holding all of them (fid reader)."""
+        if self.reader.kind == "fid":
+            return 1
         return self.retriever.top_k if self.mode in ("rag", "random") else 1
 
     @property
+    def doc_slot_len(self) -> int:
+        """Positions one document takes: its tokens, then its image patches (if used)."""
+        return self.max_doc_tokens + (self.vision.num_patches if self.use_doc_images else 0)
+
+    @property
+    def doc_slots(self) -> int:
+        """Documents in one fused sequence: top_k for the fid reader (empty slots where a
+        mode reads fewer), else 1."""
+        return self.retriever.top_k if self.reader.kind == "fid" else 1
+
+    @property
     def seq_len(self) -> int:
-        """Fused sequence: [doc tokens | doc image patches | image patches | prompt | target]."""
-        patches = self.vision.num_patches * (2 if self.use_doc_images else 1)
-        return self.max_doc_tokens + patches + self.max_prompt_tokens + self.max_target_tokens
+        """Fused sequence: [doc slot(s) | image patches | prompt | target], a doc slot being
+        [doc tokens | doc image patches]."""
+        return (self.doc_slots * self.doc_slot_len + self.vision.num_patches
+                + self.max_prompt_tokens + self.max_target_tokens)
 
 
 def _tiny() -> ModelConfig:

@@ -6,9 +6,11 @@
 scoring, context assembly, input embeddings) and stays in one pipeline stage. Every unit
 passes the same tuple of tensors, the `Carry`:
 
-    hidden (B*k, T, H)   fused sequences, one per (example, document)
-    key_valid (B*k, T)   which positions are real tokens
-    labels (B*k, T)      next-token targets, -100 where none
+    hidden (N, T, H)     fused sequences: N = B*k, one per (example, document), for the rag
+                         reader; N = B, all k documents in one, for the fid reader
+    key_valid (N, T)     which positions are real tokens
+    labels (N, T)        next-token targets, -100 where none
+    copy_ids (N, T)      the document token each position offers the copy pointer, -1 if none
     doc_logits (B, k)    document scores <q, d> / temperature, differentiable in q
     contrastive (B,)     per-example retriever loss, computed where q is
 
@@ -27,6 +29,7 @@ from torch import nn
 
 from rag_mm.config import ModelConfig
 from rag_mm.layers import Block, VisionTower, decoder_attention, init_weights
+from rag_mm.reader import CopyPointer, mixture_logprobs, substitute_answers, target_logprobs
 from rag_mm.retriever import (
     InMemoryBackend,
     QueryEncoder,
@@ -37,7 +40,7 @@ from rag_mm.retriever import (
 from rag_mm.text_encoder import at_least_fp32
 from rag_mm.tokenizer import load_tokenizer
 
-Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 IGNORE = -100
 
 
@@ -164,14 +167,30 @@ class RetrievalUnit(nn.Module):
         return Retrieved(keys, candidates, doc_logits, contrastive)
 
     # -- context assembly ------------------------------------------------------------------
-    def _document_tokens(self, keys: np.ndarray, device: torch.device):
-        """Token ids (N, max_doc_tokens) and their mask; key -1 gives an empty document."""
+    def slots(self, retrieved: Retrieved) -> tuple[np.ndarray, torch.Tensor]:
+        """(keys, doc_logits) per document slot: as retrieved for the rag reader; for the fid
+        reader always `top_k` slots (the sequence layout is fixed), -1 / -inf where a mode
+        reads fewer documents (gold, closed_book)."""
+        keys, logits = retrieved.keys, retrieved.doc_logits
+        slots = self.config.doc_slots
+        if self.config.reader.kind != "fid" or keys.shape[1] == slots:
+            return keys, logits
+        pad = slots - keys.shape[1]
+        keys = np.concatenate([keys, np.full((len(keys), pad), -1, dtype=keys.dtype)], axis=1)
+        logits = F.pad(logits, (0, pad), value=-torch.inf)
+        return keys, logits
+
+    def document_rows(self, keys: np.ndarray) -> list[list[int]]:
+        """Token ids of each document in `keys` (row-major); key -1 gives an empty document."""
         flat = [int(k) for k in keys.reshape(-1)]
         self._tokenize_missing(sorted({k for k in flat if k >= 0}))
-        ids = torch.zeros(len(flat), self.config.max_doc_tokens, dtype=torch.long)
+        return [self._doc_tokens.get(key, []) for key in flat]
+
+    def _document_tokens(self, rows: list[list[int]], device: torch.device):
+        """Token ids (N, max_doc_tokens) and their mask from `document_rows`."""
+        ids = torch.zeros(len(rows), self.config.max_doc_tokens, dtype=torch.long)
         mask = torch.zeros_like(ids, dtype=torch.bool)
-        for row, key in enumerate(flat):
-            tokens = self._doc_tokens.get(key, [])
+        for row, tokens in enumerate(rows):
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, : len(tokens)] = True
         return ids.to(device), mask.to(device)
@@ -207,43 +226,92 @@ class RetrievalUnit(nn.Module):
         mask = torch.tensor(has_image, device=like.device)[:, None].expand(-1, num_patches)
         return patches, mask
 
-    def assemble(self, batch: dict[str, torch.Tensor], retrieved: Retrieved) -> Carry:
-        """Embed [doc tokens | doc image | image | prompt | target] per (example, document)."""
-        cfg = self.config
-        k = retrieved.keys.shape[1]
-        device = batch["images"].device
-        doc_ids, doc_mask = self._document_tokens(retrieved.keys, device)
-        image = self._image_patches(batch["images"]).repeat_interleave(k, dim=0)
-        segments = [self.tok_embed(doc_ids)]
-        masks = [doc_mask]
-        if cfg.use_doc_images:
-            flat = retrieved.keys.reshape(-1)
+    def _document_slots(self, keys: np.ndarray, rows: list[list[int]], like: torch.Tensor):
+        """(B*k, S, H) embedded document slots [doc tokens | doc image], their mask and copy
+        ids (the token at each text position, -1 elsewhere)."""
+        doc_ids, doc_mask = self._document_tokens(rows, like.device)
+        segments, masks = [self.tok_embed(doc_ids)], [doc_mask]
+        copy_ids = [doc_ids.masked_fill(~doc_mask, -1)]
+        if self.config.use_doc_images:
+            flat = keys.reshape(-1)
             found = self._require_backend().documents(np.maximum(flat, 0))
             documents = [doc if key >= 0 else None for key, doc in zip(flat, found)]
-            doc_patches, doc_image_mask = self._doc_image_patches(documents, image)
+            doc_patches, doc_image_mask = self._doc_image_patches(documents, like)
             segments.append(doc_patches)
             masks.append(doc_image_mask)
+            copy_ids.append(torch.full(doc_image_mask.shape, -1, dtype=torch.long,
+                                       device=like.device))
+        return torch.cat(segments, 1), torch.cat(masks, 1), torch.cat(copy_ids, 1)
+
+    def assemble(self, batch: dict[str, torch.Tensor], retrieved: Retrieved,
+                 rows: list[list[int]] | None = None) -> Carry:
+        """Embed [doc slot | image | prompt | target] per (example, document) (rag reader), or
+        [doc slot 1 | ... | doc slot k | image | prompt | target] per example (fid reader).
+        `rows`: the documents' tokens (default: as stored, `document_rows`)."""
+        cfg = self.config
+        keys, doc_logits = self.slots(retrieved)
+        batch_size, k = keys.shape
+        device = batch["images"].device
+        image = self._image_patches(batch["images"])
+        docs, doc_mask, doc_copy = self._document_slots(
+            keys, self.document_rows(keys) if rows is None else rows, image)
+        fused = cfg.reader.kind == "fid"
+        per_example = 1 if fused else k  # sequences per example
+        if fused:
+            docs, doc_mask, doc_copy = (t.reshape(batch_size, k * t.shape[1], *t.shape[2:])
+                                        for t in (docs, doc_mask, doc_copy))
         prompt_ids = batch["prompt_ids"][:, : cfg.max_prompt_tokens]
         prompt_mask = batch["prompt_mask"][:, : cfg.max_prompt_tokens].bool()
         prompt_ids = F.pad(prompt_ids, (0, cfg.max_prompt_tokens - prompt_ids.shape[1]))
         prompt_mask = F.pad(prompt_mask, (0, cfg.max_prompt_tokens - prompt_mask.shape[1]))
         targets, target_mask = batch["target_ids"], batch["target_mask"].bool()
-        segments += [image, self.tok_embed(prompt_ids).repeat_interleave(k, dim=0),
-                     self.tok_embed(targets).repeat_interleave(k, dim=0)]
-        masks += [torch.ones(image.shape[:2], dtype=torch.bool, device=device),
-                  prompt_mask.repeat_interleave(k, dim=0), target_mask.repeat_interleave(k, dim=0)]
-        hidden = torch.cat(segments, dim=1)
+        rest = [image, self.tok_embed(prompt_ids), self.tok_embed(targets)]
+        rest_masks = [torch.ones(image.shape[:2], dtype=torch.bool, device=device), prompt_mask,
+                      target_mask]
+        hidden = torch.cat([docs, *(t.repeat_interleave(per_example, 0) for t in rest)], dim=1)
         hidden = hidden + self.pos_embed.weight[: hidden.shape[1]]
-        key_valid = torch.cat(masks, dim=1)
+        key_valid = torch.cat([doc_mask, *(m.repeat_interleave(per_example, 0)
+                                           for m in rest_masks)], dim=1)
+        copy_ids = F.pad(doc_copy, (0, hidden.shape[1] - doc_copy.shape[1]), value=-1)
         if cfg.generator.attention == "causal":
             check_padded_at_end(key_valid, cfg.max_target_tokens)
         labels = torch.full(key_valid.shape, IGNORE, dtype=torch.long, device=device)
         start = hidden.shape[1] - cfg.max_target_tokens
-        labels[:, start - 1 : -1] = torch.where(target_mask, targets, IGNORE).repeat_interleave(k, 0)
-        return hidden, key_valid, labels, retrieved.doc_logits, retrieved.contrastive
+        labels[:, start - 1 : -1] = torch.where(target_mask, targets, IGNORE).repeat_interleave(
+            per_example, 0)
+        return hidden, key_valid, labels, copy_ids, doc_logits, retrieved.contrastive
+
+    def counterfactual(self, batch: dict[str, torch.Tensor], keys: np.ndarray
+                       ) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """`batch` and the document rows with counterfactual answers (`ReaderConfig.
+        counterfactual`, `rag_mm.reader.substitute_answers`): an example whose gold document
+        holds its target's tokens verbatim may get another example's answer, in that
+        document and as its target; the rest are unchanged."""
+        targets, mask = batch["target_ids"], batch["target_mask"].bool()
+        sep = self.tokenizer.sep_token_id
+        answers = []
+        for row, row_mask in zip(targets.tolist(), mask.tolist()):
+            tokens = [t for t, m in zip(row, row_mask) if m]
+            answers.append(tokens[:-1] if tokens and tokens[-1] == sep else tokens)
+        rows, donors = substitute_answers(
+            self.document_rows(keys), keys, batch["gold_keys"].cpu().numpy(), answers,
+            rate=self.config.reader.counterfactual, max_doc_tokens=self.config.max_doc_tokens)
+        changed = [i for i, j in enumerate(donors) if j >= 0]
+        if changed:
+            donor = torch.as_tensor([donors[i] for i in changed], device=targets.device)
+            rows_changed = torch.as_tensor(changed, device=targets.device)
+            batch = dict(batch)
+            for name in ("target_ids", "target_mask"):
+                batch[name] = batch[name].clone()
+                batch[name][rows_changed] = batch[name][donor]
+        return batch, rows
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Carry:
-        return self.assemble(batch, self.retrieve(batch))
+        retrieved = self.retrieve(batch)
+        if not (self.training and self.config.reader.counterfactual > 0):
+            return self.assemble(batch, retrieved)
+        batch, rows = self.counterfactual(batch, self.slots(retrieved)[0])
+        return self.assemble(batch, retrieved, rows)
 
     def answer_carry(self, batch: dict[str, torch.Tensor], retrieved: Retrieved,
                      answers: GreedyAnswers) -> Carry:
@@ -286,45 +354,98 @@ class DecoderBlock(Block):
         super().__init__(hidden_size, num_heads, mlp_ratio)
         self.attention = attention
 
-    def forward(self, hidden, key_valid, labels, doc_logits, contrastive) -> Carry:
+    def forward(self, hidden, key_valid, labels, copy_ids, doc_logits, contrastive) -> Carry:
         mask, is_causal = decoder_attention(key_valid, self.attention)
         hidden = super().forward(hidden, mask, is_causal=is_causal)
-        return hidden, key_valid, labels, doc_logits, contrastive
+        return hidden, key_valid, labels, copy_ids, doc_logits, contrastive
 
 
 class Head(nn.Module):
-    """Final norm + LM head + RAG marginal likelihood -> per-example (generative, retriever) losses."""
+    """Final norm + LM head (+ copy pointer) -> per-example (generative, retriever) losses.
+
+    rag reader: -log sum_k softmax(s)_k p(y | doc_k); fid reader: -log p(y | doc_1..doc_k),
+    and the document scores are trained towards the documents the answer was copied from,
+    KL(sources || softmax(s)) (the reader-to-retriever distillation of Izacard & Grave 2021,
+    with the copy pointer's posterior as the reader's judgement)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        hidden = config.generator.hidden_size
         self.contrastive_weight = config.retriever.contrastive_weight
         self.max_target_tokens = config.max_target_tokens
-        self.norm = nn.LayerNorm(config.generator.hidden_size)
-        self.lm_head = nn.Linear(config.generator.hidden_size, config.generator.vocab_size, bias=False)
+        self.fused = config.reader.kind == "fid"
+        self.distill_weight = config.reader.distill_weight
+        self.doc_slot_len = config.doc_slot_len
+        self.norm = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, config.generator.vocab_size, bias=False)
+        self.pointer = CopyPointer(hidden) if config.reader.copy else None
 
-    def sequence_logprob(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum over labelled positions of log p(label), per sequence: (B*k,)."""
-        where = labels != IGNORE
-        logits = at_least_fp32(self.lm_head(self.norm(hidden[where])))
-        token_logp = -F.cross_entropy(logits, labels[where], reduction="none")
-        per_seq = torch.zeros(labels.shape, dtype=token_logp.dtype, device=labels.device)
-        return per_seq.masked_scatter(where, token_logp).sum(dim=1)
+    def _answer_logprobs(self, hidden, copy_ids, positions: slice):
+        """(vocab log-probs (N, P, V), pointer output or None) at `positions`."""
+        states = self.norm(hidden)
+        queries = states[:, positions]
+        vocab_logp = F.log_softmax(at_least_fp32(self.lm_head(queries)), dim=-1)
+        pointer = None if self.pointer is None else self.pointer(queries, states, copy_ids)
+        return vocab_logp, pointer
 
-    def forward(self, hidden, key_valid, labels, doc_logits, contrastive) -> torch.Tensor:
-        """(B, 2): -log sum_k softmax(s)_k p(y | doc_k), and the weighted retriever loss."""
+    def token_logprobs(self, hidden, labels, copy_ids):
+        """log p(label) at the answer positions (N, max_target_tokens), 0 where unlabelled,
+        and each copy source's share of it (N, P, T) or None without a pointer."""
+        positions = slice(-self.max_target_tokens - 1, -1)
+        targets = labels[:, positions]
+        labelled = targets != IGNORE
+        vocab_logp, pointer = self._answer_logprobs(hidden, copy_ids, positions)
+        logp, shares = target_logprobs(vocab_logp, targets.clamp(min=0), pointer, copy_ids)
+        return logp.masked_fill(~labelled, 0.0), shares
+
+    def sequence_logprob(self, hidden: torch.Tensor, labels: torch.Tensor,
+                         copy_ids: torch.Tensor) -> torch.Tensor:
+        """Sum over labelled positions of log p(label), per sequence: (N,)."""
+        return self.token_logprobs(hidden, labels, copy_ids)[0].sum(dim=1)
+
+    def distillation(self, shares: torch.Tensor, labels: torch.Tensor,
+                     doc_logits: torch.Tensor) -> torch.Tensor:
+        """(B,) KL(q || softmax(s)), q the documents' shares of the copied answer tokens
+        (fixed targets); 0 for examples that copied nothing."""
         batch_size, k = doc_logits.shape
-        seq_logp = self.sequence_logprob(hidden, labels).view(batch_size, k)
-        marginal = torch.logsumexp(F.log_softmax(at_least_fp32(doc_logits), dim=-1) + seq_logp, dim=-1)
-        return torch.stack([-marginal, self.contrastive_weight * at_least_fp32(contrastive)], dim=-1)
+        labelled = labels[:, -self.max_target_tokens - 1 : -1] != IGNORE
+        per_slot = shares.detach()[..., : k * self.doc_slot_len] * labelled[..., None]
+        mass = per_slot.reshape(batch_size, -1, k, self.doc_slot_len).sum(dim=(1, 3))
+        total = mass.sum(-1, keepdim=True)
+        target = mass / total.clamp(min=torch.finfo(mass.dtype).tiny)
+        logits = at_least_fp32(doc_logits)
+        log_q = F.log_softmax(logits.masked_fill(~torch.isfinite(logits), -1e9), dim=-1)
+        kl = (torch.xlogy(target, target) - target * log_q).sum(-1)
+        return torch.where(total[:, 0] > 0, kl, torch.zeros_like(kl))
 
-    def next_token_logprobs(self, hidden, key_valid, labels, doc_logits, contrastive, *,
-                            step: int) -> torch.Tensor:
-        """(B, V) log sum_k softmax(s)_k p(y | doc_k, image, prompt, answer[:step]): the
-        documents' mixed distribution of answer token `step`, from a carry assembled with the
-        answer so far (`RetrievalUnit.answer_carry`)."""
+    def forward(self, hidden, key_valid, labels, copy_ids, doc_logits, contrastive
+                ) -> torch.Tensor:
+        """(B, 2): the generative loss and the weighted retriever loss per example."""
+        batch_size, k = doc_logits.shape
+        token_logp, shares = self.token_logprobs(hidden, labels, copy_ids)
+        retriever = self.contrastive_weight * at_least_fp32(contrastive)
+        if self.fused:
+            generative = -token_logp.sum(dim=1)
+            retriever = retriever + self.distill_weight * self.distillation(shares, labels,
+                                                                            doc_logits)
+        else:
+            seq_logp = token_logp.sum(dim=1).view(batch_size, k)
+            doc_logp = F.log_softmax(at_least_fp32(doc_logits), dim=-1)
+            generative = -torch.logsumexp(doc_logp + seq_logp, dim=-1)
+        return torch.stack([generative, retriever], dim=-1)
+
+    def next_token_logprobs(self, hidden, key_valid, labels, copy_ids, doc_logits, contrastive,
+                            *, step: int) -> torch.Tensor:
+        """(B, V) log p(answer token `step` | documents, image, prompt, answer[:step]), from a
+        carry assembled with the answer so far (`RetrievalUnit.answer_carry`): the rag reader
+        mixes its documents' distributions by softmax(s), the fid reader has one."""
         batch_size = doc_logits.shape[0]
         position = hidden.shape[1] - self.max_target_tokens + step - 1  # predicts token `step`
-        logp = F.log_softmax(at_least_fp32(self.lm_head(self.norm(hidden[:, position]))), dim=-1)
+        vocab_logp, pointer = self._answer_logprobs(hidden, copy_ids,
+                                                    slice(position, position + 1))
+        logp = mixture_logprobs(vocab_logp, pointer, copy_ids)[:, 0]
+        if self.fused:
+            return logp
         doc_logp = F.log_softmax(at_least_fp32(doc_logits), dim=-1)
         return torch.logsumexp(doc_logp[..., None] + logp.view(batch_size, -1, logp.shape[-1]), 1)
 
@@ -436,7 +557,8 @@ class RAGModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Retrieved]:
         """Greedy answer tokens (B, max_target_tokens), mixing documents at every step:
-        next = argmax_y sum_k softmax(s)_k p(y | doc_k, image, prompt, y_<t). Each step reruns
+        next = argmax_y sum_k softmax(s)_k p(y | doc_k, image, prompt, y_<t) (rag reader), or
+        argmax_y p(y | doc_1..doc_k, image, prompt, y_<t) (fid reader). Each step reruns
         the whole chain on the answer so far; a pipeline drives the same pieces stage by stage
         (`trainers.parallel.answer`)."""
         retrieved = self.retrieval.retrieve(batch)

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from rag_mm.config import MODES, NAMED_CONFIGS
+from rag_mm.config import MODES, NAMED_CONFIGS, READERS
 from trainers.data import RAGDataModule, add_data_arguments, data_kwargs
 from trainers.errors import run_cli
 from trainers.module import RAGModule
@@ -50,6 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the generator also reads the retrieved documents' images")
     p.add_argument("--vision-dir", help="the query vision folder the image index was embedded "
                    "with (build_index.py prints it)")
+    p.add_argument("--reader", default="rag", choices=READERS,
+                   help="rag: each document read alone, answers mixed by the document scores; "
+                        "fid: fusion-in-decoder, all top-k documents in one sequence")
+    p.add_argument("--copy", action=argparse.BooleanOptionalAction, default=True,
+                   help="mix a copy pointer over the documents' tokens into the LM head")
+    p.add_argument("--counterfactual", type=float, default=None,
+                   help="training-time rate of counterfactual answers swapped into the gold "
+                        "document and the target (default 0.5; 0 = off)")
     p.add_argument("--retriever-warmup-steps", type=int, default=0,
                    help="train the query encoder alone (contrastive) for the first N steps")
     p.add_argument("--val-every", type=int, default=650, help="validate every N steps")
@@ -87,7 +95,8 @@ def main(argv=None) -> Path:
     module = RAGModule(size=args.size, mode=args.mode, index_dir=args.index, top_k=args.top_k,
                        lr=args.lr, warmup_steps=args.warmup_steps,
                        retriever_warmup_steps=args.retriever_warmup_steps,
-                       use_doc_images=args.use_doc_images, vision_dir=args.vision_dir)
+                       use_doc_images=args.use_doc_images, vision_dir=args.vision_dir,
+                       reader=args.reader, copy=args.copy, counterfactual=args.counterfactual)
 
     # -- trainer -------------------------------------------------------------------------------
     callbacks = run_callbacks(out / "checkpoints", every_n_steps=args.save_every or args.val_every,
@@ -120,7 +129,9 @@ def main(argv=None) -> Path:
         status = "failed"
         raise
     finally:
-        summary = {"mode": args.mode, "size": args.size, "status": status,
+        summary = {"mode": args.mode, "size": args.size, "reader": args.reader,
+                   "copy": args.copy, "counterfactual": module.config.reader.counterfactual,
+                   "status": status,
                    "steps": trainer.global_step, "max_steps": args.max_steps,
                    "seconds": round(time.time() - start, 1),
                    "checkpoint": str(checkpoints.saved_path) if checkpoints.saved_path else None,

@@ -49,8 +49,10 @@ def test_running_the_units_in_order_equals_forward(tiny):
 
 def test_rag_marginal_matches_a_direct_computation(tiny):
     batch = synthetic_batch(tiny.config, 3, num_docs=NUM_DOCS)
-    hidden, valid, labels, doc_logits, contrastive = tiny.retrieval(batch)
-    hidden = tiny.run_chain((hidden, valid, labels, doc_logits, contrastive))[0]
+    tiny = build_model(replace(tiny.config, reader=replace(tiny.config.reader, copy=False)),
+                       backend=tiny.retrieval.backend)
+    hidden, valid, labels, copy_ids, doc_logits, contrastive = tiny.retrieval(batch)
+    hidden = tiny.run_chain((hidden, valid, labels, copy_ids, doc_logits, contrastive))[0]
     logits = tiny.head.lm_head(tiny.head.norm(hidden)).log_softmax(-1)
     k = doc_logits.shape[1]
     seq_logp = torch.zeros(len(hidden))
@@ -59,7 +61,7 @@ def test_rag_marginal_matches_a_direct_computation(tiny):
             seq_logp[row] += logits[row, pos, labels[row, pos]]
     p_doc = doc_logits.softmax(-1)
     expected = -torch.log((p_doc * seq_logp.view(-1, k).exp()).sum(-1))
-    got = tiny.head(hidden, valid, labels, doc_logits, contrastive)[:, 0]
+    got = tiny.head(hidden, valid, labels, copy_ids, doc_logits, contrastive)[:, 0]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

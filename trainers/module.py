@@ -48,6 +48,12 @@ class RAGModule(L.LightningModule):
         shard_index: under data parallelism, each replica holds 1/N of the index and searches
             with the others (`retrieval_index.ShardedIndex` over the strategy's
             `retrieval_group()`, else the world); without processes, the whole index.
+        reader: `rag` (each document read alone, answers mixed by the scores) or `fid`
+            (fusion-in-decoder: all top-k documents in one sequence); see
+            `rag_mm.config.ReaderConfig`.
+        copy: mix a copy pointer over the documents' tokens into the LM head (default on).
+        counterfactual: training-time rate of counterfactual answers in the gold document
+            (default: `ReaderConfig`'s).
     """
 
     def __init__(self, size: str = "demo", mode: str = "rag", index_dir: str | None = None,
@@ -56,7 +62,8 @@ class RAGModule(L.LightningModule):
                  warmup_steps: int = 50, retriever_warmup_steps: int = 0,
                  activation_checkpointing: str | int | list[str] | None = None,
                  use_doc_images: bool = False, vision_dir: str | None = None,
-                 shard_index: bool = False) -> None:
+                 shard_index: bool = False, reader: str = "rag", copy: bool = True,
+                 counterfactual: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         base = model_config(size, mode=mode)
@@ -68,7 +75,13 @@ class RAGModule(L.LightningModule):
             train_text_encoder=train_text_encoder,
             vision_dir=vision_dir,
         )
-        self.config = replace(base, retriever=retriever, use_doc_images=use_doc_images)
+        reader_config = replace(
+            base.reader, kind=reader, copy=copy,
+            counterfactual=(base.reader.counterfactual if counterfactual is None
+                            else counterfactual),
+        )
+        self.config = replace(base, retriever=retriever, use_doc_images=use_doc_images,
+                              reader=reader_config)
         self.model: RAGModel = build_model(self.config)
         apply_activation_checkpointing(self.model, activation_checkpointing)
 

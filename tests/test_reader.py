@@ -1,0 +1,183 @@
+"""The reader: the copy pointer, counterfactual answers, the fusion-in-decoder layout, and
+the document scores' gradients under both readers.
+
+Run: `.venv/bin/python -m pytest tests/test_reader.py -q`
+"""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from rag_mm.config import model_config
+from rag_mm.model import IGNORE, InMemoryBackend, build_model
+from rag_mm.reader import (
+    CopyPointer,
+    find_span,
+    mixture_logprobs,
+    substitute_answers,
+    target_logprobs,
+)
+from rag_mm.tokenizer import load_tokenizer
+
+NUM_DOCS = 12
+
+
+def _pointer_case():
+    torch.manual_seed(0)
+    pointer = CopyPointer(4).double()
+    queries, states = torch.randn(2, 1, 4, dtype=torch.float64), torch.randn(2, 5, 4,
+                                                                             dtype=torch.float64)
+    copy_ids = torch.tensor([[3, 7, 3, -1, -1], [-1, -1, -1, -1, -1]])  # row 1: nothing to copy
+    vocab_logp = torch.randn(2, 1, 10, dtype=torch.float64).log_softmax(-1)
+    return pointer, queries, states, copy_ids, vocab_logp
+
+
+def test_copy_mixture_is_a_distribution_equal_to_a_hand_computation():
+    pointer, queries, states, copy_ids, vocab_logp = _pointer_case()
+    out = pointer(queries, states, copy_ids)
+    mixed = mixture_logprobs(vocab_logp, out, copy_ids).exp()[:, 0]
+    torch.testing.assert_close(mixed.sum(-1), torch.ones(2, dtype=torch.float64))
+    # by hand: attention over the three source positions, the gate, the mixture
+    scores = (pointer.query(queries[0, 0]) @ pointer.key(states[0, :3]).T) / 2.0
+    a = torch.softmax(scores, -1)
+    g = torch.sigmoid(pointer.gate(queries[0, 0]))[0]
+    expected = g * vocab_logp[0, 0].exp()
+    expected[3] += (1 - g) * (a[0] + a[2])
+    expected[7] += (1 - g) * a[1]
+    torch.testing.assert_close(mixed[0], expected)
+    torch.testing.assert_close(mixed[1], vocab_logp[1, 0].exp())  # no sources: LM head alone
+    # the training path gives the same numbers for the targets
+    targets = torch.tensor([[3], [7]])
+    logp, shares = target_logprobs(vocab_logp, targets, out, copy_ids)
+    torch.testing.assert_close(logp[:, 0], mixed.gather(-1, targets)[:, 0].log())
+    torch.testing.assert_close(shares[0, 0, :3].sum(), (1 - g) * (a[0] + a[2]) / mixed[0, 3])
+    assert shares[1].abs().sum() == 0
+
+
+def test_copy_gradients_stay_finite_where_nothing_can_be_copied():
+    pointer, queries, states, copy_ids, vocab_logp = _pointer_case()
+    vocab_logp.requires_grad_(True)
+    out = pointer(queries, states, copy_ids)
+    logp, _ = target_logprobs(vocab_logp, torch.tensor([[5], [5]]), out, copy_ids)  # 5: no source
+    logp.sum().backward()
+    grads = [vocab_logp.grad, *(p.grad for p in pointer.parameters())]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert pointer.gate.weight.grad.abs().sum() > 0  # copying 5 is impossible: the gate learns
+
+
+def test_counterfactual_rule_is_verbatim_tokens_in_the_gold_document():
+    assert find_span([1, 5, 6, 2], [5, 6]) == 1 and find_span([1, 5, 2], [5, 6]) == -1
+    keys = np.array([[7, 3], [4, 8], [5, 6]])
+    gold = np.array([3, 8, -1])
+    rows = [[1, 2], [10, 11, 50, 51, 12], [9], [30, 31], [1], [2]]
+    answers = [[50, 51], [77], [60]]  # 0: in its gold doc; 1: not in its gold doc; 2: no gold
+    torch.manual_seed(0)
+    new, donors = substitute_answers(rows, keys, gold, answers, rate=1.0, max_doc_tokens=8)
+    assert donors[1] == donors[2] == -1 and donors[0] in (1, 2)
+    assert new[1] == [10, 11, *answers[donors[0]], 12]
+    assert [r for i, r in enumerate(new) if i != 1] == [r for i, r in enumerate(rows) if i != 1]
+    # a new answer that would not fit the document budget, and rate 0, change nothing
+    assert substitute_answers(rows, keys, gold, [[50, 51], [7, 7, 7, 7], [7, 7, 7, 7]],
+                              rate=1.0, max_doc_tokens=5)[1] == [-1, -1, -1]
+    assert substitute_answers(rows, keys, gold, answers, rate=0.0, max_doc_tokens=8)[1] == [-1] * 3
+
+
+def _word_backend():
+    """Documents 'the shape number i lives in CITY_i .' with their own random vectors."""
+    rng = np.random.default_rng(0)
+    cities = ["paris", "tokyo", "london", "berlin", "rome", "madrid", "cairo", "moscow", "lima",
+              "oslo", "athens", "prague"]
+    vectors = rng.standard_normal((NUM_DOCS, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return InMemoryBackend(vectors, [f"the shape number {i} lives in {c} ." for i, c in
+                                     enumerate(cities)]), cities
+
+
+def _batch(config, cities, gold: list[int], seed: int = 0):
+    tok = load_tokenizer(None)
+    g = torch.Generator().manual_seed(seed)
+    prompts = tok(["where does it live ?"] * len(gold), padding="max_length",
+                  max_length=config.max_prompt_tokens, return_tensors="pt")
+    targets = torch.zeros(len(gold), config.max_target_tokens, dtype=torch.long)
+    for i, key in enumerate(gold):
+        ids = tok(cities[key], add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+        targets[i, : len(ids)] = torch.tensor(ids)
+    return {"images": torch.rand(len(gold), 3, 32, 32, generator=g) * 2 - 1,
+            "prompt_ids": prompts["input_ids"], "prompt_mask": prompts["attention_mask"],
+            "target_ids": targets, "target_mask": targets != 0,
+            "gold_keys": torch.tensor(gold)}
+
+
+def _tiny(reader: str, *, mode: str = "rag", **reader_fields):
+    config = model_config("tiny", mode=mode)
+    config = replace(config, reader=replace(config.reader, kind=reader, **reader_fields),
+                     retriever=replace(config.retriever, contrastive_weight=0.0))
+    backend, cities = _word_backend()
+    torch.manual_seed(0)
+    return build_model(config, backend=backend), cities
+
+
+def test_counterfactual_batch_changes_the_gold_document_and_target_together():
+    model, cities = _tiny("rag", counterfactual=1.0)
+    batch = _batch(model.config, cities, [0, 1, 2, 3])
+    retrieval = model.retrieval
+    retrieved = retrieval.retrieve(batch)  # training: the gold document is among the top-k
+    keys = retrieval.slots(retrieved)[0]
+    torch.manual_seed(0)
+    new_batch, rows = retrieval.counterfactual(batch, keys)
+    stored = retrieval.document_rows(keys)
+    k = keys.shape[1]
+    for i in range(4):
+        answer = [t for t in new_batch["target_ids"][i].tolist() if t][:-1]
+        assert answer != [t for t in batch["target_ids"][i].tolist() if t][:-1]
+        gold_slot = i * k + list(keys[i]).index(i)
+        assert find_span(rows[gold_slot], answer) >= 0
+        assert all(rows[r] == stored[r] for r in range(i * k, (i + 1) * k) if r != gold_slot)
+    model.eval()  # never outside training
+    torch.testing.assert_close(model.retrieval(batch)[2], retrieval.assemble(batch, retrieved)[2])
+
+
+def test_fid_reads_all_top_k_documents_in_one_sequence():
+    model, cities = _tiny("fid", counterfactual=0.0)
+    config = model.config
+    batch = _batch(config, cities, [0, 5, 9])
+    model.eval()
+    hidden, key_valid, labels, copy_ids, doc_logits, _ = model.retrieval(batch)
+    k, slot = config.retriever.top_k, config.doc_slot_len
+    assert hidden.shape[:2] == (3, config.seq_len) and config.seq_len == (
+        k * slot + config.vision.num_patches + config.max_prompt_tokens + config.max_target_tokens)
+    keys = model.retrieval.retrieve(batch).keys
+    tokens = model.retrieval.document_rows(keys)
+    for i in range(3):
+        for s in range(k):
+            ids = copy_ids[i, s * slot : (s + 1) * slot]
+            assert ids[ids >= 0].tolist() == tokens[i * k + s]
+    assert (labels[:, -config.max_target_tokens - 1 : -1] != IGNORE).any()
+    for mode in ("gold", "closed_book"):  # fewer documents: the same layout, empty slots
+        model.config.mode = mode
+        h, valid, _, ids, logits, _ = model.retrieval(batch)
+        assert h.shape == hidden.shape and logits.shape == (3, k)
+        assert not valid[:, slot if mode == "gold" else 0 : k * slot].any()
+        tokens, _ = model.generate(batch)
+        assert tokens.shape == (3, config.max_target_tokens)
+    model.config.mode = "rag"
+
+
+@pytest.mark.parametrize("reader", ["rag", "fid"])
+def test_generator_loss_reaches_the_query_encoder_under_both_readers(reader):
+    """Contrastive weight 0: the only path to the query encoder is through the document
+    scores: the marginal (rag), the distillation towards the copied-from documents (fid)."""
+    model, cities = _tiny(reader, counterfactual=0.0)
+    batch = _batch(model.config, cities, [0, 5, 9, 2])
+    losses = model(batch)
+    losses["loss"].backward()
+    query = model.retrieval.query_encoder
+    assert query.image_proj.weight.grad.abs().sum() > 0
+    assert query.text_proj.weight.grad.abs().sum() > 0
+    if reader == "fid":
+        assert losses["retriever_loss"] > 0  # the distillation term alone
+        model, cities = _tiny(reader, counterfactual=0.0, distill_weight=0.0)
+        model(batch)["loss"].backward()
+        assert model.retrieval.query_encoder.image_proj.weight.grad.abs().sum() == 0
