@@ -184,6 +184,14 @@ class ModelConfig:
         return self.retriever.top_k if self.reader.kind == "fid" else 1
 
     @property
+    def num_positions(self) -> int:
+        """Learned positions: one document slot and the rest. Every fid slot reuses the
+        document positions (the documents form a set, as in fusion-in-decoder), so both
+        readers have the same parameters and a checkpoint loads under either."""
+        return (self.doc_slot_len + self.vision.num_patches + self.max_prompt_tokens
+                + self.max_target_tokens)
+
+    @property
     def seq_len(self) -> int:
         """Fused sequence: [doc slot(s) | image patches | prompt | target], a doc slot being
         [doc tokens | doc image patches]."""

@@ -7,6 +7,13 @@ picture of the entity and a question that never names it ("where does the creatu
 picture live ?"); the target is the single-word answer. Held-out entities never appear in
 train examples and their facts are independent random draws, so a closed-book model is at
 chance on them: it must recognise the entity in the picture and retrieve its passage.
+
+Variants for checking that the generator answers from what it reads:
+- `novel_answers=True`: held-out (val and test) entities draw their facts from a second
+  vocabulary per relation that no training target uses, so an answer can only come from the
+  passage (some of these words are two wordpieces).
+- every data set also has `seen.parquet`: fresh pictures of the training entities (the
+  index-swap evaluation asks about them, `scripts/swap_eval.py`).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class Relation:
     passage: str  # formatted with entity= and answer=
     prompts: tuple[str, ...]
     vocab: tuple[str, ...]
+    novel_vocab: tuple[str, ...]  # held-out entities' answers under novel_answers=True
 
 
 RELATIONS = {
@@ -63,6 +71,10 @@ RELATIONS = {
             "sydney", "dublin", "vienna", "lima", "oslo", "athens", "prague", "delhi",
             "seoul", "boston", "chicago", "toronto", "lisbon", "warsaw", "beijing", "denver",
         ),
+        novel_vocab=(
+            "miami", "dallas", "kyoto", "milan", "munich", "zurich", "geneva", "venice",
+            "bangkok", "havana", "nairobi", "seattle",
+        ),
     ),
     "eats": Relation(
         passage="the {entity} eats {answer} .",
@@ -77,6 +89,10 @@ RELATIONS = {
             "eggs", "corn", "beans", "meat", "cake", "pasta", "pizza", "bananas",
             "grapes", "potatoes", "berries", "salad", "milk", "butter", "seeds", "cookies",
         ),
+        novel_vocab=(
+            "sugar", "salt", "onions", "tomatoes", "chocolate", "noodles", "pork", "chicken",
+            "coffee", "peanuts", "lemons", "carrots",
+        ),
     ),
     "fears": Relation(
         passage="the {entity} fears {answer} .",
@@ -90,6 +106,10 @@ RELATIONS = {
             "wolves", "snakes", "spiders", "bees", "owls", "rats", "bats", "sharks",
             "bears", "lions", "tigers", "eagles", "crows", "wasps", "dogs", "cats",
             "foxes", "frogs", "mice", "ants", "horses", "cows", "goats", "pigs",
+        ),
+        novel_vocab=(
+            "whales", "dolphins", "monkeys", "rabbits", "ducks", "geese", "deer", "hawks",
+            "moths", "lizards", "zebras", "camels",
         ),
     ),
 }
@@ -226,9 +246,13 @@ def _split_labels(chosen: list[tuple[str, str, str]], rng: np.random.Generator) 
     return order
 
 
-def assign_answers(entities: list[Entity], rng: np.random.Generator) -> dict[tuple[str, str], str]:
+def assign_answers(entities: list[Entity], rng: np.random.Generator, *,
+                   novel_answers: bool = False) -> dict[tuple[str, str], str]:
     """A random answer per (entity, relation). Train entities use every vocab word when there
-    are enough of them (so the reader has seen each word); others draw uniformly."""
+    are enough of them (so the reader has seen each word); others draw uniformly, from the
+    relation's `novel_vocab` under `novel_answers` (a uniform draw from `vocab` mapped onto
+    it, so that the train split and the training entities' passages are those of the data
+    set without `novel_answers`, and a model trained on either can be tested on both)."""
     answers = {}
     train = [e for e in entities if e.split == "train"]
     others = [e for e in entities if e.split != "train"]
@@ -239,7 +263,10 @@ def assign_answers(entities: list[Entity], rng: np.random.Generator) -> dict[tup
         for e, word in zip(train, rng.permutation(pool)):
             answers[e.id, name] = str(word)
         for e in others:
-            answers[e.id, name] = str(rng.choice(vocab))
+            word = str(rng.choice(vocab))
+            if novel_answers:  # the same draw, mapped: every other file stays the same
+                word = rel.novel_vocab[vocab.index(word) % len(rel.novel_vocab)]
+            answers[e.id, name] = word
     return answers
 
 
@@ -300,8 +327,10 @@ def make_demo_data(
     examples_per_fact: int = 12,
     eval_examples_per_fact: int = 3,
     corpus_images: bool = False,
+    novel_answers: bool = False,
 ) -> dict:
-    """Write corpus/train/val/test parquet files and meta.json to ``out_dir``; returns meta."""
+    """Write corpus/train/val/test/seen parquet files and meta.json to ``out_dir``; returns
+    meta. ``seen``: ``eval_examples_per_fact`` fresh pictures per training fact."""
     for flag, value in [("--examples-per-fact", examples_per_fact),
                         ("--eval-examples-per-fact", eval_examples_per_fact)]:
         if not isinstance(value, int) or value < 1:
@@ -310,7 +339,7 @@ def make_demo_data(
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
     )
     entities = make_entities(num_entities, rng_entities)
-    answers = assign_answers(entities, rng_answers)
+    answers = assign_answers(entities, rng_answers, novel_answers=novel_answers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = {"corpus": len(entities) * len(RELATIONS)}
@@ -323,12 +352,18 @@ def make_demo_data(
         table = _shuffled(table, rng_images) if split == "train" else table
         _write_parquet(table, out / f"{split}.parquet")
         rows[split] = len(table["target"])
-    meta = _meta(seed, entities, rows, examples_per_fact, eval_examples_per_fact, corpus_images)
+    # drawn after the splits, so the other files are the same with or without it
+    train = [e for e in entities if e.split == "train"]
+    seen = make_examples(train, answers, eval_examples_per_fact, rng_images)
+    _write_parquet(seen, out / "seen.parquet")
+    rows["seen"] = len(seen["target"])
+    meta = _meta(seed, entities, rows, examples_per_fact, eval_examples_per_fact, corpus_images,
+                 novel_answers)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
-def _meta(seed, entities, rows, per_fact, eval_per_fact, corpus_images) -> dict:
+def _meta(seed, entities, rows, per_fact, eval_per_fact, corpus_images, novel_answers) -> dict:
     return {
         "seed": seed,
         "image_size": IMAGE_SIZE,
@@ -337,11 +372,13 @@ def _meta(seed, entities, rows, per_fact, eval_per_fact, corpus_images) -> dict:
         "examples_per_fact": per_fact,
         "eval_examples_per_fact": eval_per_fact,
         "corpus_images": corpus_images,
+        "novel_answers": novel_answers,
         "colours": COLOURS,
         "patterns": list(PATTERNS),
         "shapes": list(SHAPES),
         "relations": {
-            name: {"passage": r.passage, "prompts": list(r.prompts), "vocab": list(r.vocab)}
+            name: {"passage": r.passage, "prompts": list(r.prompts), "vocab": list(r.vocab),
+                   "novel_vocab": list(r.novel_vocab)}
             for name, r in RELATIONS.items()
         },
         "entities": [
@@ -358,7 +395,9 @@ def summary(meta: dict, out_dir: str | Path) -> str:
     vocab = sum(len(r["vocab"]) for r in meta["relations"].values())
     return (
         f"wrote {out_dir}: corpus {rows['corpus']} passages, train {rows['train']} / "
-        f"val {rows['val']} / test {rows['test']} examples\n"
+        f"val {rows['val']} / test {rows['test']} examples, seen {rows.get('seen', 0)} (new "
+        f"pictures of training entities)\n"
         f"entities: train {n['train']}, val {n['val']}, test {n['test']} (held out); "
         f"{len(meta['relations'])} relations, {vocab} answer words, seed {meta['seed']}"
+        + ("; held-out answers from a disjoint vocabulary" if meta.get("novel_answers") else "")
     )

@@ -69,7 +69,7 @@ class RetrievalUnit(nn.Module):
         self.vision = VisionTower(config.vision)
         self.image_proj = nn.Linear(config.vision.hidden_size, gen.hidden_size)
         self.tok_embed = nn.Embedding(gen.vocab_size, gen.hidden_size)
-        self.pos_embed = nn.Embedding(config.seq_len, gen.hidden_size)
+        self.pos_embed = nn.Embedding(config.num_positions, gen.hidden_size)
         self.tokenizer = load_tokenizer(config.retriever.text_encoder)
         self.backend: RetrievalBackend | None = None
         self._doc_tokens: dict[int, list[int]] = {}
@@ -269,7 +269,7 @@ class RetrievalUnit(nn.Module):
         rest_masks = [torch.ones(image.shape[:2], dtype=torch.bool, device=device), prompt_mask,
                       target_mask]
         hidden = torch.cat([docs, *(t.repeat_interleave(per_example, 0) for t in rest)], dim=1)
-        hidden = hidden + self.pos_embed.weight[: hidden.shape[1]]
+        hidden = hidden + self.pos_embed(self._positions(k if fused else 1, device))
         key_valid = torch.cat([doc_mask, *(m.repeat_interleave(per_example, 0)
                                            for m in rest_masks)], dim=1)
         copy_ids = F.pad(doc_copy, (0, hidden.shape[1] - doc_copy.shape[1]), value=-1)
@@ -280,6 +280,13 @@ class RetrievalUnit(nn.Module):
         labels[:, start - 1 : -1] = torch.where(target_mask, targets, IGNORE).repeat_interleave(
             per_example, 0)
         return hidden, key_valid, labels, copy_ids, doc_logits, retrieved.contrastive
+
+    def _positions(self, slots: int, device: torch.device) -> torch.Tensor:
+        """Position ids of [doc slot x `slots` | image | prompt | target]: each slot reuses
+        the document positions 0..S-1."""
+        slot, total = self.config.doc_slot_len, self.config.num_positions
+        return torch.cat([torch.arange(slot, device=device).repeat(slots),
+                          torch.arange(slot, total, device=device)])
 
     def counterfactual(self, batch: dict[str, torch.Tensor], keys: np.ndarray
                        ) -> tuple[dict[str, torch.Tensor], list[list[int]]]:

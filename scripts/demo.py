@@ -1,12 +1,18 @@
 """The end-to-end demo: every step of the framework on embedded defaults, resumable.
 
     python scripts/demo.py [--out demo_out] [--steps 700] [--warmup-steps 3000] [--size demo]
+                           [--reader rag|fid] [--no-copy] [--counterfactual 0.5]
 
 1. generate the synthetic multimodal knowledge task       (scripts/make_demo_data.py)
 2. embed the corpus with MiniLM and build the FAISS index (scripts/build_index.py)
 3. train retriever and generator jointly (RAG)            (scripts/pretrain.py --mode rag)
 4. train the closed-book baseline                         (scripts/pretrain.py --mode closed_book)
 5. evaluate on held-out entities, print the table         (scripts/evaluate.py)
+6. index swap: the training entities' facts permuted in a (scripts/swap_eval.py)
+   second index; do the answers follow it?
+7. novel answers: the same task whose held-out entities'  (make_demo_data.py --novel-answers,
+   answers are never a training target (its train split     build_index.py, evaluate.py)
+   is this one's, so the same models are evaluated)
 
 A step whose output exists is skipped, so an interrupted demo continues where it stopped.
 """
@@ -57,6 +63,11 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--entities", type=int, default=192)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reader", default="rag", choices=["rag", "fid"])
+    p.add_argument("--copy", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--counterfactual", type=float, default=0.5)
+    p.add_argument("--swap-examples", type=int, default=300,
+                   help="training-entity questions asked under the swapped index")
     args = p.parse_args(argv)
     data, index = args.out / "data", args.out / "index"
     rag_run, closed_run = args.out / "runs" / "rag", args.out / "runs" / "closed_book"
@@ -71,14 +82,28 @@ def main(argv=None) -> None:
     rag_steps = args.steps + args.warmup_steps
     if not trained(rag_run, rag_steps):
         run("pretrain.py", *common, "--mode", "rag", "--max-steps", rag_steps,
-            "--retriever-warmup-steps", args.warmup_steps, "--out", rag_run, *resume(rag_run))
+            "--retriever-warmup-steps", args.warmup_steps, "--reader", args.reader,
+            "--copy" if args.copy else "--no-copy", "--counterfactual", args.counterfactual,
+            "--out", rag_run, *resume(rag_run))
     if not trained(closed_run, args.steps):
         run("pretrain.py", *common, "--mode", "closed_book", "--max-steps", args.steps,
             "--out", closed_run, *resume(closed_run))
-    run("evaluate.py", "--rag", rag_run / "checkpoints" / "last.ckpt",
-        "--closed-book", closed_run / "checkpoints" / "last.ckpt",
-        "--data", data, "--index", index, "--seed", args.seed,
+    checkpoints = ["--rag", rag_run / "checkpoints" / "last.ckpt",
+                   "--closed-book", closed_run / "checkpoints" / "last.ckpt"]
+    run("evaluate.py", *checkpoints, "--data", data, "--index", index, "--seed", args.seed,
         "--json", args.out / "results.json")
+    run("swap_eval.py", "--rag", rag_run / "checkpoints" / "last.ckpt", "--index", index,
+        "--corpus", data / "corpus.parquet", "--examples", data / "seen.parquet",
+        "--out", args.out / "swap", "--group-by", "relation",
+        "--max-examples", args.swap_examples, "--seed", args.seed)
+    novel_data, novel_index = args.out / "data_novel", args.out / "index_novel"
+    if not (novel_data / "meta.json").exists():
+        run("make_demo_data.py", "--out", novel_data, "--seed", args.seed,
+            "--entities", args.entities, "--novel-answers")
+    if not index_complete(novel_index):
+        run("build_index.py", "--corpus", novel_data / "corpus.parquet", "--out", novel_index)
+    run("evaluate.py", *checkpoints, "--data", novel_data, "--index", novel_index,
+        "--seed", args.seed, "--json", args.out / "results_novel.json")
     print(f"\ndemo finished in {(time.time() - start) / 60:.1f} min; results in {args.out / 'results.json'}")
 
 

@@ -1,6 +1,7 @@
-"""Write the synthetic picture-question demo task (corpus, train/val/test, meta.json).
+"""Write the synthetic picture-question demo task (corpus, train/val/test/seen, meta.json).
 
 Usage: python scripts/make_demo_data.py --out demo_out/data [--seed 0] [--entities 120]
+       [--novel-answers]
 """
 
 import argparse
@@ -20,6 +21,9 @@ def main() -> None:
                         help="val/test examples per (entity, relation)")
     parser.add_argument("--corpus-images", action="store_true",
                         help="add a canonical picture of the entity to every passage")
+    parser.add_argument("--novel-answers", action="store_true",
+                        help="held-out entities' answers from a vocabulary no training target "
+                             "uses (they can only be copied from the passage)")
     args = parser.parse_args()
     start = time.perf_counter()
     meta = make_demo_data(
@@ -29,6 +33,7 @@ def main() -> None:
         examples_per_fact=args.examples_per_fact,
         eval_examples_per_fact=args.eval_examples_per_fact,
         corpus_images=args.corpus_images,
+        novel_answers=args.novel_answers,
     )
     print(summary(meta, args.out))
     print(f"done in {time.perf_counter() - start:.1f}s")

@@ -180,3 +180,35 @@ def test_script_writes_loadable_files_with_corpus_images(tmp_path):
     assert meta["seed"] == 5 and sum(meta["num_entities"].values()) == 12
     corpus = load_corpus(out / "corpus.parquet", image_size=32).dataset
     assert corpus[0]["image"].size == (32, 32)
+
+
+def test_novel_answer_variant_keeps_the_train_split_and_never_trains_its_answers(tmp_path):
+    kwargs = {"seed": 2, "num_entities": 30, "examples_per_fact": 2, "eval_examples_per_fact": 1}
+    make_demo_data(tmp_path / "plain", **kwargs)
+    meta = make_demo_data(tmp_path / "novel", novel_answers=True, **kwargs)
+    for name in ("train", "seen"):  # the same draws: a model trained on one is tested on both
+        assert pq.read_table(tmp_path / "plain" / f"{name}.parquet").equals(
+            pq.read_table(tmp_path / "novel" / f"{name}.parquet")), name
+    train_targets = set(pq.read_table(tmp_path / "novel" / "train.parquet")["target"].to_pylist())
+    corpus = dict(zip(*pq.read_table(tmp_path / "novel" / "corpus.parquet",
+                                     columns=["id", "text"]).to_pydict().values()))
+    novel = {w for rel in RELATIONS.values() for w in rel.novel_vocab}
+    assert not novel & {w for rel in RELATIONS.values() for w in rel.vocab}
+    for split in ("val", "test"):
+        rows = _rows_without_images(tmp_path / "novel" / f"{split}.parquet")
+        assert rows and all(r["target"] in novel and r["target"] not in train_targets
+                            and r["target"] in corpus[r["gold_id"]].split() for r in rows)
+    assert meta["novel_answers"] and meta["rows"]["seen"] == meta["num_entities"]["train"] * 3
+
+
+def test_seen_split_asks_about_training_entities_with_new_pictures(tmp_path):
+    meta = make_demo_data(tmp_path, seed=3, num_entities=12, examples_per_fact=2,
+                          eval_examples_per_fact=1)
+    train = pq.read_table(tmp_path / "train.parquet").to_pylist()
+    seen = pq.read_table(tmp_path / "seen.parquet").to_pylist()
+    assert {r["entity"] for r in seen} == {e["id"] for e in meta["entities"]
+                                           if e["split"] == "train"}
+    facts = {(r["gold_id"], r["target"]) for r in train}
+    assert all((r["gold_id"], r["target"]) in facts for r in seen)  # the facts trained on
+    pictures = {r["image"]["bytes"] for r in train}
+    assert not any(r["image"]["bytes"] in pictures for r in seen)  # in new pictures

@@ -155,6 +155,11 @@ def test_fid_reads_all_top_k_documents_in_one_sequence():
             ids = copy_ids[i, s * slot : (s + 1) * slot]
             assert ids[ids >= 0].tolist() == tokens[i * k + s]
     assert (labels[:, -config.max_target_tokens - 1 : -1] != IGNORE).any()
+    # every slot has the document positions: both readers have the same parameters
+    assert model.retrieval.pos_embed.num_embeddings == config.num_positions
+    rag = build_model(replace(config, reader=replace(config.reader, kind="rag")))
+    assert {n: p.shape for n, p in rag.state_dict().items()} == {
+        n: p.shape for n, p in model.state_dict().items()}
     for mode in ("gold", "closed_book"):  # fewer documents: the same layout, empty slots
         model.config.mode = mode
         h, valid, _, ids, logits, _ = model.retrieval(batch)

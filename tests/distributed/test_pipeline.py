@@ -3,7 +3,9 @@
 The distributed test runs every schedule on 2 gloo processes (pp=2) with the tiny RAG model
 and compares the loss, the gradient norm over both stages, every gradient (query encoder
 included) and every parameter after one AdamW step with single-process training over the
-same micro-batches; also with tied embeddings forced onto different stages.
+same micro-batches; also with tied embeddings forced onto different stages, and under the
+fusion-in-decoder reader (one sequence of all top-k documents per example crosses the stage
+boundary: (B, k * T_doc + ..., H)).
 
 Run: .venv/bin/pytest tests/distributed/test_pipeline.py -q       (about 40 s on 2 cores)
 """
@@ -17,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rag_mm.config import model_config
+from rag_mm.config import ReaderConfig, model_config
 from rag_mm.model import build_model, synthetic_batch
 from tests.helpers.parallel import (
     ADAM_EPS,
@@ -57,6 +59,9 @@ if "dualpipev" in SCHEDULES:
 # Tied embeddings (token embedding = LM head) forced onto different stages.
 CASES["1f1b_split_tie"] = ("1f1b", TWO, 2)
 TIED = {"1f1b_split_tie"}
+# The fusion-in-decoder reader: a longer sequence per example instead of k sequences.
+CASES["1f1b_fid"] = ("1f1b", TWO, 2)
+OVERRIDES = {"1f1b_fid": {"reader": ReaderConfig(kind="fid")}}
 
 
 # -- checks that need no processes ---------------------------------------------------------------
@@ -141,8 +146,10 @@ def _pipeline_worker(rank: int, world_size: int, out_dir: str) -> None:
     from trainers.parallel.strategy import total_grad_norm
 
     for name, (schedule, stages, micro) in CASES.items():
-        model, config = tiny_model(tied=name in TIED)
+        model, config = tiny_model(tied=name in TIED, **OVERRIDES.get(name, {}))
         batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
+        if name in OVERRIDES:  # the carry that crosses the boundary is one sequence per example
+            assert model.retrieval(batch)[0].shape[:2] == (BATCH_SIZE, config.seq_len)
         pipe = build_pipeline(model, PipelineConfig(stages=stages, schedule=schedule,
                                                     num_microbatches=micro,
                                                     split_tied_weights=name in TIED),
@@ -171,7 +178,7 @@ def pipeline_runs(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_step_matches_single_process(case, pipeline_runs):
     micro = CASES[case][2]
-    ref = reference_step(micro, tied=case in TIED)
+    ref = reference_step(micro, tied=case in TIED, **OVERRIDES.get(case, {}))
     results = [torch.load(pipeline_runs / f"{case}_{r}.pt") for r in range(2)]
     losses = [r["losses"] for r in results if r["losses"] is not None]
     assert len(losses) == 1 and losses[0].shape == (BATCH_SIZE, 2)
