@@ -186,3 +186,71 @@ def test_generator_loss_reaches_the_query_encoder_under_both_readers(reader):
         model, cities = _tiny(reader, counterfactual=0.0, distill_weight=0.0)
         model(batch)["loss"].backward()
         assert model.retrieval.query_encoder.image_proj.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.slow
+def test_a_tiny_reader_follows_a_swapped_index_and_copies_answers_never_trained(demo, tmp_path):
+    """The tiny generator, trained a little on the gold documents of the small demo task (copy
+    pointer and counterfactual answers on), then asked (a) about training entities whose
+    facts were permuted among the passages (`rag_mm.swap`), (b) about held-out entities of the
+    novel-answer variant, whose answers were never a training target."""
+    import retrieval_index
+    from rag_mm.data import load_corpus, load_examples
+    from rag_mm.demo_data import make_demo_data
+    from rag_mm.swap import swap_facts
+    from trainers.data import Collator, RAGDataModule
+    from trainers.module import exact_match
+
+    torch.manual_seed(0)
+    config = replace(model_config("tiny", mode="gold"),
+                     reader=replace(model_config("tiny").reader, counterfactual=0.5))
+    index = retrieval_index.load(demo / "index")
+    model = build_model(config, backend=index)
+    data = RAGDataModule(demo / "data", index_dir=str(demo / "index"), model_size="tiny",
+                         batch_size=32, seed=0)
+    data.setup("fit")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for step, batch in zip(range(150), _forever(data.train_dataloader)):
+        optimizer.zero_grad()
+        model(batch)["loss"].backward()
+        optimizer.step()
+    model.eval()
+    collate = Collator(load_tokenizer(None), image_size=32,
+                       max_prompt_tokens=config.max_prompt_tokens,
+                       max_target_tokens=config.max_target_tokens)
+    keys = dict(zip(index.store.table.column("id").to_pylist(), range(len(index))))
+    vectors = index.vectors(np.arange(len(index)))
+
+    def gold_exact_match(rows, texts):
+        model.attach(InMemoryBackend(vectors, texts), check_encoder=False)
+        batch = collate([{**r, "gold_key": keys[r["gold_id"]]} for r in rows])
+        with torch.no_grad():
+            tokens, _ = model.generate(batch)
+        return exact_match(tokens, batch["target_ids"], batch["target_mask"]).float().mean().item()
+
+    corpus = dict(zip(*index.store.table.select(["id", "text"]).to_pydict().values()))
+    seen = list(load_examples(demo / "data" / "seen.parquet").dataset)
+    swapped, targets, _ = swap_facts(corpus, [{**r, "group": r["relation"]} for r in seen],
+                                     seed=0, group="group")
+    rows = [{**r, "target": t} for r, t in zip(seen, targets) if t is not None]
+    texts_a = [corpus[i] for i in keys]
+    texts_b = [swapped[i] for i in keys]
+    assert gold_exact_match(rows, texts_b) >= 0.9  # follows index B
+    assert gold_exact_match([{**r, "target": s["target"]} for r, s in
+                             zip(rows, [s for s, t in zip(seen, targets) if t is not None])],
+                            texts_b) <= 0.1  # not A's answer from memory
+    assert gold_exact_match(seen, texts_a) >= 0.9
+
+    make_demo_data(tmp_path, seed=1, num_entities=24, examples_per_fact=2, novel_answers=True)
+    novel = list(load_examples(tmp_path / "test.parquet").dataset)
+    novel_corpus = load_corpus(tmp_path / "corpus.parquet").dataset
+    novel_corpus = dict(zip(novel_corpus["id"], novel_corpus["text"]))
+    trained = set(data.datasets["train"]["target"])
+    assert not trained & {r["target"] for r in novel}
+    assert gold_exact_match(novel, [novel_corpus[i] for i in keys]) >= 0.8
+
+
+def _forever(loader_fn):
+    while True:
+        yield from loader_fn()
