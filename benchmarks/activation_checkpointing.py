@@ -12,11 +12,14 @@ random documents. For each setting:
   outside autograd's saved tensors);
 - block MiB: the same restricted to the decoder blocks (tensors packed while a block runs,
   and the checkpointed blocks' inputs): the part checkpointing acts on;
-- step ms: median wall time of forward + backward + AdamW step, the settings taking turns
-  step by step so that machine load hits them alike;
+- step ms: the median over steps of forward + backward + AdamW step, in this process's CPU
+  time (`time.process_time`, one intra-op thread: the work done, which other jobs on a
+  shared machine barely change) and in wall time; the settings take turns step by step so
+  that machine load hits them alike;
 - ratios against `off` in the same process.
 
     .venv/bin/python benchmarks/activation_checkpointing.py [--steps 6] [--batch-size 8]
+        [--threads 1]
 """
 
 from __future__ import annotations
@@ -92,12 +95,13 @@ def saved_bytes(model: nn.Module, names: list[str], batch) -> tuple[int, int]:
     return total, sum(b for b, in_block in seen.values() if in_block)
 
 
-def step(model, batch, optimizer) -> float:
-    start = time.perf_counter()
+def step(model, batch, optimizer) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one training step."""
+    cpu, wall = time.process_time(), time.perf_counter()
     model(batch)["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def main(argv=None) -> None:
@@ -107,12 +111,14 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     runs = {label: build(args, setting) for label, setting in SETTINGS.items()}
     memory = {label: saved_bytes(model, names, batch)
               for label, (model, names, batch, _) in runs.items()}
-    times: dict[str, list[float]] = {label: [] for label in runs}
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}
     for label, (model, _, batch, optimizer) in runs.items():  # warm-up step
         step(model, batch, optimizer)
     for _ in range(args.steps):
@@ -125,23 +131,29 @@ def main(argv=None) -> None:
           f"parameters, batch {args.batch_size} x {config.docs_per_query} documents x "
           f"{config.seq_len} positions; torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, load average {os.getloadavg()[0]:.1f}")
-    print("| setting | checkpointed | saved MiB | block MiB | step ms | saved vs off | "
-          "block vs off | step vs off |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| setting | checkpointed | saved MiB | block MiB | step CPU ms | step wall ms | "
+          "saved vs off | block vs off | step CPU vs off | step wall vs off |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = []
     base_total, base_block = memory["off"]
-    base_ms = statistics.median(times["off"]) * 1e3
+
+    def median_ms(label: str, which: int) -> float:
+        return statistics.median(t[which] for t in times[label]) * 1e3
+
+    base_cpu, base_wall = median_ms("off", 0), median_ms("off", 1)
     for label, (_, names, _, _) in runs.items():
         total, block = memory[label]
-        ms = statistics.median(times[label]) * 1e3
+        cpu, wall = median_ms(label, 0), median_ms(label, 1)
         rows.append({"setting": label, "checkpointed": names, "saved_bytes": total,
-                     "block_saved_bytes": block, "step_ms": round(ms, 1),
+                     "block_saved_bytes": block, "step_cpu_ms": round(cpu, 1),
+                     "step_wall_ms": round(wall, 1),
                      "saved_ratio": round(total / base_total, 3),
                      "block_saved_ratio": round(block / base_block, 3),
-                     "step_ratio": round(ms / base_ms, 3)})
+                     "step_cpu_ratio": round(cpu / base_cpu, 3),
+                     "step_wall_ratio": round(wall / base_wall, 3)})
         print(f"| {label} | {len(names)} of {args.layers} blocks | {total / 2**20:.1f} | "
-              f"{block / 2**20:.1f} | {ms:.0f} | {total / base_total:.2f} | "
-              f"{block / base_block:.2f} | {ms / base_ms:.2f} |")
+              f"{block / 2**20:.1f} | {cpu:.0f} | {wall:.0f} | {total / base_total:.2f} | "
+              f"{block / base_block:.2f} | {cpu / base_cpu:.2f} | {wall / base_wall:.2f} |")
     print(json.dumps({"benchmark": "activation_checkpointing", "params": params,
                       "batch_size": args.batch_size, "hidden": args.hidden,
                       "layers": args.layers, "steps": args.steps,
