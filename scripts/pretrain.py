@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "document and the target (default 0.5; 0 = off)")
     p.add_argument("--retriever-warmup-steps", type=int, default=0,
                    help="train the query encoder alone (contrastive) for the first N steps")
+    p.add_argument("--activation-checkpointing", default=None, metavar="SETTING",
+                   help="recompute activations in backward: off | every | N (every N-th "
+                        "block) | unit names, comma-separated (trainers/parallel/checkpointing.py)")
     p.add_argument("--val-every", type=int, default=650, help="validate every N steps")
     p.add_argument("--save-every", type=int, default=None,
                    help="also checkpoint every N steps (default: --val-every); the final step "
@@ -96,7 +99,8 @@ def main(argv=None) -> Path:
                        lr=args.lr, warmup_steps=args.warmup_steps,
                        retriever_warmup_steps=args.retriever_warmup_steps,
                        use_doc_images=args.use_doc_images, vision_dir=args.vision_dir,
-                       reader=args.reader, copy=args.copy, counterfactual=args.counterfactual)
+                       reader=args.reader, copy=args.copy, counterfactual=args.counterfactual,
+                       activation_checkpointing=args.activation_checkpointing)
 
     # -- trainer -------------------------------------------------------------------------------
     callbacks = run_callbacks(out / "checkpoints", every_n_steps=args.save_every or args.val_every,

@@ -79,19 +79,30 @@ def test_causal_equals_masked_where_only_the_end_is_padded(case):
         assert_fp32_close(grads[name], expected, name)
 
 
-def test_causal_refuses_padding_before_the_target():
-    model, config = tiny_model()  # random documents are shorter than their 16 slots
+@pytest.fixture
+def short_documents():
+    """The shared model over random documents, shorter than their 16 slots (padding inside
+    every sequence); the full ones back afterwards."""
+    model, batch = setup()
+    full = model.retrieval.backend
+    model.attach(InMemoryBackend.random(NUM_DOCS))
+    yield model, batch
+    model.float().train()
+    model.attach(full)
+
+
+def test_causal_refuses_padding_before_the_target(short_documents):
+    model, batch = short_documents
     set_attention(model, "causal")
-    batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
     with pytest.raises(ValueError, match=r"attention='causal' runs without a mask.*sequence 0 "
                                          r"\(and 7 more\) has padding at position \d+: use "
                                          r"attention='masked' or 'flex'"):
         model(batch)
 
 
-def test_flex_equals_masked_with_padding_inside_the_sequence():
-    model, config = tiny_model()
-    batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
+def test_flex_equals_masked_with_padding_inside_the_sequence(short_documents):
+    model, batch = short_documents
+    set_attention(model, "masked")
     assert not bool(model.retrieval(batch)[1].all())  # documents padded in the middle
     loss, _ = run(model, batch, "flex", grad=False)
     ref32, _ = run(model, batch, "masked", grad=False)
