@@ -236,7 +236,7 @@ def rag_config(args):
                    generator=replace(base.generator, attention=args.attention))
 
 
-def build_rag(args, device, setting):
+def build_rag(args, device, setting, compiled: bool):
     from rag_mm.model import RAGModel, synthetic_batch
     from trainers.parallel.checkpointing import apply_activation_checkpointing
 
@@ -249,7 +249,7 @@ def build_rag(args, device, setting):
     model.attach(backend, check_encoder=False)
     model.to(device)
     names = apply_activation_checkpointing(model, setting)
-    if args.compile:
+    if compiled:
         for block in model.blocks:
             block.compile()
     optimizer = optimizer_for([p for p in model.parameters() if p.requires_grad], device)
@@ -269,17 +269,51 @@ def build_rag(args, device, setting):
     return model, backend, names, step
 
 
+def warm_up(build, args, device, label: str):
+    """Build with `build(compile)` and run the warm-up steps. A compile that fails (not for
+    memory) is reported and the model runs uncompiled, so the run still gives a table."""
+    compiled = args.compile
+    while True:
+        start = time.perf_counter()
+        built = build(compiled)
+        try:
+            for _ in range(args.warmup):
+                built[-1]()
+            sync(device)
+            return built, time.perf_counter() - start, compiled
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            if not compiled:
+                raise
+            print(f"{label}: torch.compile failed ({type(err).__name__}: "
+                  f"{' '.join(str(err).split())[:300]}); running it uncompiled",
+                  file=sys.stderr, flush=True)
+            built = None
+            torch._dynamo.reset()
+            compiled = False
+
+
+def measured(what: str, fn, default):
+    """`fn()`, or `default` with the error on stderr: a failed extra measurement (profiler,
+    FLOP count) must not cost the table."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - reported, and the run goes on
+        print(f"{what} failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}",
+              file=sys.stderr, flush=True)
+        return default
+
+
 def run_rag(args, device, peak):
     settings = ["off", 2, "every"] if args.activation_checkpointing == "auto" else \
         [args.activation_checkpointing]
     for setting in settings:
         reset_memory(device)
         try:
-            model, backend, names, step = build_rag(args, device, setting)
-            compile_start = time.perf_counter()
-            for _ in range(args.warmup):
-                step()
-            sync(device)
+            (model, backend, names, step), warmup_s, compiled = warm_up(
+                lambda on, setting=setting: build_rag(args, device, setting, on), args, device,
+                "rag")
             break
         except torch.OutOfMemoryError:
             print(f"rag: activation_checkpointing={setting!r} ran out of memory; next setting",
@@ -290,7 +324,6 @@ def run_rag(args, device, peak):
     else:
         raise SystemExit("rag: out of memory with every activation checkpointing setting; "
                          "lower --batch-size")
-    warmup_s = time.perf_counter() - compile_start
     seconds = timed_steps(step, args.steps, device)
     memory = peak_memory(device)
     config = model.config
@@ -298,9 +331,9 @@ def run_rag(args, device, peak):
     tokens = seqs * config.seq_len
     gen = config.generator
     head_dim = gen.hidden_size // gen.num_heads
-    kernels, tower_kernels = attention_ops(step, device, (seqs, gen.num_heads, config.seq_len,
-                                                          head_dim))
-    flops = counted_flops(step, device)
+    kernels, tower_kernels = measured("rag: profiler", lambda: attention_ops(
+        step, device, (seqs, gen.num_heads, config.seq_len, head_dim)), (["?"], ["?"]))
+    flops = measured("rag: FLOP count", lambda: counted_flops(step, device), math.nan)
     # retrieval share: separate steps with device syncs around retrieve() and the backend
     retrieve, spent = model.retrieval.retrieve, [0.0]
 
@@ -318,16 +351,17 @@ def run_rag(args, device, peak):
     probe_s = timed_steps(step, probe, device)
     model.retrieval.retrieve = retrieve
     params = sum(p.numel() for p in model.parameters())
-    backends = sdpa_backends_that_run(
+    backends = measured("rag: SDPA backend probe", lambda: sdpa_backends_that_run(
         (seqs, gen.num_heads, config.seq_len, head_dim), device,
         torch.bfloat16 if device.type == "cuda" else torch.float32,
-        causal=gen.attention == "causal", masked=gen.attention == "masked")
+        causal=gen.attention == "causal", masked=gen.attention == "masked"), ["?"])
     return {"model": f"rag {args.size}", "params": params, "layers": gen.num_layers,
             "hidden": gen.hidden_size, "seq_len": config.seq_len, "sequences": seqs,
             "tokens_per_step": tokens, "step_s": seconds, "tokens_per_s": tokens / seconds,
             "mfu": mfu(params, gen.num_layers, gen.hidden_size, config.seq_len,
                        tokens / seconds, peak),
-            "peak_memory_gib": memory, "warmup_s": warmup_s, "attention": gen.attention,
+            "peak_memory_gib": memory, "warmup_s": warmup_s, "compiled": compiled,
+            "attention": gen.attention,
             "attention_kernels": kernels, "tower_attention_kernels": tower_kernels,
             "sdpa_backends_accepting": backends, "counted_flops_per_step": flops,
             "counted_flop_share": flops / seconds / (peak * 1e12),
@@ -360,44 +394,45 @@ def run_anchor(args, device, peak, rag: dict, vocab: int, num_heads: int):
     from transformers import LlamaForCausalLM
 
     reset_memory(device)
-    torch.manual_seed(0)
     config = llama_config(rag, vocab, num_heads)
-    model = LlamaForCausalLM(config).to(device)
-    model.train()
-    if args.compile:
-        model.compile()
-    optimizer = optimizer_for(model.parameters(), device)
-    ids = [torch.randint(0, vocab, (rag["sequences"], rag["seq_len"]), device=device)
-           for _ in range(4)]
-    counter = iter(range(10**9))
 
-    def step():
-        batch = ids[next(counter) % len(ids)]
-        with autocast(device):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def build(compiled: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(device)
+        model.train()
+        if compiled:
+            model.compile()
+        optimizer = optimizer_for(model.parameters(), device)
+        ids = [torch.randint(0, vocab, (rag["sequences"], rag["seq_len"]), device=device)
+               for _ in range(4)]
+        counter = iter(range(10**9))
 
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    warmup_s = time.perf_counter() - start
+        def step():
+            batch = ids[next(counter) % len(ids)]
+            with autocast(device):
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return model, step
+
+    (model, step), warmup_s, compiled = warm_up(build, args, device, "anchor")
     seconds = timed_steps(step, args.steps, device)
     memory = peak_memory(device)
     params = sum(p.numel() for p in model.parameters())
     tokens = rag["tokens_per_step"]
-    kernels, _ = attention_ops(step, device)
-    flops = counted_flops(step, device)
+    kernels, _ = measured("anchor: profiler", lambda: attention_ops(step, device), (["?"], []))
+    flops = measured("anchor: FLOP count", lambda: counted_flops(step, device), math.nan)
     return {"model": "llama anchor", "params": params, "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "seq_len": rag["seq_len"],
             "sequences": rag["sequences"], "tokens_per_step": tokens, "step_s": seconds,
             "tokens_per_s": tokens / seconds,
             "mfu": mfu(params, config.num_hidden_layers, config.hidden_size, rag["seq_len"],
                        tokens / seconds, peak),
-            "peak_memory_gib": memory, "warmup_s": warmup_s, "attention": "sdpa causal",
-            "attention_kernels": kernels, "counted_flops_per_step": flops,
+            "peak_memory_gib": memory, "warmup_s": warmup_s, "compiled": compiled,
+            "attention": "sdpa causal", "attention_kernels": kernels,
+            "counted_flops_per_step": flops,
             "counted_flop_share": flops / seconds / (peak * 1e12),
             "intermediate_size": config.intermediate_size}
 
@@ -485,8 +520,11 @@ def main(argv=None) -> dict | None:
     rows = [run_rag(args, device, peak)]
     if args.anchor:
         config = rag_config(args)
-        rows.append(run_anchor(args, device, peak, rows[0], config.generator.vocab_size,
-                               config.generator.num_heads))
+        anchor = measured("anchor", lambda: run_anchor(
+            args, device, peak, rows[0], config.generator.vocab_size,
+            config.generator.num_heads), None)
+        if anchor is not None:
+            rows.append(anchor)
     report(rows, peak, peak_what, args, device)
     return {"rows": rows, "peak_tflops": peak}
 
@@ -506,11 +544,13 @@ def report(rows, peak, peak_what, args, device) -> None:
                  f"{100 * r['search_lookup_share']:.1f}%)" if "retrieve_share" in r else "-")
         ac = (f"{r['activation_checkpointing']} ({r['checkpointed_blocks']} blocks)"
               if "checkpointed_blocks" in r else "off")
+        share_of_peak = r["counted_flop_share"]
+        counted = "n/a" if math.isnan(share_of_peak) else f"{100 * share_of_peak:.1f}%"
         print(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {r['tokens_per_step']} | "
               f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
-              f"{100 * r['counted_flop_share']:.1f}% | {memory} | "
+              f"{counted} | {memory} | "
               f"{r.get('attention')}: {', '.join(r['attention_kernels']) or 'none seen'} | "
-              f"{ac} | {share} | {r['warmup_s']:.1f} |")
+              f"{ac} | {share} | {r['warmup_s']:.1f}{'' if r['compiled'] else ' (eager)'} |")
     rag = rows[0]
     print(f"rag: SDPA backends that accept its decoder attention call ({rag['attention']}, "
           f"each alone): {', '.join(rag['sdpa_backends_accepting'])}; the vision / text "

@@ -59,3 +59,28 @@ def test_missing_cuda_and_bad_flags_are_refused_by_name(capsys):
     with pytest.raises(UserExit, match="--attention flex trains on GPUs only"):
         gpu_step.cli([*SMOKE, "--attention", "flex"])
     assert "gpu_step.py: error:" in capsys.readouterr().err
+
+
+def test_a_failing_compile_falls_back_to_eager(capsys):
+    import argparse
+
+    built = []
+
+    def build(compiled: bool):
+        built.append(compiled)
+
+        def step():
+            if compiled:
+                raise RuntimeError("inductor: no working compiler")
+
+        return (step,)
+
+    args = argparse.Namespace(compile=True, warmup=2)
+    _, _, compiled = gpu_step.warm_up(build, args, torch.device("cpu"), "rag")
+    assert built == [True, False] and compiled is False
+    assert "rag: torch.compile failed (RuntimeError: inductor: no working compiler)" in \
+        capsys.readouterr().err
+    args.compile = False
+    with pytest.raises(ValueError, match="not a compile error"):  # eager failures still raise
+        gpu_step.warm_up(lambda on: (lambda: (_ for _ in ()).throw(
+            ValueError("not a compile error")),), args, torch.device("cpu"), "rag")
