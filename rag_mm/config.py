@@ -76,6 +76,10 @@ class RetrieverConfig:
 
     text_encoder: str | None = None  # local HF encoder folder; None = the bundled MiniLM
     train_text_encoder: bool = False  # fine-tune the text tower of the query encoder
+    # Score the retrieved and gold documents with a trainable copy of the text tower that
+    # embedded the index (`rag_mm.doc_encoder`) instead of the index's stored vectors; the
+    # search still uses the stored ones until an index refresh rebuilds them.
+    train_doc_encoder: bool = False
     # Folder of the query encoder's vision path (rag_mm.query_vision): the query encoder starts
     # from it, and an index of image documents must have been embedded with it (attach checks).
     vision_dir: str | None = None

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rag_mm.config import ModelConfig
+from rag_mm.doc_encoder import DocumentEncoder
 from rag_mm.layers import Block, VisionTower, decoder_attention, init_weights
 from rag_mm.reader import CopyPointer, mixture_logprobs, substitute_answers, target_logprobs
 from rag_mm.retriever import (
@@ -71,6 +72,11 @@ class RetrievalUnit(nn.Module):
         self.tok_embed = nn.Embedding(gen.vocab_size, gen.hidden_size)
         self.pos_embed = nn.Embedding(config.num_positions, gen.hidden_size)
         self.tokenizer = load_tokenizer(config.retriever.text_encoder)
+        self.doc_encoder = None  # trainable document tower (`train_doc_encoder`)
+        if config.retriever.train_doc_encoder:
+            doc_text = build_text_encoder(config.retriever.text_encoder, pretrained=pretrained_text)
+            self.doc_encoder = DocumentEncoder(doc_text, self.tokenizer)
+        self.last_queries: torch.Tensor | None = None  # the latest training batch's q, detached
         self.backend: RetrievalBackend | None = None
         self._doc_tokens: dict[int, list[int]] = {}
         self.shared_negative_keys = np.zeros(0, dtype=np.int64)
@@ -86,6 +92,9 @@ class RetrievalUnit(nn.Module):
         if backend is not None and check_encoder and hasattr(backend, "check_encoder"):
             identity = self.query_encoder.identity(self.config.retriever.text_encoder)
             backend.check_encoder(identity, what="the model's query text encoder")
+        if self.doc_encoder is not None and backend is not None:
+            check_text_documents(backend)
+            self.doc_encoder.clear_cache()
         self.backend = backend
         self._doc_tokens.clear()
         self._shared = None
@@ -110,8 +119,9 @@ class RetrievalUnit(nn.Module):
                                                                   device=like.device)
         cached = self._shared
         if cached is None or cached[0].device != like.device or cached[0].dtype != like.dtype:
-            keys = self.shared_negative_keys
-            self._shared = (self._vectors(keys, like), torch.as_tensor(keys, device=like.device))
+            keys = self.shared_negative_keys  # stored vectors (a memory bank of the index)
+            self._shared = (self._stored_vectors(keys, like),
+                            torch.as_tensor(keys, device=like.device))
         return self._shared
 
     def _require_backend(self) -> RetrievalBackend:
@@ -121,9 +131,16 @@ class RetrievalUnit(nn.Module):
             )
         return self.backend
 
-    def _vectors(self, keys: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    def _stored_vectors(self, keys: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         vectors = self._require_backend().vectors(np.maximum(keys, 0))
         return torch.as_tensor(vectors, device=like.device, dtype=like.dtype)
+
+    def _vectors(self, keys: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        """The vectors documents are scored with: fresh from the trainable document tower
+        (differentiable), else the index's stored ones."""
+        if self.doc_encoder is None:
+            return self._stored_vectors(keys, like)
+        return self.doc_encoder.encode_keys(keys, self._require_backend().documents, like)
 
     def retrieve(self, batch: dict[str, torch.Tensor]) -> Retrieved:
         """Encode the queries and pick the documents each example reads."""
@@ -134,6 +151,8 @@ class RetrievalUnit(nn.Module):
             keys = np.full((batch_size, 1), -1, dtype=np.int64)
             return Retrieved(keys, keys, zeros[:, None], zeros)
         q = self.query_encoder(batch["images"], batch["prompt_ids"], batch["prompt_mask"])
+        if self.training:
+            self.last_queries = q.detach()  # an index refresh measures staleness on these
         gold_keys = batch["gold_keys"]
         if mode == "gold":
             missing = (gold_keys < 0).nonzero().flatten().tolist()
@@ -342,6 +361,18 @@ def check_padded_at_end(key_valid: torch.Tensor, target_slots: int) -> None:
             f"{key_valid.shape[1]} positions); sequence {row} (and {int(bad.sum()) - 1} more) "
             f"has padding at position {first_pad}: use attention='masked' or 'flex', or fill "
             f"every document and prompt slot")
+
+
+def check_text_documents(backend) -> None:
+    """A trainable document tower embeds texts: refuse an index whose vectors embed images."""
+    encoder = getattr(backend, "manifest", {}).get("encoder", {})
+    if encoder.get("kind") not in (None, "text"):
+        raise ValueError(
+            f"train_doc_encoder embeds document texts only, but the index at "
+            f"{getattr(backend, 'path', '?')} has {encoder.get('kind')!r} document vectors "
+            f"(images embedded); rebuild it with --drop-images or train with "
+            f"train_doc_encoder=False"
+        )
 
 
 def with_gold(keys: np.ndarray, gold: np.ndarray) -> np.ndarray:

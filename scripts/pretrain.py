@@ -63,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", default=None, metavar="SETTING",
                    help="recompute activations in backward: off | every | N (every N-th "
                         "block) | unit names, comma-separated (trainers/parallel/checkpointing.py)")
+    p.add_argument("--train-doc-encoder", action="store_true",
+                   help="score documents with a trainable copy of the index's text encoder")
+    p.add_argument("--refresh-every", type=int, default=None,
+                   help="re-embed the corpus in the background every N steps with the trained "
+                        "document encoder and swap the new index in (needs --train-doc-encoder)")
+    p.add_argument("--refresh-dir", help="where refreshed indexes go (default OUT/index_refresh)")
     p.add_argument("--val-every", type=int, default=650, help="validate every N steps")
     p.add_argument("--save-every", type=int, default=None,
                    help="also checkpoint every N steps (default: --val-every); the final step "
@@ -100,7 +106,9 @@ def main(argv=None) -> Path:
                        retriever_warmup_steps=args.retriever_warmup_steps,
                        use_doc_images=args.use_doc_images, vision_dir=args.vision_dir,
                        reader=args.reader, copy=args.copy, counterfactual=args.counterfactual,
-                       activation_checkpointing=args.activation_checkpointing)
+                       activation_checkpointing=args.activation_checkpointing,
+                       train_doc_encoder=args.train_doc_encoder, refresh_every=args.refresh_every,
+                       refresh_dir=args.refresh_dir)
 
     # -- trainer -------------------------------------------------------------------------------
     callbacks = run_callbacks(out / "checkpoints", every_n_steps=args.save_every or args.val_every,

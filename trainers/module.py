@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -54,6 +55,14 @@ class RAGModule(L.LightningModule):
         copy: mix a copy pointer over the documents' tokens into the LM head (default on).
         counterfactual: training-time rate of counterfactual answers in the gold document
             (default: `ReaderConfig`'s).
+        train_doc_encoder: score the retrieved and gold documents with a trainable copy of the
+            text tower that embedded the index (`rag_mm.doc_encoder`); the search keeps using
+            the index's stored vectors until a refresh rebuilds them.
+        refresh_every: every N optimizer steps, re-embed the corpus in the background with a
+            snapshot of the document tower and swap the new index in at a step boundary
+            (`trainers.refresh`; needs `train_doc_encoder`; one process).
+        refresh_dir: where refreshed indexes go (default: the trainer's
+            `default_root_dir/index_refresh`).
     """
 
     def __init__(self, size: str = "demo", mode: str = "rag", index_dir: str | None = None,
@@ -63,9 +72,11 @@ class RAGModule(L.LightningModule):
                  activation_checkpointing: str | int | list[str] | None = None,
                  use_doc_images: bool = False, vision_dir: str | None = None,
                  shard_index: bool = False, reader: str = "rag", copy: bool = True,
-                 counterfactual: float | None = None) -> None:
+                 counterfactual: float | None = None, train_doc_encoder: bool = False,
+                 refresh_every: int | None = None, refresh_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_refresh_settings(refresh_every, train_doc_encoder, index_dir, mode)
         base = model_config(size, mode=mode)
         retriever = replace(
             base.retriever,
@@ -74,6 +85,7 @@ class RAGModule(L.LightningModule):
                                 else contrastive_weight),
             train_text_encoder=train_text_encoder,
             vision_dir=vision_dir,
+            train_doc_encoder=train_doc_encoder,
         )
         reader_config = replace(
             base.reader, kind=reader, copy=copy,
@@ -84,6 +96,8 @@ class RAGModule(L.LightningModule):
                               reader=reader_config)
         self.model: RAGModel = build_model(self.config)
         apply_activation_checkpointing(self.model, activation_checkpointing)
+        self.refresh = None  # an IndexRefresh once fitting starts (refresh_every)
+        self._refresh_metrics: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
         if self.model.retrieval.backend is None and self.hparams.index_dir is not None:
@@ -94,18 +108,45 @@ class RAGModule(L.LightningModule):
         if stage == "fit" and hasattr(datamodule, "gold_keys"):
             # the training set's gold documents are negatives for every query (never held-out ones)
             self.model.set_shared_negatives(datamodule.gold_keys("train"))
+        if stage == "fit" and self.hparams.refresh_every and self.refresh is None:
+            self.refresh = self._make_refresh()
 
-    def _open_index(self):
+    def _open_index(self, index_dir=None):
         """The whole index, or this rank's shard of it (`shard_index`); None on a rank that
         does not search (a pipeline stage without the retrieval unit)."""
         import retrieval_index
 
+        index_dir = index_dir or self.hparams.index_dir
         if not self.hparams.shard_index:
-            return retrieval_index.load(self.hparams.index_dir)
+            return retrieval_index.load(index_dir)
         collective = retrieval_collective(self.trainer.strategy if self._trainer else None)
         if collective is None:
             return None
-        return retrieval_index.ShardedIndex(self.hparams.index_dir, collective)
+        return retrieval_index.ShardedIndex(index_dir, collective)
+
+    def _make_refresh(self):
+        from trainers.refresh import IndexRefresh
+
+        world = self.trainer.world_size if self._trainer else 1
+        if world > 1:
+            raise ValueError(f"refresh_every={self.hparams.refresh_every} runs in one process; "
+                             f"this run has {world} (set refresh_every to null, or train in one "
+                             f"process)")
+        root = self.hparams.refresh_dir or Path(self.trainer.default_root_dir) / "index_refresh"
+        return IndexRefresh(self.hparams.refresh_every, root)
+
+    # -- index refresh (trainers.refresh) ------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.refresh is not None:  # a step boundary: a finished refresh is swapped in here
+            self._refresh_metrics = self.refresh.at_step_boundary(self.global_step, self.model)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.refresh is not None:
+            self.refresh.after_step(self.global_step, self.model)
+
+    def on_train_end(self):
+        if self.refresh is not None:
+            self.refresh.stop()
 
     def set_mode(self, mode: str) -> None:
         """Evaluate the same weights under another document source (baselines)."""
@@ -120,6 +161,9 @@ class RAGModule(L.LightningModule):
         return self.global_step < self.hparams.retriever_warmup_steps and self.config.mode == "rag"
 
     def training_step(self, batch, batch_idx):
+        if self._refresh_metrics:
+            self.log_dict(self._refresh_metrics, batch_size=len(batch["images"]))
+            self._refresh_metrics = {}
         if self.in_retriever_warmup():
             loss = self.model.retriever_loss(batch)
             self.log("train/retriever_warmup_loss", loss, prog_bar=True,
@@ -190,9 +234,47 @@ class RAGModule(L.LightningModule):
         """Record each optimizer group's parameter names: torch keys a one-process optimizer
         state by index, and `PipelineStrategy` resumes such a file by name."""
         from trainers.parallel.single_device import PARAM_NAMES, param_names
+        from trainers.refresh import INDEX_RECORD, checkpoint_record
 
         if self._trainer is not None:
             checkpoint[PARAM_NAMES] = param_names(self, self.trainer.optimizers)
+        record = checkpoint_record(self.model.retrieval.backend, self.refresh)
+        if record is not None:
+            checkpoint[INDEX_RECORD] = record
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed fit searches the index the checkpoint records (refused if it is gone or
+        changed) and continues its refresh counters; evaluation keeps the index it was given."""
+        from retrieval_index.refresh import check_record
+        from trainers.refresh import INDEX_RECORD
+
+        record = checkpoint.get(INDEX_RECORD)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if record is None or not fitting:
+            return
+        path = check_record(record)
+        attached = getattr(self.model.retrieval.backend, "path", None)
+        if attached is None or Path(attached).resolve() != path:
+            self.model.attach(self._open_index(path), check_encoder=False)
+        if self.refresh is not None and "refresh" in record:
+            self.refresh.load_state_dict(record["refresh"])
+
+
+def check_refresh_settings(refresh_every, train_doc_encoder: bool, index_dir, mode: str) -> None:
+    """An index refresh needs a trainable document tower, an index and retrieval."""
+    if refresh_every is None:
+        return
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(f"refresh_every (--refresh-every) must be a whole number of steps >= 1, "
+                         f"got {refresh_every!r}")
+    if not train_doc_encoder:
+        raise ValueError(f"refresh_every={refresh_every} (--refresh-every) needs a trainable "
+                         f"document encoder: set train_doc_encoder=True (--train-doc-encoder, "
+                         f"YAML model.train_doc_encoder: true); with a frozen one a refresh "
+                         f"rebuilds the same index")
+    if index_dir is None or mode != "rag":
+        raise ValueError(f"refresh_every={refresh_every} refreshes the index a rag run searches; "
+                         f"this run has mode={mode!r}, index_dir={index_dir!r}")
 
 
 def retrieval_collective(strategy):

@@ -1,0 +1,181 @@
+"""Index refresh during training: the trainable document tower, the background rebuild swapped
+in at a step boundary, staleness, a failed refresh, the refusals, and resume.
+
+Run: `.venv/bin/python -m pytest tests/test_index_refresh.py -q`
+(each refresh is a real child process embedding the demo corpus with the bundled MiniLM)
+"""
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+import retrieval_index
+import retrieval_index.refresh as refresh_module
+from rag_mm.config import model_config
+from rag_mm.model import build_model
+from trainers.data import RAGDataModule
+from trainers.module import RAGModule
+from trainers.refresh import INDEX_RECORD, IndexRefresh
+from trainers.run import run_callbacks
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINABLE = model_config("tiny")
+TRAINABLE.retriever.train_doc_encoder = True
+
+
+def _model_on(index_dir):
+    torch.manual_seed(0)
+    model = build_model(TRAINABLE)
+    model.attach(retrieval_index.load(index_dir))
+    return model
+
+
+def _batch(data):
+    return next(iter(data.train_dataloader()))
+
+
+def test_fresh_document_vectors_equal_the_index_and_train(demo):
+    """At init the document tower gives the stored vectors; the retriever loss reaches it."""
+    model = _model_on(demo / "index").eval()
+    keys = np.array([[0, 3, -1], [7, 7, 2]])
+    like = torch.zeros(1)
+    fresh = model.retrieval.doc_encoder.encode_keys(keys, model.retrieval.backend.documents, like)
+    stored = torch.as_tensor(model.retrieval.backend.vectors(np.maximum(keys, 0)))
+    stored[0, 2] = 0
+    # float32 rounding of a 6-layer encoder under another padding width: ~1e-6 per entry
+    torch.testing.assert_close(fresh, stored, atol=2e-5, rtol=0)
+    data = RAGDataModule(demo / "data", index_dir=str(demo / "index"), model_size="tiny",
+                         batch_size=4)
+    data.setup("fit")
+    model.train().retriever_loss(_batch(data)).backward()
+    grads = [p.grad for p in model.retrieval.doc_encoder.parameters() if p.grad is not None]
+    assert grads and max(g.abs().max().item() for g in grads) > 0
+
+
+def _train_steps(model, data, steps, optimizer):
+    for batch in list(data.train_dataloader())[:steps]:
+        optimizer.zero_grad()
+        model.retriever_loss(batch).backward()
+        optimizer.step()
+
+
+def test_refresh_swaps_at_a_step_boundary_and_logs_staleness(demo, tmp_path, caplog):
+    model = _model_on(demo / "index").train()
+    data = RAGDataModule(demo / "data", index_dir=str(demo / "index"), model_size="tiny",
+                         batch_size=8)
+    data.setup("fit")
+    optimizer = torch.optim.AdamW(model.retrieval.doc_encoder.parameters(), lr=1e-3)
+    refresh = IndexRefresh(2, tmp_path / "refresh")
+    original = model.retrieval.backend
+    _train_steps(model, data, 1, optimizer)
+    refresh.after_step(1, model)
+    assert refresh.job is None  # 1 % 2 != 0
+    _train_steps(model, data, 1, optimizer)
+    snapshot = {k: v.clone() for k, v in model.retrieval.doc_encoder.state_dict().items()}
+    refresh.after_step(2, model)
+    assert refresh.job is not None and refresh.job.running
+    _train_steps(model, data, 1, optimizer)  # training goes on with the weights moving
+    assert refresh.job.wait(300).ok, refresh.job.poll().error
+    assert model.retrieval.backend is original  # finished, but not swapped between steps
+    with caplog.at_level(logging.INFO, logger="trainers.refresh"):
+        metrics = refresh.at_step_boundary(3, model)
+    new = model.retrieval.backend
+    assert new is not original and Path(new.path) == tmp_path / "refresh" / "index-step0000002"
+    assert metrics["refresh/steps_since"] == 1.0 and metrics["refresh/count"] == 1.0
+    recall = metrics[f"refresh/stale_recall@{TRAINABLE.retriever.num_candidates}"]
+    assert 0.0 <= recall <= 1.0 and refresh.events[0]["queries"] == 16  # 2 batches of 8
+    assert "swapped in before step 3" in caplog.text and str(new.path) in caplog.text
+    assert refresh.at_step_boundary(4, model)["refresh/steps_since"] == 2.0
+    # the new stored vectors are the step-2 weights' embeddings, not today's
+    model.retrieval.doc_encoder.load_state_dict(snapshot)
+    model.eval()
+    keys = np.arange(6)
+    with torch.no_grad():
+        fresh = model.retrieval.doc_encoder.encode_keys(keys, new.documents, torch.zeros(1))
+    torch.testing.assert_close(fresh, torch.as_tensor(new.vectors(keys)), atol=2e-5, rtol=0)
+    assert not np.allclose(new.vectors(keys), original.vectors(keys), atol=1e-3)
+
+
+def test_a_failed_refresh_keeps_the_index_and_says_so(demo, tmp_path, caplog, monkeypatch):
+    model = _model_on(demo / "index")
+    # the snapshot folder lacks config.json: the child's build fails loading the encoder
+    monkeypatch.setattr(refresh_module, "COPIED_FILES",
+                        tuple(n for n in refresh_module.COPIED_FILES if n != "config.json"))
+    refresh = IndexRefresh(1, tmp_path / "refresh")
+    original = model.retrieval.backend
+    refresh.after_step(1, model)
+    result = refresh.job.wait(300)
+    assert result is not None and not result.ok and "exited with code" in result.error
+    with caplog.at_level(logging.INFO, logger="trainers.refresh"):
+        metrics = refresh.at_step_boundary(2, model)
+    assert model.retrieval.backend is original
+    assert metrics["refresh/failures"] == 1.0 and metrics["refresh/count"] == 0.0
+    assert metrics["refresh/steps_since"] == 2.0
+    assert "failed after" in caplog.text and f"still using {original.path}" in caplog.text
+    assert "config.json" in caplog.text  # the child's error, from its log
+
+
+def test_refresh_without_a_trainable_document_encoder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"refresh_every=5 .*needs a trainable document encoder"
+                                         r".*train_doc_encoder=True"):
+        RAGModule(size="tiny", index_dir="x", refresh_every=5)
+    with pytest.raises(ValueError, match=r"refresh_every .*>= 1, got 0"):
+        RAGModule(size="tiny", index_dir="x", train_doc_encoder=True, refresh_every=0)
+    out = subprocess.run(
+        [sys.executable, "scripts/pretrain.py", "--data", str(tmp_path), "--index", "x",
+         "--out", str(tmp_path / "run"), "--refresh-every", "10"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "pretrain.py: error: refresh_every=10 (--refresh-every) needs a trainable document encoder")
+
+
+class WaitForRefresh(L.Callback):
+    """Test-only: let the refresh started at step 2 finish before step 3 (callbacks run before
+    the module's hook, so the swap happens at that boundary)."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 3 and module.refresh.job is not None:
+            module.refresh.job.wait(300)
+
+
+def _fit(demo, out, max_steps, *, resume=None, callbacks=()):
+    L.seed_everything(0)
+    data = RAGDataModule(demo / "data", index_dir=str(demo / "index"), model_size="tiny",
+                         batch_size=4)
+    module = RAGModule(size="tiny", index_dir=str(demo / "index"), retriever_warmup_steps=100,
+                       train_doc_encoder=True, refresh_every=2)
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        default_root_dir=out, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[*run_callbacks(out / "checkpoints", every_n_steps=100),
+                                   *callbacks])
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    return module
+
+
+def test_checkpoints_record_the_index_and_resume_keeps_it(demo, tmp_path):
+    out = tmp_path / "run"
+    first = _fit(demo, out, 4, callbacks=[WaitForRefresh()])
+    refreshed = out / "index_refresh" / "index-step0000002"
+    assert first.refresh.refreshes == 1 and Path(first.model.retrieval.backend.path) == refreshed
+    record = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)[INDEX_RECORD]
+    assert record["path"] == str(refreshed.resolve())
+    assert record["manifest_sha256"] == refresh_module.index_record(refreshed)["manifest_sha256"]
+    assert record["refresh"] == {"snapshot_step": 2, "refreshes": 1, "failures": 0}
+
+    resumed = _fit(demo, out, 5, resume=out / "checkpoints" / "last.ckpt")
+    assert Path(resumed.model.retrieval.backend.path) == refreshed  # not the hparams' index
+    assert resumed.refresh.refreshes == 1 and resumed.refresh.snapshot_step == 2
+
+    manifest = refreshed / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete"', '"complete" '))
+    with pytest.raises(ValueError, match=r"index .*index-step0000002 has changed since the "
+                                         r"checkpoint was saved"):
+        _fit(demo, out, 6, resume=out / "checkpoints" / "last.ckpt")
