@@ -46,8 +46,9 @@ class IndexRefresh:
     """Start, poll and swap background index refreshes (see the module doc)."""
 
     def __init__(self, every: int, root: str | Path, *, sample: int = 256, keep: int = 2,
-                 threads: int = 1) -> None:
+                 threads: int = 1, nice: int = 10) -> None:
         self.every = every
+        self.nice = nice
         self.root = Path(root)
         self.keep = keep
         self.threads = threads
@@ -77,7 +78,7 @@ class IndexRefresh:
         out.with_name(out.name + ".log").unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
         self.job = RefreshJob.start(weights, source_dir=backend.path, out_dir=out,
-                                    threads=self.threads)
+                                    threads=self.threads, nice=self.nice)
         self.job_step = step
 
     def at_step_boundary(self, step: int, model) -> dict[str, float]:
