@@ -20,6 +20,9 @@ class Collective(Protocol):
     def all_gather_array(self, array: np.ndarray) -> list[np.ndarray]:
         """Every rank's `array` (same dtype and trailing shape; the first dim may differ)."""
 
+    def all_gather_tensor(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `tensor`, on this rank's device (the first dim may differ)."""
+
     def all_gather_object(self, obj: Any) -> list[Any]: ...
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -35,6 +38,9 @@ class LocalCollective:
 
     def all_gather_array(self, array: np.ndarray) -> list[np.ndarray]:
         return [array]
+
+    def all_gather_tensor(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
@@ -66,6 +72,7 @@ class TorchCollective:
 
     def all_gather_tensor(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `tensor` (the first dim may differ between ranks)."""
+        tensor = tensor.to(self.device)
         sizes = self.all_gather_sizes(len(tensor))
         padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
         padded[: len(tensor)] = tensor

@@ -32,7 +32,7 @@ from retrieval_index.store import STORE_FILE, DocumentStore
 from retrieval_index.torch_search import TorchExactSearch
 
 INDEX_FILE = "index.faiss"
-SEARCH_CHOICES = ("auto", "faiss", "torch")
+SEARCH_CHOICES = ("auto", "faiss", "torch", "none")
 NORM_SAMPLE = 1024  # stored vectors whose norm `load` checks (evenly spaced rows)
 
 
@@ -65,7 +65,7 @@ class Index:
         self.torch_search = None
         self.faiss_index = None
         use_torch = _use_torch(search, manifest["index_factory"], path)
-        if not use_torch:  # exact torch search reads embeddings.npy instead of index.faiss
+        if not use_torch and search != "none":  # torch search reads embeddings.npy instead
             self.faiss_index = faiss.read_index(str(path / INDEX_FILE))
             apply_search_params(self.faiss_index, manifest["build"]["search_params"])
         _check_files(self)
@@ -151,6 +151,8 @@ class Index:
             )
         if self.torch_search is not None:  # a tensor query stays on its device
             return self.torch_search.search(vectors, k)
+        if self.faiss_index is None:
+            raise ValueError(f"the index at {self.path} was opened with search='none' (lookups only)")
         if isinstance(vectors, torch.Tensor):
             vectors = vectors.float().cpu().numpy()
         scores, keys = self.faiss_index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
@@ -263,7 +265,8 @@ def load(
     """Open a complete index directory; with `embedder`, refuse one built by another encoder.
 
     `search`: "auto" (torch exact search for a Flat index when CUDA is present, else FAISS),
-    "faiss", or "torch" (Flat only; on `search_device`, default CUDA if present, in
+    "faiss", "none" (documents, vectors and keys only: `index.faiss` is not read), or "torch"
+    (Flat only; on `search_device`, default CUDA if present, in
     `search_dtype`, default fp16 on CUDA and fp32 on CPU; `retrieval_index.torch_search`)."""
     path = Path(index_dir).expanduser().resolve()
     manifest = read_manifest(path)

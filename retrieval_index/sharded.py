@@ -10,6 +10,10 @@ other factory searches the `search_shards/` a build wrote (`build_index(..., sea
 S files over contiguous row ranges, all from one trained index, so their inverted lists use the
 same centroids), of which each rank loads S / N; S must be a multiple of N.
 
+A `Flat` index's local search is `TorchExactSearch` when CUDA is present (`search="auto"`;
+`"torch"` forces it, `"faiss"` never): the queries are gathered and searched on the
+collective's device and only the candidates come to the host.
+
 Lookups are collective too: `vectors(keys)` all-gathers the keys every rank asks for, each
 rank fills the rows it holds and a sum-all-reduce gives each rank its rows (exact: other
 ranks add zeros); the documents of those keys travel in the same step and are cached, so
@@ -29,9 +33,10 @@ import torch
 from retrieval_index.build import apply_search_params, exact_search
 from retrieval_index.collective import Collective
 from retrieval_index.embed import EMBEDDINGS_FILE, load_embeddings
-from retrieval_index.index import _check_manifest
+from retrieval_index.index import _check_manifest, _use_torch
 from retrieval_index.manifest import check_query_encoder, read_manifest
 from retrieval_index.store import STORE_FILE, DocumentStore, _decode
+from retrieval_index.torch_search import TorchExactSearch
 
 SEARCH_SHARD_DIR = "search_shards"
 DOC_CACHE_LIMIT = 200_000
@@ -77,7 +82,8 @@ class ShardedIndex:
 
     collective_calls = True  # search / vectors are collectives (see the module docstring)
 
-    def __init__(self, index_dir: str | Path, collective: Collective):
+    def __init__(self, index_dir: str | Path, collective: Collective, *, search: str = "auto",
+                 search_dtype=None):
         self.path = Path(index_dir).expanduser().resolve()
         self.manifest = read_manifest(self.path)
         _check_manifest(self.path, self.manifest)
@@ -101,6 +107,11 @@ class ShardedIndex:
             (bounds[s][0] - self.start, self._read_shard(s)) for s in mine
         ]
         self._docs: dict[int, dict] = {}
+        self.torch_search = None
+        if _use_torch(search, self.manifest["index_factory"], self.path):
+            device = getattr(collective, "device", None)
+            device = device if device is not None and device.type == "cuda" else None
+            self.torch_search = TorchExactSearch(self.rows, device=device, dtype=search_dtype)
 
     def _read_shard(self, shard: int) -> faiss.Index:
         index = faiss.read_index(str(search_shard_path(self.path, shard)))
@@ -140,6 +151,8 @@ class ShardedIndex:
         """Collective: (scores float32 (n, k), keys int64 (n, k)) over all ranks' rows."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if self.torch_search is not None:
+            return self._search_on_device(queries, k)
         if isinstance(queries, torch.Tensor):
             queries = queries.detach().float().cpu().numpy()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -150,6 +163,22 @@ class ShardedIndex:
         all_scores = self.collective.all_gather_array(scores)
         all_keys = self.collective.all_gather_array(keys)
         scores, keys = merge_top_k(np.concatenate(all_scores, 1), np.concatenate(all_keys, 1), k)
+        first = sum(len(p) for p in parts[: self.collective.rank])
+        return scores[first : first + len(queries)], keys[first : first + len(queries)]
+
+    def _search_on_device(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The torch path: queries gathered and searched on the device (NCCL: the GPU); only
+        the (n, N * k) candidates come to the host to be merged."""
+        if not isinstance(queries, torch.Tensor):
+            queries = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"query vectors must have shape (n, {self.dim}), got {tuple(queries.shape)}")
+        parts = self.collective.all_gather_tensor(queries.detach().float())
+        scores, keys = self.torch_search.search_tensors(torch.cat(parts), k)
+        keys = torch.where(keys >= 0, keys + self.start, -1)
+        all_scores = torch.cat(self.collective.all_gather_tensor(scores), 1).cpu().numpy()
+        all_keys = torch.cat(self.collective.all_gather_tensor(keys), 1).cpu().numpy()
+        scores, keys = merge_top_k(all_scores, all_keys, k)
         first = sum(len(p) for p in parts[: self.collective.rank])
         return scores[first : first + len(queries)], keys[first : first + len(queries)]
 

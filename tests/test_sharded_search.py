@@ -17,6 +17,7 @@ import torch
 
 import retrieval_index as ri
 from retrieval_index.sharded import merge_top_k, rank_shards
+from retrieval_index.torch_search import score_error_bound
 from tests.helpers.index import HashEmbedder, make_rows
 from trainers.parallel.local import run_local
 
@@ -65,6 +66,12 @@ def _worker(rank: int, world_size: int, root: str) -> None:
             np.testing.assert_array_equal(scores, want_scores)  # bit for bit
         else:  # another number of queries per FAISS call: rounding may differ in the last bits
             np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)
+        if name == "flat":  # the torch path (as on GPUs, here on CPU over gloo)
+            on_device = ri.ShardedIndex(root / name, collective, search="torch")
+            torch_scores, torch_keys = on_device.search(torch.from_numpy(queries), 10)
+            np.testing.assert_array_equal(torch_keys, want_keys)
+            np.testing.assert_allclose(torch_scores, want_scores, rtol=0, atol=2 * score_error_bound(
+                torch.float32, 32))
         exact = ri.build.exact_search(np.asarray(whole._vectors), queries, 10)[1]
         report[name] = {"recall_at_10": float(np.mean([len(np.intersect1d(a, b)) / 10
                                                        for a, b in zip(keys, exact)]))}

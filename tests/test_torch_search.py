@@ -76,6 +76,11 @@ def test_index_search_torch_equals_faiss_and_keeps_the_query_tensor(tmp_path):
     by_faiss = ri.load(tmp_path / "flat", search="faiss")
     by_torch = ri.load(tmp_path / "flat", search="torch")
     assert by_torch.faiss_index is None and by_faiss.torch_search is None
+    lookups = ri.load(tmp_path / "flat", search="none")  # e.g. the data module's gold-id keys
+    assert lookups.faiss_index is None and lookups.torch_search is None
+    assert lookups.key_of(["doc-7"]).tolist() == [7]
+    with pytest.raises(ValueError, match="search='none'"):
+        lookups.search(np.zeros((1, 32), np.float32), 1)
     q = torch.from_numpy(by_faiss.vectors(np.arange(0, 300, 7)))
     np.testing.assert_array_equal(by_torch.search(q, 5)[1], by_faiss.search(q, 5)[1])
 

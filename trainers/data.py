@@ -156,7 +156,8 @@ class RAGDataModule(L.LightningDataModule):
         if self.index_dir is not None:
             import retrieval_index
 
-            index = retrieval_index.load(self.index_dir, check_encoder=False)
+            # keys of gold ids only: no search structure (FAISS, or vectors on the GPU)
+            index = retrieval_index.load(self.index_dir, check_encoder=False, search="none")
         for split, path in self.paths.items():
             if path is None or split in self.datasets or not path.exists():
                 continue
