@@ -133,6 +133,11 @@ class ReaderConfig:
     counterfactual: float = 0.5
     # fid: weight of KL(copy sources || softmax(doc scores)), how the scores are trained
     distill_weight: float = 1.0
+    # fid: in training, put each example's documents in a random order, so that a slot's
+    # position says nothing about its rank and the generator must find the document that
+    # matches; without it the demo's fid reader copied from the first slot (exact match =
+    # recall@1).
+    shuffle_slots: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in READERS:

@@ -20,7 +20,7 @@ per-example losses. Parallelism is applied from outside; nothing here knows abou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -334,6 +334,8 @@ class RetrievalUnit(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Carry:
         retrieved = self.retrieve(batch)
+        if self.training and self.config.reader.kind == "fid" and self.config.reader.shuffle_slots:
+            retrieved = shuffled(retrieved)
         if not (self.training and self.config.reader.counterfactual > 0):
             return self.assemble(batch, retrieved)
         batch, rows = self.counterfactual(batch, self.slots(retrieved)[0])
@@ -373,6 +375,15 @@ def check_text_documents(backend) -> None:
             f"(images embedded); rebuild it with --drop-images or train with "
             f"train_doc_encoder=False"
         )
+
+
+def shuffled(retrieved: Retrieved) -> Retrieved:
+    """`retrieved` with each row's documents (keys and scores together) in a random order
+    (torch's global RNG)."""
+    order = torch.argsort(torch.rand(retrieved.keys.shape), dim=1)
+    keys = np.take_along_axis(retrieved.keys, order.numpy(), axis=1)
+    logits = retrieved.doc_logits.gather(1, order.to(retrieved.doc_logits.device))
+    return replace(retrieved, keys=keys, doc_logits=logits)
 
 
 def with_gold(keys: np.ndarray, gold: np.ndarray) -> np.ndarray:

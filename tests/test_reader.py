@@ -170,6 +170,29 @@ def test_fid_reads_all_top_k_documents_in_one_sequence():
     model.config.mode = "rag"
 
 
+def test_fid_training_shuffles_the_slots_with_their_scores_and_counterfactuals():
+    model, cities = _tiny("fid", counterfactual=1.0)
+    batch = _batch(model.config, cities, [0, 5, 9, 2])
+    retrieved = model.retrieval.retrieve(batch)
+    stored = model.retrieval.document_rows(retrieved.keys)
+    torch.manual_seed(1)
+    _, _, labels, copy_ids, doc_logits, _ = model.retrieval(batch)
+    k, slot, steps = model.config.retriever.top_k, model.config.doc_slot_len, 3
+    moved = False
+    for i in range(4):
+        slots = [copy_ids[i, s * slot : (s + 1) * slot] for s in range(k)]
+        slots = [ids[ids >= 0].tolist() for ids in slots]
+        answer = [t for t in labels[i, -steps - 1 : -1].tolist() if t >= 0][:-1]  # no [SEP]
+        changed = [s for s in range(k) if slots[s] not in stored[i * k : (i + 1) * k]]
+        assert len(changed) == 1  # the gold document, now with the new answer
+        assert find_span(slots[changed[0]], answer) >= 0
+        order = [stored[i * k : (i + 1) * k].index(row) if row in stored[i * k : (i + 1) * k]
+                 else None for row in slots]
+        moved |= order != sorted(order, key=lambda o: -1 if o is None else o)
+        torch.testing.assert_close(doc_logits[i].sort().values, retrieved.doc_logits[i].sort().values)
+    assert moved
+
+
 @pytest.mark.parametrize("reader", ["rag", "fid"])
 def test_generator_loss_reaches_the_query_encoder_under_both_readers(reader):
     """Contrastive weight 0: the only path to the query encoder is through the document
