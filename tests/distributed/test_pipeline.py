@@ -26,6 +26,7 @@ from tests.helpers.parallel import (
     BATCH_SIZE,
     LR,
     NUM_DOCS,
+    STEP_SEED,
     TWO,
     assert_fp32_close,
     reference_step,
@@ -154,6 +155,7 @@ def _pipeline_worker(rank: int, world_size: int, out_dir: str) -> None:
                                                     num_microbatches=micro,
                                                     split_tied_weights=name in TIED),
                               batch, pp_group=pp_group, device=torch.device("cpu"))
+        torch.manual_seed(STEP_SEED)
         losses = pipe.step(batch)
         norm = total_grad_norm(pipe.norm_parameters(), pp_group)
         params = [p for p in pipe.parameters() if p.requires_grad]

@@ -23,6 +23,12 @@ TWO = [["retrieval", "blocks.0"], ["blocks.1", "head"]]
 ALL = [[unit for stage in TWO for unit in stage]]
 
 
+# Seeds torch's RNG right before a training step, in one process and in the pipeline
+# workers alike: training forwards draw from it (the fid reader's slot order, counterfactual
+# answers), and building a pipeline runs a forward of its own.
+STEP_SEED = 1
+
+
 def tiny_model(seed: int = 0, *, tied: bool = False, **overrides):
     """The tiny RAG model over random documents; `overrides`: ModelConfig fields."""
     torch.manual_seed(seed)
@@ -60,6 +66,7 @@ def _accumulated_step(micro: int, dtype: torch.dtype, tied: bool, overrides: dic
     total = 0.0
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     terms = {n: torch.zeros_like(p) for n, p in params.items()}  # sum_i |g_i|
+    torch.manual_seed(STEP_SEED)  # the step's draws start here, as in the pipeline workers
     for i in range(micro):
         before = {n: p.grad.clone() if p.grad is not None else 0 for n, p in params.items()}
         loss = model({k: v[i * size:(i + 1) * size] for k, v in batch.items()})["loss"] / micro
