@@ -171,7 +171,7 @@ def test_fid_reads_all_top_k_documents_in_one_sequence():
 
 
 def test_fid_training_shuffles_the_slots_with_their_scores_and_counterfactuals():
-    model, cities = _tiny("fid", counterfactual=1.0)
+    model, cities = _tiny("fid", counterfactual=1.0, shuffle_slots=True)
     batch = _batch(model.config, cities, [0, 5, 9, 2])
     retrieved = model.retrieval.retrieve(batch)
     stored = model.retrieval.document_rows(retrieved.keys)
