@@ -20,6 +20,7 @@ per-example losses. Parallelism is applied from outside; nothing here knows abou
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -61,7 +62,8 @@ class RetrievalUnit(nn.Module):
     def __init__(self, config: ModelConfig, *, pretrained_text: bool = True) -> None:
         super().__init__()
         self.config = config
-        text = build_text_encoder(config.retriever.text_encoder, pretrained=pretrained_text)
+        text = (pretrained_text_encoder(config) if pretrained_text
+                else build_text_encoder(config.retriever.text_encoder, pretrained=False))
         self.query_encoder = QueryEncoder(
             text, config.vision, train_text=config.retriever.train_text_encoder,
             vision_dir=config.retriever.vision_dir,
@@ -74,13 +76,32 @@ class RetrievalUnit(nn.Module):
         self.tokenizer = load_tokenizer(config.retriever.text_encoder)
         self.doc_encoder = None  # trainable document tower (`train_doc_encoder`)
         if config.retriever.train_doc_encoder:
-            doc_text = build_text_encoder(config.retriever.text_encoder, pretrained=pretrained_text)
+            doc_text = (pretrained_text_encoder(config) if pretrained_text else
+                        build_text_encoder(config.retriever.text_encoder, pretrained=False))
             self.doc_encoder = DocumentEncoder(doc_text, self.tokenizer)
         self.last_queries: torch.Tensor | None = None  # the latest training batch's q, detached
         self.backend: RetrievalBackend | None = None
         self._doc_tokens: dict[int, list[int]] = {}
         self.shared_negative_keys = np.zeros(0, dtype=np.int64)
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, keys) cache
+
+    def load_pretrained_text(self, unit: nn.Module | None = None) -> None:
+        """Load the pretrained text tower's weights and buffers (the local encoder folder
+        of the config; default the bundled MiniLM) into this unit's query encoder (and its
+        trainable document tower, if any), or into `unit`'s (a copy of this unit): for a unit built on the meta device and
+        materialised with `to_empty` (`pretrained_text_encoder`)."""
+        unit = unit or self
+        towers = [unit.query_encoder.text]
+        if unit.doc_encoder is not None:  # the trainable document tower starts from it too
+            towers.append(unit.doc_encoder.text)
+        loaded = pretrained_text_encoder(self.config)
+        source = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+        with torch.no_grad():
+            for text in towers:
+                for name, tensor in [*text.named_parameters(), *text.named_buffers()]:
+                    tensor.copy_(source[name])
+                text.path = loaded.path
+                text.model.train(loaded.model.training)  # as loaded: eval (no dropout)
 
     # -- retrieval -------------------------------------------------------------------------
     def attach(self, backend: RetrievalBackend | None, *, check_encoder: bool = True) -> None:
@@ -386,6 +407,14 @@ def shuffled(retrieved: Retrieved) -> Retrieved:
     return replace(retrieved, keys=keys, doc_logits=logits)
 
 
+def pretrained_text_encoder(config: ModelConfig):
+    """The config's pretrained text tower; what its folder lacks (BERT's pooler, unused)
+    gets the random values of a fixed seed, so every build loads the same tower."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_text_encoder(config.retriever.text_encoder, pretrained=True)
+
+
 def with_gold(keys: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """`keys` with each row's last entry replaced by its gold key where the row lacks it."""
     missed = (gold >= 0) & ~(keys == gold[:, None]).any(axis=1)
@@ -542,6 +571,9 @@ class RAGModel(nn.Module):
     def __init__(self, config: ModelConfig, *, pretrained_text: bool = True) -> None:
         super().__init__()
         self.config = config
+        # the seed of every unit's random init (`init_weights`), drawn from torch's RNG, so
+        # torch.manual_seed before building fixes the weights on any layout
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         gen = config.generator
         self.retrieval = RetrievalUnit(config, pretrained_text=pretrained_text)
         self.blocks = nn.ModuleList(
@@ -571,15 +603,43 @@ class RAGModel(nn.Module):
     def set_shared_negatives(self, keys) -> None:
         self.retrieval.set_shared_negatives(keys)
 
-    def init_weights(self) -> None:
-        """Random init of everything but the pretrained text tower (see `layers.init_weights`);
-        the query encoder's projections start as identity / small (`QueryEncoder.init_weights`)."""
+    def init_weights(self, units: list[str] | None = None) -> None:
+        """Random init of every unit, or of the units named in `units`, each from a seed of
+        its own (`unit_seed(self.init_seed, name)`), so a unit's values do not depend on
+        which other units a process holds (a pipeline rank initialises only its stage's).
+        The pretrained text tower is not touched (`RetrievalUnit.load_pretrained_text`)."""
+        for name, unit in self.units():
+            if units is None or name in units:
+                self.init_unit(name, unit)
+
+    def init_unit(self, name: str, unit: nn.Module) -> None:
+        """Initialise unit `name` (the model's own, or a copy of it of the same structure):
+        - `retrieval`: the vision towers, projections and embeddings (`layers.init_weights`),
+          the query encoder's projections (`QueryEncoder.init_weights`);
+        - `blocks.i`: `layers.init_weights` with residual projections scaled for the depth;
+        - `head`: likewise, less a weight tied to the token embedding (the retrieval unit's).
+        """
         depth = self.config.generator.num_layers
-        for module in [self.retrieval.vision, self.retrieval.image_proj, self.retrieval.tok_embed,
-                       self.retrieval.pos_embed, self.retrieval.query_encoder.vision, *self.blocks,
-                       self.head]:
-            init_weights(module, residual_layers=depth)
-        self.retrieval.query_encoder.init_weights()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(unit_seed(self.init_seed, name))
+            if name == "retrieval":
+                for module in [unit.vision, unit.image_proj, unit.tok_embed, unit.pos_embed,
+                               unit.query_encoder.vision]:
+                    init_weights(module, residual_layers=depth)
+                unit.query_encoder.init_weights()
+            elif name == "head" and self.config.generator.tie_embeddings:
+                for child_name, child in unit.named_children():
+                    if child_name != "lm_head":  # the token embedding's, set by `retrieval`
+                        init_weights(child, residual_layers=depth)
+            else:
+                init_weights(unit, residual_layers=depth)
+
+    def tie_weights(self) -> None:
+        """Point the LM head at the token embedding again (with `tie_embeddings`, where this
+        process holds both units): moving a model off the meta device unties them."""
+        if (self.config.generator.tie_embeddings and isinstance(self.head, Head)
+                and isinstance(self.retrieval, RetrievalUnit)):
+            self.head.lm_head.weight = self.retrieval.tok_embed.weight
 
     # -- training and inference -------------------------------------------------------------
     def run_chain(self, carry: Carry) -> Carry:
@@ -620,13 +680,20 @@ class RAGModel(nn.Module):
 
 def build_model(config: ModelConfig, *, backend: RetrievalBackend | None = None) -> RAGModel:
     """Build and initialise a model. Under `torch.device("meta")` nothing is loaded or
-    initialised (the text tower is built from its config), for costing large sizes."""
+    initialised (the text tower is built from its config): to cost large sizes, or to
+    materialise later only the units a process runs (`to_empty`, then `init_weights` /
+    `init_unit` and `RetrievalUnit.load_pretrained_text` for the units it holds)."""
     on_meta = torch.empty(0).device.type == "meta"
     model = RAGModel(config, pretrained_text=not on_meta)
     if not on_meta:
         model.init_weights()
     model.attach(backend)
     return model
+
+
+def unit_seed(seed: int, name: str) -> int:
+    """The seed of unit `name`'s random init, from the model's `init_seed`."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
 def synthetic_batch(config: ModelConfig, batch_size: int, *, seed: int = 0,

@@ -116,6 +116,10 @@ class QueryEncoder(nn.Module):
         self.vision = VisionTower(vision)
         self.text_proj = nn.Linear(text.dim, text.dim, bias=False)
         self.image_proj = nn.Linear(vision.hidden_size, text.dim, bias=False)
+        if vision_dir is not None:  # refused when built (on meta too), not when initialised
+            from rag_mm.query_vision import check_fits
+
+            check_fits(vision_dir, vision, text.dim)
 
     @property
     def dim(self) -> int:

@@ -203,6 +203,7 @@ def test_module_checkpoints_what_its_setting_names_and_trains_alike():
 
     torch.manual_seed(0)  # the weights of tiny_model()
     module = RAGModule(size="tiny", activation_checkpointing=2)
+    module.configure_model()  # built on the meta device: materialised in this process
     flagged = [n for n, unit in module.model.units() if getattr(unit, "activation_checkpointed", False)]
     assert flagged == ["blocks.1"] and module.hparams.activation_checkpointing == 2
     module.model.attach(InMemoryBackend.random(NUM_DOCS))

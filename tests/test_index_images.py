@@ -143,6 +143,7 @@ def test_the_generator_reads_document_images_with_use_doc_images(image_task, tmp
         RAGModule(size="tiny", vision_dir=str(image_task["vision"]))  # a MiniLM model
     minilm = _vision_folder(tmp_path / "minilm", seed=0, dim=384)
     module = RAGModule(size="tiny", use_doc_images=True, vision_dir=str(minilm))
+    module.configure_model()  # built on the meta device: materialised in this process
     assert module.config.use_doc_images and module.config.retriever.vision_dir == str(minilm)
     loaded = QueryVision.seeded(model_config("tiny").vision, 384, 0)
     encoder = module.model.retrieval.query_encoder

@@ -242,6 +242,7 @@ def test_non_finite_weights_are_never_saved(demo, tmp_path):
     trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False,
                         default_root_dir=tmp_path, callbacks=[RunCheckpoints(tmp_path)])
     trainer.strategy.connect(module)
+    module.configure_model()  # built on the meta device: materialised in this process
     with torch.no_grad():
         module.model.head.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="model.head.lm_head.weight.*not saving"):

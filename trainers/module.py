@@ -94,10 +94,36 @@ class RAGModule(L.LightningModule):
         )
         self.config = replace(base, retriever=retriever, use_doc_images=use_doc_images,
                               reader=reader_config)
-        self.model: RAGModel = build_model(self.config)
+        with torch.device("meta"):  # no memory yet: see configure_model
+            self.model: RAGModel = build_model(self.config)
         apply_activation_checkpointing(self.model, activation_checkpointing)
         self.refresh = None  # an IndexRefresh once fitting starts (refresh_every)
         self._refresh_metrics: dict[str, float] = {}
+
+    def configure_model(self) -> None:
+        """Materialise the model (built on the meta device): in one process all of it
+        (`to_empty`, every unit's init, the pretrained text tower); under
+        `PipelineStrategy` nothing here: each rank materialises only its own units
+        (`trainers.parallel.parallelize`). Lightning calls this before `fit`, `validate`
+        and `test`; call it yourself to use the model outside a Trainer. Idempotent."""
+        from trainers.parallel.parallelize import materialize
+        from trainers.parallel.strategy import PipelineStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, PipelineStrategy):
+            return
+        if self.model_on_meta():
+            device = self.trainer.strategy.root_device if self._trainer is not None else "cpu"
+            materialize(self.model, [name for name, _ in self.model.units()], device)
+
+    def model_on_meta(self) -> bool:
+        """Whether the model has not been materialised yet (`configure_model`)."""
+        return any(p.is_meta for p in self.model.parameters())
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A model still on the meta device is materialised first (e.g. `load_from_checkpoint`)."""
+        if self.model_on_meta():
+            self.configure_model()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def setup(self, stage: str) -> None:
         if self.model.retrieval.backend is None and self.hparams.index_dir is not None:

@@ -33,6 +33,7 @@ METRICS = ("val/exact_match", "val/recall@2")
 def make_case() -> tuple[dict, list[dict]]:
     """The module's weights (with [SEP] pushed up) and the validation batches."""
     module = make_module()
+    module.configure_model()  # built on the meta device: materialised in this process
     model = module.model.eval()
     batches = [synthetic_batch(model.config, GLOBAL_BATCH, seed=100 + i, num_docs=NUM_DOCS)
                for i in range(NUM_BATCHES)]

@@ -59,6 +59,7 @@ def make_case() -> tuple[dict, dict, dict]:
     """The module's weights (with [SEP] pushed up, so some answers end early), the
     validation examples (made so neither metric is trivial) and the training examples."""
     module = make_module()
+    module.configure_model()  # built on the meta device: materialised in this process
     model = module.model.eval()
     val = synthetic_batch(model.config, ROWS, seed=100, num_docs=NUM_DOCS)
     tokens, _ = model.generate(val)

@@ -118,6 +118,7 @@ def test_retriever_warmup_matches_single_process(tmp_path):
     from trainers.parallel.local import run_local
 
     module = make_module()
+    module.configure_model()  # built on the meta device: materialised in this process
     initial = _values(module)
     ref = fit(module, save_dir=tmp_path / "ref", devices=1)
     ref_values = _values(module)

@@ -79,6 +79,7 @@ def _strategy_worker(rank: int, world_size: int, out_dir: str, pp: int, tp: int,
 def reference_fit(dp: int, precision: str, tied: bool = False) -> dict:
     """One process, the global batch in the same 2 * dp micro-batches, averaged."""
     module = make_module(tied=tied)
+    module.configure_model()  # built on the meta device: materialised in this process
     initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     step = module.training_step
 

@@ -164,7 +164,8 @@ def make_module(*, tied: bool = False):
         generator = replace(module.config.generator, tie_embeddings=True)
         module.config = replace(module.config, generator=generator)
         torch.manual_seed(0)
-        module.model = build_model(module.config)
+        with torch.device("meta"):  # as RAGModule builds it
+            module.model = build_model(module.config)
     module.model.attach(InMemoryBackend.random(NUM_DOCS))
     # Adam's step is lr * m / (sqrt(v) + eps): with eps >> fp32 noise, gradients ~0 (summation
     # order) do not become +-lr updates, and several steps stay comparable. Parameters are

@@ -47,6 +47,19 @@ def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int
         `trainers.partition.costs.DeviceSpec`, or None: this process's device
         (`hardware.local_device_spec`).
     """
+    result = auto_plan(config, pp_size=pp_size, schedule=schedule,
+                       num_microbatches=num_microbatches, batch_size=batch_size,
+                       dp_size=dp_size, activation_checkpointing=activation_checkpointing,
+                       device=device)
+    stages = sorted(result.plan.stages, key=lambda stage: stage.chunk)
+    return [list(stage.units) for stage in stages]
+
+
+def auto_plan(config, *, pp_size: int, schedule: str, num_microbatches: int,
+              batch_size: int | None = None, dp_size: int = 1,
+              activation_checkpointing=None, device=None):
+    """The partitioner's whole `PartitionResult` behind `auto_partition` (per-stage
+    parameter counts, memory and times of the chosen split); the same arguments."""
     from trainers.partition.chain import MemoryModel
     from trainers.partition.hardware import (
         device_spec_for,
@@ -64,13 +77,11 @@ def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int
     device = device or local_device_spec()
     as_fields = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "name"}
     profile = profile_rag("tiny", analytic=True, batch_size=1, device=device, **as_fields)
-    result = plan_partition(chain_from_profile(profile), PartitionConfig(
+    return plan_partition(chain_from_profile(profile), PartitionConfig(
         num_stages=pp_size, batch_size=batch_size, memory_cap_bytes=device.memory_gib * 2**30,
         memory=MemoryModel(data_parallel_shards=dp_size),
         activation_checkpointing=activation_checkpointing,
         schedule=planner_schedule(schedule, num_microbatches)))
-    stages = sorted(result.plan.stages, key=lambda stage: stage.chunk)
-    return [list(stage.units) for stage in stages]
 
 
 def _agreed(spec):

@@ -4,11 +4,15 @@
                                       pipeline_parallel_size=2, num_microbatches=4))
 
 The LightningModule must hold the model as `.model`, with the unit chain `units()` (and
-`colocation_groups()`) of `rag_mm.model.RAGModel`. At setup the strategy builds the
-("dp", "pp", "tp") mesh, applies tensor parallelism (with `sequence_parallel`, also over
-the sequence dim inside every block), and keeps only this rank's pipeline units (the
-others become `RemoteUnit` placeholders, so parameters, optimizer state and state dicts
-hold this rank's share under the model's own names).
+`colocation_groups()`) of `rag_mm.model.RAGModel`, best built on the meta device (as
+`RAGModule` does). At setup the strategy builds the ("dp", "pp", "tp") mesh and calls
+`trainers.parallel.parallelize.parallelize` once: this rank keeps only its pipeline units
+(the others become `RemoteUnit` placeholders, never allocated, so parameters, optimizer
+state and state dicts hold this rank's share under the model's own names), applies tensor
+parallelism (with `sequence_parallel`, also over the sequence dim inside every block),
+activation checkpointing, optional `torch.compile` and FSDP2, materialises and initialises
+its units (the pretrained text tower only where the retrieval unit is), and builds the
+schedule for the loaders' batch size. This class is the Lightning glue around it.
 
 A pipeline schedule runs forward and backward together, so the strategy owns the training
 step: `training_step` runs torch's schedule over the micro-batches, logs `train/loss`, `train/generator_loss`, `train/retriever_loss` (the same numbers on
@@ -29,7 +33,8 @@ one layout resumes under another.
 
 Data parallelism is FSDP2: with dp > 1 every local unit is `fully_shard`-ed over the dp
 axis (parameters, gradients and optimizer state sharded; gradients averaged by the
-reduce-scatter), and each stage is the FSDP root of its units.
+reduce-scatter), and each stage is the FSDP root of its units; under a bf16 precision with
+a bf16 `MixedPrecisionPolicy` (fp32 gradient reduction).
 
 Not yet: prediction.
 """
@@ -51,49 +56,24 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from trainers.data import ROW_VALID
 from trainers.parallel.answer import pipeline_generate
-from trainers.parallel.checkpointing import (
-    ActivationCheckpointing,
-    apply_activation_checkpointing,
-    check_checkpoint_schedule,
-)
+from trainers.parallel.checkpointing import ActivationCheckpointing, check_checkpoint_schedule
 from trainers.parallel.mesh import ParallelConfigError, ParallelDims
-from trainers.parallel.pipeline import (
-    Pipeline,
-    PipelineConfig,
-    binding_groups,
-    build_pipeline,
-    check_partition,
-    check_schedule,
-    stage_ranks,
-    tied_parameters,
+from trainers.parallel.parallelize import (
+    ParallelConfig,
+    RemoteUnit,
+    check_compile,
+    check_parallelize,
+    parallelize,
 )
-from trainers.parallel.tensor import (
-    apply_tensor_parallel,
-    check_tensor_parallel,
-    tensor_parallel_plan,
-)
+from trainers.parallel.pipeline import Pipeline, PipelineConfig, check_schedule, stage_ranks
+from trainers.parallel.tensor import tensor_parallel_plan
 
 LOSS_NAMES = ("generator_loss", "retriever_loss")  # the columns of the head's (B, 2) losses
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True)
-
-
-class RemoteUnit(nn.Module):
-    """Stands in for a unit that lives on another pipeline rank."""
-
-    def __init__(self, name: str, pp_rank: int) -> None:
-        super().__init__()
-        self.unit_name, self.pp_rank = name, pp_rank
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(
-            f"unit {self.unit_name!r} lives on pipeline rank {self.pp_rank}; under "
-            f"PipelineStrategy only the strategy's pipeline runs the model"
-        )
 
 
 class PipelineStrategy(ModelParallelStrategy):
@@ -120,6 +100,8 @@ class PipelineStrategy(ModelParallelStrategy):
             tensor parallelism and before FSDP2. None: the LightningModule's own
             `activation_checkpointing` hyperparameter (if given, the two must agree).
             Refused under the zero-bubble / DualPipeV schedules.
+        compile: `torch.compile` every decoder block of this rank (refused at setup where
+            no compiler works).
         split_tied_weights: allow tied units (e.g. `retrieval` and `head` with tied
             embeddings) on different stages: each keeps a copy, their gradients are summed
             every step (FSDP2 shards over dp shard for shard) and counted once in gradient
@@ -133,7 +115,7 @@ class PipelineStrategy(ModelParallelStrategy):
                  num_microbatches: int = 1, schedule: str = "1f1b",
                  sequence_parallel: bool = False, split_tied_weights: bool = False,
                  activation_checkpointing: str | int | list[str] | None = None,
-                 process_group_backend: str | None = None,
+                 compile: bool = False, process_group_backend: str | None = None,
                  partition_device: str | None = None,
                  timeout: timedelta | None = default_pg_timeout) -> None:
         super().__init__(data_parallel_size=1, tensor_parallel_size=1,
@@ -150,6 +132,7 @@ class PipelineStrategy(ModelParallelStrategy):
                        "tensor_parallel_size": tensor_parallel_size,
                        "data_parallel_size": data_parallel_size}
         self.sequence_parallel = sequence_parallel
+        self.compile = compile
         self.partition_device = partition_device
         check_checkpoint_schedule(activation_checkpointing, schedule)
         self.activation_checkpointing = activation_checkpointing
@@ -165,6 +148,8 @@ class PipelineStrategy(ModelParallelStrategy):
         self.dims = ParallelDims(world_size=self.world_size, **self._sizes)
         if self.pipeline_config.stages is not None:
             check_schedule(self.pipeline_config, self.dims.pp)
+        if self.compile:
+            check_compile(self.root_device.type)
         self._device_mesh = self.dims.build_mesh(self.root_device.type)
         self.lightning_module._device_mesh = self._device_mesh
 
@@ -198,28 +183,24 @@ class PipelineStrategy(ModelParallelStrategy):
         return model
 
     def setup(self, trainer) -> None:
+        """The Lightning glue around `parallelize`: the model the module built (on the meta
+        device: `RAGModule.configure_model` leaves it there under this strategy) becomes
+        this rank's share of the pipeline, once, before any batch; then optimizers and
+        precision as Lightning sets them up."""
         self.accelerator.setup(trainer)
         model = self._chain_model()
         if self.pipeline_config.stages is None:
             self._plan_partition(model, trainer)
-        units = dict(model.units())
-        self._ties = tied_parameters(units)
-        check_partition(self.pipeline_config.stages, list(units),
-                        binding_groups(model, self.pipeline_config, self._ties))
-        check_tensor_parallel(model, self.dims.tp)
+        config = self.parallel_config([name for name, _ in model.units()])
+        self._ties = check_parallelize(model, self.dims, config)
         self._check_split_ties(model)
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_retriever_warmup()
-        checkpointing = self._checkpointing_setting(list(units))
-        self._drop_remote_units(model)
-        if self.dims.tp > 1:
-            apply_tensor_parallel(model, self.device_mesh["tp"],
-                                  sequence_parallel=self.sequence_parallel)
-        apply_activation_checkpointing(model, checkpointing, only=self._local_unit_names())
-        if self.dims.dp > 1:
-            for name in self._local_unit_names():
-                fully_shard(model.get_submodule(name), mesh=self.device_mesh["dp"])
+        example = self._example_batch(model, trainer)
         self.model = self.precision_plugin.convert_module(self.model)
+        with self.precision_plugin.forward_context():  # the stages' dtypes at run time
+            self.pipeline = parallelize(model, self.dims, config, example,
+                                        mesh=self.device_mesh, device=self.root_device)
         self.model_to_device()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -228,6 +209,30 @@ class PipelineStrategy(ModelParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
+
+    def parallel_config(self, chain: list[str]) -> ParallelConfig:
+        """This strategy's settings as `parallelize` takes them (bf16 parameters in FSDP2's
+        compute under a bf16 precision)."""
+        bf16 = str(getattr(self.precision_plugin, "precision", "")).startswith("bf16")
+        return ParallelConfig(pipeline=self.pipeline_config,
+                              sequence_parallel=self.sequence_parallel,
+                              activation_checkpointing=self._checkpointing_setting(chain),
+                              compile=self.compile,
+                              param_dtype=torch.bfloat16 if bf16 else None)
+
+    def _example_batch(self, model: nn.Module, trainer) -> dict[str, torch.Tensor]:
+        """A synthetic per-replica batch of the size the data loaders give (every shape
+        else is fixed by the model config): the pipeline's stage shapes are set from it."""
+        from rag_mm.model import synthetic_batch
+
+        size = self._loader_batch_size(trainer)
+        if size < 1:
+            raise ParallelConfigError(
+                f"{type(self).__name__} builds its pipeline at setup for the loaders' batch "
+                f"size, and no data loader of this run gives one; pass loaders with a "
+                f"batch_size (or batches of tensors)")
+        backend = getattr(getattr(model, "retrieval", None), "backend", None)
+        return synthetic_batch(model.config, size, num_docs=len(backend) if backend else None)
 
     def _plan_partition(self, model: nn.Module, trainer) -> None:
         """`partition="auto"`: the partitioner's split of the model's chain, for the batch
@@ -240,7 +245,8 @@ class PipelineStrategy(ModelParallelStrategy):
                             f"{type(self).__name__} explicit stages instead")
         config = self.pipeline_config
         chain = [name for name, _ in model.units()]
-        batch_size = self._loader_batch_size() or getattr(trainer.datamodule, "batch_size", None)
+        batch_size = self._loader_batch_size(trainer) or getattr(trainer.datamodule, "batch_size",
+                                                                 None)
         stages = auto_partition(model.config, pp_size=self.dims.pp, schedule=config.schedule,
                                 num_microbatches=config.num_microbatches,
                                 batch_size=batch_size if isinstance(batch_size, int) else None,
@@ -304,48 +310,23 @@ class PipelineStrategy(ModelParallelStrategy):
         config = self.pipeline_config
         return stage_ranks(config.num_stages, self.dims.pp, config.schedule)
 
-    def _local_unit_names(self) -> list[str]:
-        owners = self._stage_owners()
-        return [name for stage, names in enumerate(self.pipeline_config.stages)
-                if owners[stage] == self.pp_rank for name in names]
-
-    def _drop_remote_units(self, model: nn.Module) -> None:
-        owners = self._stage_owners()
-        for stage, names in enumerate(self.pipeline_config.stages):
-            if owners[stage] != self.pp_rank:
-                for name in names:
-                    model.set_submodule(name, RemoteUnit(name, owners[stage]))
-
-    def _pipeline_for(self, batch: dict[str, torch.Tensor]) -> Pipeline:
-        """Built at the first batch (its shapes cross the stage boundaries), for the batch
-        size of the data loaders in use when they say one (so a partial first batch, e.g. of
-        a small validation set, does not fix a smaller size), else for the batch's. With
-        dp > 1 each stage is an FSDP2 root over its (already sharded) units, so micro-batches
-        skip the gradient reduce-scatter until the last one."""
-        if self.pipeline is None:
-            dp_mesh = self.device_mesh["dp"]
-            shard = (lambda stage: fully_shard(stage, mesh=dp_mesh)) if self.dims.dp > 1 else None
-            size = max(len(_rows(batch)), self._loader_batch_size())
-            with self.precision_plugin.forward_context():  # the stages' dtypes at run time
-                self.pipeline = build_pipeline(self._chain_model(), self.pipeline_config,
-                                               pad_rows(batch, size), pp_group=self.pp_group,
-                                               device=self.root_device, parallelize=shard,
-                                               ties=self._ties)
-        return self.pipeline
-
-    def _loader_batch_size(self) -> int:
-        """The largest `batch_size` of the trainer's data loaders set up now (0 if none says)."""
-        trainer = self.lightning_module.trainer
+    def _loader_batch_size(self, trainer) -> int:
+        """The largest per-replica batch the loaders of this run give: their `batch_size`,
+        or for pre-batched loaders (`batch_size=None`) the rows of their first batch (0 if
+        none says)."""
+        loops = {TrainerFn.FITTING: [trainer.fit_loop, trainer.fit_loop.epoch_loop.val_loop],
+                 TrainerFn.VALIDATING: [trainer.validate_loop],
+                 TrainerFn.TESTING: [trainer.test_loop]}.get(trainer.state.fn, [])
         sizes = [0]
-        for loaders in (trainer.train_dataloader, trainer.val_dataloaders,
-                        trainer.test_dataloaders):
-            if loaders is None:
+        for loop in loops:
+            source = loop._data_source
+            if not source.is_defined():
                 continue
+            loaders = source.dataloader()
             if isinstance(loaders, dict):
                 loaders = list(loaders.values())
             for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-                size = getattr(loader, "batch_size", None)
-                sizes.append(size if isinstance(size, int) else 0)
+                sizes.append(_batch_size(loader))
         return max(sizes)
 
     def _padded(self, tensors: dict[str, torch.Tensor],
@@ -354,7 +335,7 @@ class PipelineStrategy(ModelParallelStrategy):
         loss (the mean over the real rows of every replica: FSDP2 averages over dp, so a
         real row weighs dp / rows of all replicas; padding 0), and the rows of all replicas.
         `rows`: how many leading rows are real (default: all)."""
-        pipeline = self._pipeline_for(tensors)
+        pipeline = self.pipeline
         rows = len(_rows(tensors)) if rows is None else rows
         total = self._sum_over_dp(torch.tensor([float(rows)], device=self.root_device))
         weights = torch.zeros(pipeline.batch_size)
@@ -580,6 +561,19 @@ def _drop_unsaved_state(model: nn.Module, optimizer, missing_keys) -> None:
     for name, param in model.named_parameters():
         if name in unsaved:
             optimizer.state.pop(param, None)
+
+
+def _batch_size(loader) -> int:
+    """A loader's `batch_size`, or the rows of its first batch if it has none (0: unknown)."""
+    size = getattr(loader, "batch_size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        first = next(iter(loader))
+    except (StopIteration, TypeError):
+        return 0
+    tensors = _tensors(first) if isinstance(first, dict) else {}
+    return len(_rows(tensors)) if tensors else 0
 
 
 def _tensors(batch: dict) -> dict[str, torch.Tensor]:

@@ -222,6 +222,7 @@ def load_module(path: str | Path, **overrides):
     hparams = dict(torch.load(meta, map_location="cpu", weights_only=False)["hyper_parameters"])
     hparams.update(overrides)
     module = RAGModule(**hparams)
+    module.configure_model()  # built on the meta device: materialised, then overwritten
     state = {"state_dict": module.state_dict()}
     load(state, checkpoint_id=path)
     module.load_state_dict(state["state_dict"])
