@@ -24,6 +24,10 @@ from trainers.parallel.checkpointing import apply_activation_checkpointing
 class RAGModule(L.LightningModule):
     """Train and evaluate a retrieval-augmented VLM.
 
+    The model is built on the meta device (no memory) and materialised by
+    `configure_model` (Lightning calls it): whole in one process, per rank under
+    `PipelineStrategy` (only the units a rank runs; `trainers.parallel.parallelize`).
+
     Args:
         size: named model size (`tiny`, `demo`, `1b`).
         mode: `rag` (retrieve top-k), or a baseline: `closed_book`, `random`, `gold`.
@@ -118,6 +122,13 @@ class RAGModule(L.LightningModule):
     def model_on_meta(self) -> bool:
         """Whether the model has not been materialised yet (`configure_model`)."""
         return any(p.is_meta for p in self.model.parameters())
+
+    def state_dict(self, *args, **kwargs):
+        """A model still on the meta device is materialised first, so a plain process can
+        read a checkpoint into it (`dcp.load({"state_dict": module.state_dict()}, ...)`)."""
+        if self.model_on_meta():
+            self.configure_model()
+        return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """A model still on the meta device is materialised first (e.g. `load_from_checkpoint`)."""
