@@ -143,6 +143,7 @@ def test_optimizer_state_comes_back_by_name(saved):
     path = saved[0] / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(path, weights_only=False)
     module = make_module()
+    module.configure_model()  # built on the meta device: materialised in this process
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     decay = [p.ndim >= 2 and "embed" not in n for n, p in params]  # RAGModule's two groups
     optimizer = torch.optim.AdamW([{"params": [p for (_, p), d in zip(params, decay) if d]},

@@ -132,16 +132,23 @@ def test_retriever_warmup_matches_single_process(tmp_path):
     exact = fit(module, save_dir=tmp_path / "exact", devices=1, precision="64-true")
     exact_values = _values(module)
     resumed = make_module()
-    fit(resumed, resume=tmp_path / "exact" / "epoch=0.ckpt", devices=1, precision="64-true")
+    exact_resumed = fit(resumed, resume=tmp_path / "exact" / "epoch=0.ckpt", devices=1,
+                        precision="64-true")
     exact_resumed_values = _values(resumed)
 
     run_local(_worker, 2, str(tmp_path))
     results = [torch.load(tmp_path / f"warmup_{r}.pt") for r in range(2)]
+    # the losses within fp32 error of the float64 run (by step 3 the contrastive loss is
+    # ~0.005, where a relative 1e-5 is below what the two fp32 runs' clipping and AdamW
+    # steps (lr / eps = 10) leave)
+    losses = Reference(torch.tensor(ref.losses), torch.tensor(exact.losses))
     for result in results:
-        assert result["losses"] == pytest.approx(ref.losses, rel=1e-5)
+        assert_fp32_close(torch.tensor(result["losses"]), losses, "losses")
         assert result["lrs"] == pytest.approx(ref.lrs, rel=1e-12)
         assert result["resumed_lrs"] == pytest.approx(ref_resumed.lrs, rel=1e-12)
-        assert result["resumed_losses"] == pytest.approx(ref_resumed.losses, rel=1e-5)
+        assert_fp32_close(torch.tensor(result["resumed_losses"]), Reference(
+            torch.tensor(ref_resumed.losses), torch.tensor(exact_resumed.losses)),
+            "resumed losses")
     assert ref_resumed.lrs == pytest.approx(ref.lrs[EPOCH:], rel=1e-12)
     assert results[1]["grads"] == {}  # stage 1 idles during the warm-up
     for key, expected_all in (("grads", Reference.pair(ref.grads, exact.grads)),
