@@ -275,7 +275,8 @@ class RAGModule(L.LightningModule):
 
         if self._trainer is not None:
             checkpoint[PARAM_NAMES] = param_names(self, self.trainer.optimizers)
-        record = checkpoint_record(self.model.retrieval.backend, self.refresh)
+        # under PipelineStrategy only stage 0 holds the retrieval unit (else a RemoteUnit)
+        record = checkpoint_record(getattr(self.model.retrieval, "backend", None), self.refresh)
         if record is not None:
             checkpoint[INDEX_RECORD] = record
 
@@ -287,8 +288,8 @@ class RAGModule(L.LightningModule):
 
         record = checkpoint.get(INDEX_RECORD)
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        if record is None or not fitting:
-            return
+        if record is None or not fitting or not hasattr(self.model.retrieval, "backend"):
+            return  # (no backend: another pipeline rank holds the retrieval unit)
         path = check_record(record)
         attached = getattr(self.model.retrieval.backend, "path", None)
         if attached is None or Path(attached).resolve() != path:

@@ -125,6 +125,7 @@ def test_strategy_fit_with_checkpointing_matches_one_process(runs):
     results = [torch.load(runs / f"fit_{r}.pt") for r in range(2)]
     assert sorted(n for r in results for n in r["flagged"]) == ["blocks.0", "blocks.1"]
     module, recorder = make_module(), Recorder()
+    module.configure_model()  # built on the meta device: materialised in this process
     initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     size = BATCH_SIZE // MICRO
 
