@@ -155,6 +155,7 @@ def _model_worker(rank: int, world_size: int, root: str, encoder: str) -> None:
     assert torch.equal(sharded.contrastive, whole.contrastive)
     for got, want in zip(sharded_carry, whole_carry):
         assert torch.equal(got, want)
+    (Path(root) / f"checked_{rank}").touch()  # every check above ran on this rank
 
 
 def test_the_model_retrieves_the_same_through_a_sharded_index(text_index):
@@ -163,3 +164,4 @@ def test_the_model_retrieves_the_same_through_a_sharded_index(text_index):
     batches of different sizes."""
     root, encoder = text_index
     run_local(_model_worker, 2, str(root), str(encoder))
+    assert all((root / f"checked_{rank}").exists() for rank in range(2))
