@@ -391,3 +391,24 @@ def test_plan_json_says_the_checkpointing(tmp_path):
     assert [s["recompute_bytes"] for s in data["optimal"]["stages"]] == [100, 0]
     assert stage_units(data) == [["embed", "blocks.0", "blocks.1"],
                                  ["blocks.2", "blocks.3", "head"]]
+
+
+def test_auto_partition_refuses_a_memory_budget_no_layout_meets():
+    """partition='auto' plans before any weight is placed: a device too small for every split
+    of the 1b model into 2 stages is refused by name, with the pipeline size that fits."""
+    from dataclasses import replace
+
+    from rag_mm.config import model_config
+    from trainers.parallel.auto import auto_partition
+    from trainers.partition.hardware import device_spec_for
+
+    small = replace(device_spec_for("a100-40gb"), memory_gib=8.0)
+    with pytest.raises(InfeasibleError, match=r"no split into 2 stages .* fits memory_cap_bytes="
+                                              r"8\.59e\+09; the smallest pipeline that fits is "
+                                              r"num_stages=\d+") as refused:
+        auto_partition(model_config("1b"), pp_size=2, schedule="1f1b", num_microbatches=2,
+                       batch_size=2, device=small)
+    fitting = refused.value.smallest_fitting
+    assert fitting > 2
+    auto_partition(model_config("1b"), pp_size=fitting, schedule="1f1b",
+                   num_microbatches=fitting, batch_size=fitting, device=small)
