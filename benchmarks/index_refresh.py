@@ -125,14 +125,20 @@ def final_index(model, source, out: Path):
     return result.index
 
 
-def run_recall(args) -> dict:
+def build_corpus(args, model) -> tuple[Path, list[dict], float]:
+    """The title-and-body corpus and its index in a fresh temporary folder: (folder, rows,
+    build seconds)."""
     root = Path(tempfile.mkdtemp(prefix="refresh_bench_"))
-    probe = make_model(False)
-    rows = title_body_corpus(args.num_docs, args.body_words, args.seed, probe.retrieval.tokenizer)
+    rows = title_body_corpus(args.num_docs, args.body_words, args.seed, model.retrieval.tokenizer)
     start = time.perf_counter()
     retrieval_index.build_index([{"id": r["id"], "text": r["text"]} for r in rows], root / "index",
                                 progress=False, num_recall_queries=100)
-    build_seconds = time.perf_counter() - start
+    return root, rows, time.perf_counter() - start
+
+
+def run_recall(args) -> dict:
+    probe = make_model(False)
+    root, rows, build_seconds = build_corpus(args, probe)
     num_train = int(0.7 * len(rows))
     rng = np.random.default_rng(args.seed)
     order = [rng.permutation(num_train) for _ in range(args.steps * args.batch_size // num_train + 1)]
@@ -178,13 +184,8 @@ def run_recall(args) -> dict:
 
 
 def run_overhead(args) -> dict:
-    root = Path(tempfile.mkdtemp(prefix="refresh_bench_"))
     model = make_model(True)
-    rows = title_body_corpus(args.num_docs, args.body_words, args.seed, model.retrieval.tokenizer)
-    start = time.perf_counter()
-    retrieval_index.build_index([{"id": r["id"], "text": r["text"]} for r in rows], root / "index",
-                                progress=False, num_recall_queries=100)
-    build_seconds = time.perf_counter() - start
+    root, rows, build_seconds = build_corpus(args, model)
     model.attach(retrieval_index.load(root / "index"), check_encoder=False)
     model.train()
     optimizer = optimizer_for(model, args.lr, args.doc_lr)
