@@ -239,9 +239,14 @@ class RAGDataModule(L.LightningDataModule):
     def _loader(self, split: str, sampler=None) -> DataLoader:
         if split not in self.datasets:
             raise DataError(missing_split(split, self.data_dir, self.paths[split]))
+        # A loader of its own generator: each `iter()` draws its workers' base seed from it, not
+        # from torch's global generator, which the run's checkpoints restore. Drawing from the
+        # global one made a resume at an epoch boundary diverge: the uninterrupted run drew for
+        # its next epoch's iterator after the save, the resumed run before the restore.
         return DataLoader(self.datasets[split], batch_size=self.batch_size, sampler=sampler,
                           collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=sampler is not None)
+                          persistent_workers=self.num_workers > 0, drop_last=sampler is not None,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch from (seed, epoch) alone, one share per data-parallel replica,
