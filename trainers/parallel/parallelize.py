@@ -13,7 +13,9 @@ For this rank only, in this order:
 3. activation checkpointing of the units the setting names (`checkpointing.py`);
 4. `torch.compile` of every decoder block it holds (optional);
 5. FSDP2 over "dp" (`fully_shard` per unit, then per stage as the root; with a bf16
-   `MixedPrecisionPolicy`: bf16 parameters in compute, fp32 gradient reduction);
+   `param_dtype` every attention and MLP layer first gets a group of its own with a bf16
+   `MixedPrecisionPolicy`: bf16 parameters in compute, fp32 gradient reduction; the rest
+   stays fp32, as autocast leaves it, see `matmul_modules`);
 6. `to_empty(device)` and the random init of its units only, each from its own seed
    (`RAGModel.init_unit`), so the values do not depend on the layout; a unit whose
    parameters are sharded (DTensor) is initialised whole on a copy, one unit at a time, and
@@ -39,6 +41,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from rag_mm.layers import MLP, Attention
 from trainers.parallel.checkpointing import (
     ActivationCheckpointing,
     CheckpointSetting,
@@ -84,8 +87,9 @@ class ParallelConfig:
             compiler works (no C/C++ compiler on CPU, no Triton on CUDA).
         activation_checkpointing: "off" / None, "every" (block), n (every n-th block) or
             unit names (`trainers.parallel.checkpointing`), resolved over the whole chain.
-        param_dtype: bf16 -> FSDP2's `MixedPrecisionPolicy` (bf16 parameters in forward and
-            backward, fp32 gradient reduction) when dp > 1; None: parameters as they are.
+        param_dtype: bf16 -> FSDP2's `MixedPrecisionPolicy` for the attention and MLP layers
+            (bf16 parameters in forward and backward, fp32 gradient reduction) when dp > 1;
+            None: parameters as they are.
     """
 
     pipeline: PipelineConfig
@@ -178,8 +182,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig,
     if dims.dp > 1:
         fsdp = {"mesh": mesh["dp"]}
         if config.param_dtype is not None:
-            fsdp["mp_policy"] = MixedPrecisionPolicy(param_dtype=config.param_dtype,
-                                                     reduce_dtype=torch.float32)
+            low = MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=torch.float32)
+            for name in names:  # their own FSDP2 groups, gathered in bf16
+                for sub in matmul_modules(units[name]):
+                    fully_shard(sub, mesh=mesh["dp"], mp_policy=low)
+            fsdp["mp_policy"] = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         for name in names:
             fully_shard(units[name], **fsdp)
     if on_meta:
@@ -190,6 +197,17 @@ def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig,
     root = (lambda stage: fully_shard(stage, **fsdp)) if fsdp else None
     return build_pipeline(model, config.pipeline, example_batch, pp_group=pp_group,
                           device=device, parallelize=root, ties=ties)
+
+
+def matmul_modules(unit: nn.Module) -> list[nn.Module]:
+    """The attention and MLP layers of `unit` (`rag_mm.layers.Attention` / `MLP`): nothing
+    in them but linear layers and what runs on their bf16 outputs, so bf16 copies of their
+    parameters compute exactly what autocast computes from fp32 ones (the same
+    round-to-nearest of each weight and of the input, the same bf16 outputs). The rest of a
+    unit (norms, embeddings, the heads' small layers) keeps fp32 parameters, as under
+    autocast in one process: a norm on bf16 weights, or every unit's input cast to bf16,
+    would put the residual stream in bf16."""
+    return [sub for sub in unit.modules() if isinstance(sub, (Attention, MLP))]
 
 
 def materialize(model: nn.Module, names: list[str], device: torch.device | str,
@@ -253,4 +271,4 @@ def _shared_seed(model: nn.Module, mesh: DeviceMesh | None) -> int:
 
 
 __all__ = ["ParallelConfig", "RemoteUnit", "check_compile", "check_parallelize",
-           "keep_local_units", "local_units", "materialize", "parallelize"]
+           "keep_local_units", "local_units", "materialize", "matmul_modules", "parallelize"]

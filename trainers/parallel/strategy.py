@@ -33,8 +33,9 @@ one layout resumes under another.
 
 Data parallelism is FSDP2: with dp > 1 every local unit is `fully_shard`-ed over the dp
 axis (parameters, gradients and optimizer state sharded; gradients averaged by the
-reduce-scatter), and each stage is the FSDP root of its units; under a bf16 precision with
-a bf16 `MixedPrecisionPolicy` (fp32 gradient reduction).
+reduce-scatter), and each stage is the FSDP root of its units; under a bf16 precision its
+attention and MLP layers are FSDP2 groups of their own with a bf16 `MixedPrecisionPolicy`
+(fp32 gradient reduction), the rest stays fp32 as under autocast (`parallelize.py`).
 
 Not yet: prediction.
 """
