@@ -157,14 +157,23 @@ def cmd_source_case(args) -> None:
 
 
 def cmd_published(args) -> None:
-    from trainers.partition.published import PUBLISHED_RUNS, compare, format_comparison
+    from trainers.partition.published import (
+        HELD_OUT,
+        PUBLISHED_RUNS,
+        compare,
+        format_comparison,
+    )
 
     rows = [compare(run) for run in PUBLISHED_RUNS]
+    held_out = [compare(run) for run in HELD_OUT]
     print(format_comparison(rows))
+    print("\nheld out (not used to fit):")
+    print(format_comparison(held_out))
     if args.json:
         Path(args.json).write_text(json.dumps([
-            {**{k: v for k, v in row.items() if k != "best"},
-             "best": step_dict(row["best"]) if row["best"] else None} for row in rows], indent=1))
+            {**{k: v for k, v in row.items() if k != "best"}, "held_out": out,
+             "best": step_dict(row["best"]) if row["best"] else None}
+            for out, group in ((False, rows), (True, held_out)) for row in group], indent=1))
 
 
 def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = False) -> None:

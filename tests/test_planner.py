@@ -24,6 +24,7 @@ from trainers.partition.hardware import (
 from trainers.partition.published import (
     CALIBRATION,
     CHECKS,
+    HELD_OUT,
     compare,
     megatron_flops,
 )
@@ -215,8 +216,13 @@ def test_unknown_gpu_names_the_flag_and_the_known_ones():
 
 # Runs the model misses by more than 20 %, with the error the README prints (see
 # trainers/partition/README.md, "Calibration"): DeepSpeed ZeRO-3 over 2240 GPUs is slower
-# than the model of its collectives predicts.
-MISSED = {"GPT 529.6B ZeRO-3, 2240 A100": -0.257}
+# than the model of its collectives and their copies predicts.
+MISSED = {"GPT 529.6B ZeRO-3, 2240 A100": -0.218}
+# Held-out runs (never used to fit): the errors the README's held-out block prints.
+HELD_OUT_ERRORS = {"MPT-70b FSDP, 64 H100 80GB": -0.131, "MPT-30b FSDP, 32 H100 80GB": -0.089,
+                   "MPT-13b FSDP, 64 H100 80GB": -0.308, "MPT-70b FSDP, 64 A100 80GB": -0.009,
+                   "MPT-70b FSDP, 128 A100 40GB": -0.053, "MPT-30b FSDP, 128 A100 40GB": 0.021,
+                   "MPT-13b FSDP, 128 A100 40GB": 0.058, "MPT-7b FSDP, 128 A100 40GB": 0.060}
 
 
 @pytest.mark.parametrize("run", CALIBRATION + CHECKS, ids=lambda run: run.name)
@@ -229,6 +235,27 @@ def test_published_runs(run):
     assert row["fits"]  # the published layout trained, so it must fit
     best = row["best"]
     assert best.fits and best.step_s <= row["predicted_s"] * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("run", HELD_OUT, ids=lambda run: run.name)
+def test_held_out_runs(run):
+    """Published runs no constant was fitted on: the error is what the README prints (the
+    target is not asserted: these rows report how the model generalises), the published
+    layout fits, and the ranking's first layout fits and is at least as fast."""
+    row = compare(run)
+    assert row["error"] == pytest.approx(HELD_OUT_ERRORS[run.name], abs=0.0015)
+    assert row["fits"]
+    best = row["best"]
+    assert best.fits and best.step_s <= row["predicted_s"] * (1 + 1e-9)
+
+
+def test_held_out_h100_network_alternative():
+    """The H100 table names no network: at the A100 tables' 1600 Gb/s per node instead of
+    the DGX H100's 3200, the 13b row's all-gathers outlast its compute (README)."""
+    from trainers.partition.published import mosaicml_runs
+
+    run = next(r for r in mosaicml_runs(1600.0) if r.name == "MPT-13b FSDP, 64 H100 80GB")
+    assert compare(run, rank=False)["error"] == pytest.approx(-0.199, abs=0.0015)
 
 
 def test_source_case_gives_the_readme_figures():
@@ -417,11 +444,16 @@ def test_zero3_collectives_per_unit_by_hand():
         max(0.0, comm - base.time_s["compute"]), rel=1e-9)
     # DeepSpeed: 4 submodules a layer (norms below the 1e5 persistence threshold stay
     # whole) + embedding = 9 units; full recomputation gathers each a third time
+    # DeepSpeed's list collectives also move each unit through HBM: a gather zero-fills its
+    # buffer and copies every rank's chunk out (3 passes), a reduce-scatter copies the
+    # gradient in (2 passes), at 0.8 x 2039 GB/s
     deep = estimate_step(shape, cluster, TrainLayout(global_batch=16, zero=3,
                                                      zero3_unit="module", recompute="full",
                                                      overlap_zero3=False))
+    unit = 2 * params / 9
+    hbm = 0.8 * 2039e9
     assert deep.time_s["fsdp_gather_exposed"] == pytest.approx(
-        9 * 4 * ring(2 * params / 9), rel=1e-9)
+        9 * (3 * (ring(unit) + 3 * unit / hbm) + ring(unit) + 2 * unit / hbm), rel=1e-9)
     # the runtime's deferred sync: the 3 reduce-scatters once after the last backward, the
     # gathers every micro-batch (here one)
     deferred = estimate_step(shape, cluster, TrainLayout(global_batch=16, zero=3,

@@ -431,6 +431,19 @@ def _p2p_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> floa
 # (``stage3_param_persistence_threshold``, default 1e5, DeepSpeed ZeRO config docs): a GPT
 # layer's norms (h elements) are never gathered unless h >= 1e5.
 DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000
+# DeepSpeed's ZeRO-3 of 2021 moves each gathered or reduced parameter through HBM more than
+# the collective itself does. Its all-gather (``partition_parameters._allgather_param``)
+# zero-fills a whole-parameter buffer (``torch.zeros``: 1 pass, a write) and hands
+# ``torch.distributed.all_gather`` a list of dp views into it; PyTorch's NCCL process group
+# (1.8-1.10, ``ProcessGroupNCCL::allgather``) gathers a list into a new flat buffer and then
+# copies each rank's chunk out into the list (read + write: 2 passes). Its gradient
+# reduce-scatter (``_reduce_scatter_gradient``) passes a list of dp views of the gradient,
+# which ``ProcessGroupNCCL::reduce_scatter`` first copies into one flat input (2 passes).
+# HBM passes of the whole unit per collective, at the elementwise bandwidth share; they run
+# on the collective's stream, so in series with it. FSDP / FSDP2 (``zero3_unit="layer"``)
+# gather into one flat buffer (``all_gather_into_tensor``) and pay none of these.
+DEEPSPEED_GATHER_HBM_PASSES = 3
+DEEPSPEED_REDUCE_SCATTER_HBM_PASSES = 2
 
 
 def zero3_units_per_layer(shape: GPTShape, layout: TrainLayout) -> int:
@@ -478,6 +491,11 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
     units = zero3_units(shape, layout)
     gather = ring_seconds(params * weight_bytes / units, dp, nodes, cluster, factor=1)
     reduce_scatter = ring_seconds(grad_bytes / units, dp, nodes, cluster, factor=1)
+    if layout.zero3_unit == "module":  # DeepSpeed's list collectives copy through HBM
+        gather += memory_seconds(DEEPSPEED_GATHER_HBM_PASSES * params * weight_bytes / units,
+                                 cluster.gpu)
+        reduce_scatter += memory_seconds(DEEPSPEED_REDUCE_SCATTER_HBM_PASSES * grad_bytes
+                                         / units, cluster.gpu)
     if layout.deferred_grad_sync:  # one reduce-scatter per unit, after the last backward
         return units * reduce_scatter, units * zero3_gathers(layout) * gather
     return 0.0, units * (zero3_gathers(layout) * gather + reduce_scatter)

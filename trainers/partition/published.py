@@ -22,6 +22,9 @@ KORTHIKANTI = ("Korthikanti et al. 2022, Reducing Activation Recomputation in La
                "Transformer Models (MLSys'23, arXiv:2205.05198)")
 MTNLG = ("Smith et al. 2022, Using DeepSpeed and Megatron to Train Megatron-Turing NLG 530B "
          "(arXiv:2201.11990)")
+MOSAICML = ("MosaicML 2023, llm-foundry MPT training benchmarks (github.com/mosaicml/llm-foundry, "
+            "scripts/train/benchmarking/README.md; shapes from scripts/train/yamls/pretrain/"
+            "mpt-*.yaml)")
 BLOOM = ("BigScience 2022, BLOOM: A 176B-Parameter Open-Access Multilingual Language Model "
          "(arXiv:2211.05100) and the BigScience 176B model card")
 
@@ -197,9 +200,58 @@ def _mt_nlg() -> list[PublishedRun]:
     return runs
 
 
+# MosaicML's MPT benchmarks (llm-foundry): PyTorch FSDP FULL_SHARD (ZeRO-3, one unit per
+# transformer block, prefetched), no tensor or pipeline parallelism, sequence 2048, flash
+# attention, no dropout, vocabulary 50368, tied embeddings. Shapes (layers, hidden, heads)
+# from the mpt-*.yaml configs; their parameter counts match the table's NumParams column.
+_MPT = {"7b": (32, 4096, 32), "13b": (40, 5120, 40), "30b": (48, 7168, 56),
+        "70b": (80, 8192, 64)}
+# Rows chosen by a rule fixed before predicting: for each model and GPU table, the
+# sequence-2048 row with the most GPUs, where that is at least 4 nodes. (model, GPUs, GPU,
+# micro-batch, gradient accumulation, global batch, activation checkpointing, tokens/s, MFU %)
+_MPT_ROWS = (("70b", 64, "h100-80gb", 8, 4, 2048, True, 66523, 42.57),
+             ("30b", 32, "h100-80gb", 14, 3, 1344, True, 73860, 43.92),
+             ("13b", 64, "h100-80gb", 2, 1, 128, False, 307209, 39.86),
+             ("70b", 64, "a100-80gb", 8, 4, 2048, True, 26274, 53.33),
+             ("70b", 128, "a100-40gb", 4, 1, 512, True, 48194, 48.91),
+             ("30b", 128, "a100-40gb", 6, 1, 768, True, 110803, 52.25),
+             ("13b", 128, "a100-40gb", 16, 1, 2048, True, 252444, 51.93),
+             ("7b", 128, "a100-40gb", 18, 1, 2304, True, 463749, 50.14))
+# The A100 tables say "1600 Gbps node-node interconnect (RoCE)"; the H100 table names none,
+# so the DGX H100's 8 x 400 Gb/s is assumed (MOSAICML_H100_GBPS; 1600 is the alternative).
+MOSAICML_A100_GBPS = 1600.0
+
+
+def mosaicml_runs(h100_inter_node_gbps: float | None = None) -> list[PublishedRun]:
+    """The held-out MPT rows (``HELD_OUT``); ``h100_inter_node_gbps`` replaces the assumed
+    H100 network (None: the DGX H100 default)."""
+    runs = []
+    for name, gpus, gpu, micro, accumulation, batch, checkpointing, tokens_s, mfu in _MPT_ROWS:
+        layers, hidden, heads = _MPT[name]
+        shape = GPTShape(num_layers=layers, hidden=hidden, num_heads=heads, seq_len=2048,
+                         vocab=50368, dropout=False, flash_attention=True)
+        gbps = h100_inter_node_gbps if gpu.startswith("h100") else MOSAICML_A100_GBPS
+        cluster = Cluster(gpu=GPUS[gpu], num_nodes=gpus // 8, gpus_per_node=8,
+                          inter_node_gbps=gbps)
+        layout = TrainLayout(global_batch=batch, microbatch=micro, zero=3,
+                             recompute="full" if checkpointing else "none",
+                             overlap_grad_reduce=True)
+        assert batch == gpus * micro * accumulation
+        network = ("network not stated (DGX H100 8 x 400 Gb/s assumed)" if gbps is None
+                   else f"{gbps:.0f} Gb/s per node")
+        runs.append(PublishedRun(
+            f"MPT-{name} FSDP, {gpus} {gpu.split('-')[0].upper()} {gpu.split('-')[1].upper()}",
+            f"{MOSAICML}", shape, cluster, layout, batch * 2048 / tokens_s,
+            f"{batch} x 2048 tokens / {tokens_s} tokens/s (MFU {mfu} %)",
+            f"FSDP FULL_SHARD as the planner's ZeRO-3 per layer, prefetched; {network}"))
+    return runs
+
+
 CALIBRATION = _narayanan_table1()
 CHECKS = _narayanan_table2() + _korthikanti() + _mt_nlg() + _narayanan_zero3()
 PUBLISHED_RUNS = CALIBRATION + CHECKS
+# Published runs not used to fit or to shape any constant: predicted once, errors reported.
+HELD_OUT = mosaicml_runs()
 
 
 def compare(run: PublishedRun, *, rank: bool = True) -> dict:
@@ -210,8 +262,10 @@ def compare(run: PublishedRun, *, rank: bool = True) -> dict:
            "predicted_s": predicted.step_s, "error": predicted.step_s / run.published_step_s - 1,
            "fits": predicted.fits, "memory_gib": predicted.memory_gib, "layout":
            predicted.description, "best": None}
-    if rank:
-        ranked = rank_layouts(run.shape, run.cluster, run.layout.global_batch)
+    if rank:  # the published micro-batch is among the candidates too
+        micro = tuple(sorted({1, 2, 4, 8, run.layout.microbatch}))
+        ranked = rank_layouts(run.shape, run.cluster, run.layout.global_batch,
+                              microbatches=micro)
         row["best"] = ranked[0] if ranked and ranked[0].fits else None
     return row
 
