@@ -156,11 +156,17 @@ def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig,
     """This rank's units of `model` (a `rag_mm` chain, built on the meta device or not)
     parallelised, materialised on `device`, initialised, and wrapped in the schedule that
     runs them; see the module docstring for the order. `mesh`: the ("dp", "pp", "tp")
-    mesh of `dims` (None for one process without a process group). Every rank calls this
+    mesh of `dims` (None: a world of one). A process group is needed even for one process
+    (torch's pipeline stages use it; refused by name without one). Every rank calls this
     together, with the same `example_batch` shapes."""
     ties = check_parallelize(model, dims, config)
     if config.compile:
         check_compile(device.type)
+    if not dist.is_initialized():
+        raise ParallelConfigError(
+            "parallelize builds torch.distributed.pipelining stages, which need a process "
+            "group: call torch.distributed.init_process_group first (for one process: "
+            "backend='gloo', world_size=1, rank=0)")
     pp_group = mesh["pp"].get_group() if mesh is not None else None
     pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
     stages, schedule = config.pipeline.stages, config.pipeline.schedule
