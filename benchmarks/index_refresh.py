@@ -17,6 +17,16 @@ never seen as positives) searching all documents. Rows:
   whenever a background build finished (training did not wait); recall on the index in use
   at the end and on one re-embedded from the final weights.
 
+`--part run`: the same task trained by `scripts/pretrain.py` itself (a real run: Lightning,
+checkpoints, the module's refresh hooks), retriever phase only (`--retriever-warmup-steps` =
+`--max-steps`), three runs from the same seed: frozen documents; `--train-doc-encoder` (the
+search keeps the initial index); `--train-doc-encoder --refresh-every N` (background refreshes
+swapped in whenever one finished; training never waits). After each run the saved model
+(`last.ckpt`) and the index its checkpoint records (the one the run searched at its end) give
+held-out recall@k; the refresh run's swaps and staleness come from its log and
+`train_summary.json`. A last row re-embeds the corpus with the refresh run's final document
+tower (how stale its last index was).
+
 `--part overhead`: refresh at `--num-docs` (10k) documents: its duration, and the training
 step (the tiny model's retriever step with the trainable MiniLM document tower, batch 16,
 torch's default threads) without a refresh running, while one runs (child process, 1 thread,
@@ -24,6 +34,7 @@ nice +`--refresh-nice`), and after it. The machine's load average is printed wit
 
     .venv/bin/python benchmarks/index_refresh.py --part recall
     .venv/bin/python benchmarks/index_refresh.py --part overhead --num-docs 10000
+    .venv/bin/python benchmarks/index_refresh.py --part run --num-docs 400 --steps 60
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval_index
 from rag_mm.config import model_config
 from rag_mm.model import build_model
-from retrieval_index.refresh import RefreshJob
+from retrieval_index.refresh import RefreshJob, check_record
 from trainers.refresh import IndexRefresh
 
 
@@ -229,8 +241,111 @@ def run_overhead(args) -> dict:
             "refresh_nice": args.refresh_nice, "batch_size": args.batch_size}
 
 
+# -- --part run: real pretrain.py runs -------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run_data(root: Path, rows: list[dict], num_train: int, image_size: int) -> Path:
+    """corpus / train / val parquet files of the title task: a prompt is a title, its gold
+    document the one with that title; val holds the documents never used in training."""
+    from PIL import Image
+
+    from rag_mm.demo_data import _png, _write_parquet
+
+    data = root / "data"
+    data.mkdir(parents=True)
+    blank = _png(Image.new("RGB", (image_size, image_size)))
+    _write_parquet({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]},
+                   data / "corpus.parquet")
+    for split, part in (("train", rows[:num_train]), ("val", rows[num_train:])):
+        _write_parquet({"image": [blank] * len(part), "prompt": [r["title"] for r in part],
+                        "target": ["yes"] * len(part), "gold_id": [r["id"] for r in part]},
+                       data / f"{split}.parquet")
+    return data
+
+
+def pretrain(args, data: Path, index: Path, out: Path, extra: list[str]) -> dict:
+    """One `scripts/pretrain.py` run (retriever phase only); its summary, stderr and time."""
+    command = [sys.executable, "scripts/pretrain.py", "--data", str(data), "--index", str(index),
+               "--out", str(out), "--size", "tiny", "--max-steps", str(args.steps),
+               "--retriever-warmup-steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--lr", str(args.lr), "--warmup-steps", "5", "--val-every", str(10 * args.steps),
+               "--seed", str(args.seed), *extra]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    summary = json.loads((out / "train_summary.json").read_text())
+    return {"summary": summary, "stderr": done.stderr, "seconds": time.perf_counter() - start,
+            "command": " ".join(command[1:])}
+
+
+def saved_model_recall(out: Path, rows: list[dict], held_out: np.ndarray):
+    """Held-out recall of the saved model searching the index its checkpoint records."""
+    from trainers.refresh import INDEX_RECORD
+    from trainers.run import load_module
+
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    record = torch.load(checkpoint, map_location="cpu", weights_only=False)[INDEX_RECORD]
+    index = retrieval_index.load(check_record(record), check_encoder=False)
+    module = load_module(checkpoint)
+    module.configure_model()
+    model = module.model
+    model.attach(index, check_encoder=False)
+    return model, index, recall(model, index, rows, held_out)
+
+
+def run_runs(args) -> dict:
+    probe = make_model(False)
+    root, rows, build_seconds = build_corpus(args, probe)
+    num_train = int(0.7 * len(rows))
+    held_out = np.arange(num_train, len(rows))
+    data = write_run_data(root, rows, num_train, probe.config.vision.image_size)
+    index = root / "index"
+    results = [{"row": "before training", **recall(probe.eval(), retrieval_index.load(index),
+                                                  rows, held_out)}]
+    runs = [("frozen documents", []),
+            ("document tower, no refresh (initial index)", ["--train-doc-encoder"]),
+            (f"document tower + refresh every {args.refresh_every}",
+             ["--train-doc-encoder", "--refresh-every", str(args.refresh_every)])]
+    load_start = os.getloadavg()
+    for name, extra in runs:
+        out = root / f"run_{len(results)}"
+        done = pretrain(args, data, index, out, extra)
+        model, used, found = saved_model_recall(out, rows, held_out)
+        row = {"row": name, "seconds": round(done["seconds"], 1), "index": str(used.path),
+               "steps": done["summary"]["steps"], "command": done["command"], **found}
+        refresh = done["summary"].get("refresh")
+        if refresh is not None:
+            row["refresh"] = refresh
+            row["log"] = [line for line in done["stderr"].splitlines() if "index refresh" in line]
+        results.append(row)
+        if refresh is not None:
+            final = final_index(model, used.path, root / "final")
+            results.append({"row": "the refresh run's final tower, corpus re-embedded after it",
+                            **recall(model, final, rows, held_out)})
+    return {"part": "run", "num_docs": args.num_docs, "body_words": args.body_words,
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "refresh_every": args.refresh_every, "initial_build_s": round(build_seconds, 1),
+            "load_start": [round(x, 1) for x in load_start],
+            "load_end": [round(x, 1) for x in os.getloadavg()], "rows": results}
+
+
 def print_table(result: dict) -> None:
-    if result["part"] == "recall":
+    if result["part"] == "run":
+        print(f"{result['num_docs']} documents (title + {result['body_words']} words), "
+              f"{result['steps']} steps x batch {result['batch_size']} (scripts/pretrain.py); "
+              f"held-out queries, saved model + the index its checkpoint records")
+        print("| row | recall@1 | recall@4 | recall@16 | run s |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for r in result["rows"]:
+            print(f"| {r['row']} | {r['recall@1']:.3f} | {r['recall@4']:.3f} | "
+                  f"{r['recall@16']:.3f} | {r.get('seconds', '')} |")
+        for r in result["rows"]:
+            for line in r.get("log", []):
+                print(line)
+    elif result["part"] == "recall":
         print(f"{result['num_docs']} documents (title + {result['body_words']} words), "
               f"{result['steps']} steps x batch {result['batch_size']}; held-out queries")
         print("| row | recall@1 | recall@4 | recall@16 | train s | step ms |")
@@ -247,7 +362,7 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", choices=("recall", "overhead"), required=True)
+    p.add_argument("--part", choices=("recall", "overhead", "run"), required=True)
     p.add_argument("--num-docs", type=int, default=None, help="default 2000 (recall), 10000")
     p.add_argument("--body-words", type=int, default=None, help="default 24 (recall), 12")
     p.add_argument("--steps", type=int, default=150)
@@ -260,10 +375,10 @@ def main(argv=None) -> None:
     p.add_argument("--doc-lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    recall_part = args.part == "recall"
+    recall_part = args.part in ("recall", "run")
     args.num_docs = args.num_docs or (2000 if recall_part else 10_000)
     args.body_words = args.body_words or (24 if recall_part else 12)
-    result = run_recall(args) if recall_part else run_overhead(args)
+    result = {"recall": run_recall, "overhead": run_overhead, "run": run_runs}[args.part](args)
     print_table(result)
     print(json.dumps(result))
 

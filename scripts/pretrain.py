@@ -148,11 +148,19 @@ def main(argv=None) -> Path:
                    "seconds": round(time.time() - start, 1),
                    "checkpoint": str(checkpoints.saved_path) if checkpoints.saved_path else None,
                    "checkpoint_step": checkpoints.saved_step,
-                   "resumed_from": resumed_from}
+                   "resumed_from": resumed_from,
+                   "index": index_in_use(module),
+                   "refresh": module.refresh.summary() if module.refresh is not None else None}
         if trainer.is_global_zero:
             (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
             print(json.dumps(summary))
     return checkpoints.saved_path
+
+
+def index_in_use(module: RAGModule) -> str | None:
+    """The index the run searched at its end (a refreshed one after a swap)."""
+    path = getattr(getattr(module.model.retrieval, "backend", None), "path", None)
+    return None if path is None else str(path)
 
 
 def cli(argv=None) -> None:

@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 import retrieval_index
 import retrieval_index.refresh as refresh_module
 from rag_mm.config import model_config
-from rag_mm.model import build_model
+from rag_mm.model import RetrievalUnit, build_model
 from trainers.data import RAGDataModule
 from trainers.module import RAGModule
 from trainers.refresh import INDEX_RECORD, IndexRefresh
@@ -136,6 +137,14 @@ def test_refresh_without_a_trainable_document_encoder_is_refused(tmp_path):
         "pretrain.py: error: refresh_every=10 (--refresh-every) needs a trainable document encoder")
 
 
+def test_refresh_under_several_processes_is_refused_by_name(tmp_path):
+    module = RAGModule(size="tiny", index_dir="x", train_doc_encoder=True, refresh_every=2)
+    module._trainer = SimpleNamespace(world_size=2, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"refresh_every=2 \(--refresh-every\) runs in one "
+                                         r"process; this run has 2 processes"):
+        module._make_refresh()
+
+
 class WaitForRefresh(L.Callback):
     """Test-only: let the refresh started at step 2 finish before step 3 (callbacks run before
     the module's hook, so the swap happens at that boundary)."""
@@ -160,11 +169,30 @@ def _fit(demo, out, max_steps, *, resume=None, callbacks=()):
     return module
 
 
-def test_checkpoints_record_the_index_and_resume_keeps_it(demo, tmp_path):
+def _spy_on_searches(monkeypatch) -> list[Path]:
+    """The index each `RetrievalUnit.retrieve` call searched, in call order (one per training
+    step here: the retriever warm-up's loss retrieves once)."""
+    searched: list[Path] = []
+    retrieve = RetrievalUnit.retrieve
+
+    def spy(self, batch):
+        searched.append(Path(self.backend.path).resolve())
+        return retrieve(self, batch)
+
+    monkeypatch.setattr(RetrievalUnit, "retrieve", spy)
+    return searched
+
+
+def test_checkpoints_record_the_index_and_resume_keeps_it(demo, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    searched = _spy_on_searches(monkeypatch)
     first = _fit(demo, out, 4, callbacks=[WaitForRefresh()])
     refreshed = out / "index_refresh" / "index-step0000002"
     assert first.refresh.refreshes == 1 and Path(first.model.retrieval.backend.path) == refreshed
+    # steps 0-2 searched the initial index, step 3 (after the swap at its start) the refreshed one
+    initial = (demo / "index").resolve()
+    assert searched == [initial] * 3 + [refreshed.resolve()], searched
+    assert first.refresh.events[0]["step"] == 3 and first.refresh.events[0]["weights_step"] == 2
     record = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)[INDEX_RECORD]
     assert record["path"] == str(refreshed.resolve())
     assert record["manifest_sha256"] == refresh_module.index_record(refreshed)["manifest_sha256"]
@@ -172,6 +200,7 @@ def test_checkpoints_record_the_index_and_resume_keeps_it(demo, tmp_path):
 
     resumed = _fit(demo, out, 5, resume=out / "checkpoints" / "last.ckpt")
     assert Path(resumed.model.retrieval.backend.path) == refreshed  # not the hparams' index
+    assert searched[4:] == [refreshed.resolve()]  # the resumed step searched it too
     assert resumed.refresh.refreshes == 1 and resumed.refresh.snapshot_step == 2
 
     manifest = refreshed / "manifest.json"

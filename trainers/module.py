@@ -166,16 +166,23 @@ class RAGModule(L.LightningModule):
 
         world = self.trainer.world_size if self._trainer else 1
         if world > 1:
-            raise ValueError(f"refresh_every={self.hparams.refresh_every} runs in one process; "
-                             f"this run has {world} (set refresh_every to null, or train in one "
-                             f"process)")
+            raise ValueError(f"refresh_every={self.hparams.refresh_every} (--refresh-every) runs "
+                             f"in one process; this run has {world} processes (world size "
+                             f"{world}): set refresh_every to null, or train in one process "
+                             f"(under several ranks every rank would have to swap at the same "
+                             f"step: not supported yet)")
         root = self.hparams.refresh_dir or Path(self.trainer.default_root_dir) / "index_refresh"
         return IndexRefresh(self.hparams.refresh_every, root)
 
     # -- index refresh (trainers.refresh) ------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
         if self.refresh is not None:  # a step boundary: a finished refresh is swapped in here
-            self._refresh_metrics = self.refresh.at_step_boundary(self.global_step, self.model)
+            metrics = self.refresh.at_step_boundary(self.global_step, self.model)
+            swap = {k: v for k, v in metrics.items() if k not in STEP_REFRESH_METRICS}
+            if swap:  # once per swap: past log_every_n_steps' throttle, straight to the loggers
+                for logger in self.loggers:
+                    logger.log_metrics(swap, step=self.global_step)
+            self._refresh_metrics = {k: metrics[k] for k in STEP_REFRESH_METRICS}
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.refresh is not None:
@@ -296,6 +303,9 @@ class RAGModule(L.LightningModule):
             self.model.attach(self._open_index(path), check_encoder=False)
         if self.refresh is not None and "refresh" in record:
             self.refresh.load_state_dict(record["refresh"])
+
+
+STEP_REFRESH_METRICS = ("refresh/steps_since", "refresh/count", "refresh/failures")
 
 
 def check_refresh_settings(refresh_every, train_doc_encoder: bool, index_dir, mode: str) -> None:

@@ -90,7 +90,8 @@ class IndexRefresh:
                 self._swap(step, model, result)
             else:
                 self.failures += 1
-                self.events.append({"step": step, "ok": False, "error": result.error})
+                self.events.append({"step": step, "ok": False, "weights_step": self.job_step,
+                                    "seconds": result.seconds, "error": result.error})
                 log.warning(f"index refresh from step {self.job_step} failed after "
                             f"{result.seconds:.1f} s; still using {model.retrieval.backend.path} "
                             f"({result.error}; log: {result.path}.log)")
@@ -108,8 +109,9 @@ class IndexRefresh:
         model.attach(result.index, check_encoder=False)  # its encoder is the snapshot
         self.snapshot_step = self.job_step
         self.refreshes += 1
-        event = {"step": step, "ok": True, "path": str(result.path), "seconds": result.seconds,
-                 f"stale_recall@{k}": recall, "queries": len(self._queries)}
+        event = {"step": step, "ok": True, "weights_step": self.job_step, "path": str(result.path),
+                 "seconds": result.seconds, f"stale_recall@{k}": recall,
+                 "queries": len(self._queries)}
         self.events.append(event)
         self._pending = {f"refresh/stale_recall@{k}": recall, "refresh/seconds": result.seconds}
         log.info(f"index refresh {self.refreshes} (weights of step {self.job_step}, "
@@ -135,6 +137,13 @@ class IndexRefresh:
             shutil.rmtree(encoder_dir(self.job.out_dir), ignore_errors=True)
             log.info(f"index refresh from step {self.job_step} stopped: training ended first")
         self.job = None
+
+    def summary(self) -> dict:
+        """What the run's refreshes did (for `train_summary.json`): counts and one event per
+        finished refresh (the step it was swapped in before, or failed at; the step whose
+        weights it embedded; seconds; stale recall)."""
+        return {"every": self.every, "refreshes": self.refreshes, "failures": self.failures,
+                "snapshot_step": self.snapshot_step, "events": self.events}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
