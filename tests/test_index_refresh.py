@@ -137,11 +137,18 @@ def test_refresh_without_a_trainable_document_encoder_is_refused(tmp_path):
         "pretrain.py: error: refresh_every=10 (--refresh-every) needs a trainable document encoder")
 
 
-def test_refresh_under_several_processes_is_refused_by_name(tmp_path):
+def test_refresh_under_several_processes_or_into_an_unwritable_folder_is_refused(tmp_path):
     module = RAGModule(size="tiny", index_dir="x", train_doc_encoder=True, refresh_every=2)
     module._trainer = SimpleNamespace(world_size=2, default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"refresh_every=2 \(--refresh-every\) runs in one "
                                          r"process; this run has 2 processes"):
+        module._make_refresh()
+    (tmp_path / "file").write_text("")
+    module = RAGModule(size="tiny", index_dir="x", train_doc_encoder=True, refresh_every=2,
+                       refresh_dir=str(tmp_path / "file" / "refresh"))
+    module._trainer = SimpleNamespace(world_size=1, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"refresh_dir .*file/refresh \(--refresh-dir\) cannot "
+                                         r"be created"):
         module._make_refresh()
 
 

@@ -171,7 +171,12 @@ class RAGModule(L.LightningModule):
                              f"{world}): set refresh_every to null, or train in one process "
                              f"(under several ranks every rank would have to swap at the same "
                              f"step: not supported yet)")
-        root = self.hparams.refresh_dir or Path(self.trainer.default_root_dir) / "index_refresh"
+        root = Path(self.hparams.refresh_dir or Path(self.trainer.default_root_dir) / "index_refresh")
+        try:  # here, not at the first refresh N steps in
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"refresh_dir {root} (--refresh-dir) cannot be created ({err}); "
+                             f"choose a writable folder") from None
         return IndexRefresh(self.hparams.refresh_every, root)
 
     # -- index refresh (trainers.refresh) ------------------------------------------------------
