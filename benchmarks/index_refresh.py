@@ -273,7 +273,9 @@ def pretrain(args, data: Path, index: Path, out: Path, extra: list[str]) -> dict
                "--lr", str(args.lr), "--warmup-steps", "5", "--val-every", str(10 * args.steps),
                "--seed", str(args.seed), *extra]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": path})  # this checkout's packages
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     summary = json.loads((out / "train_summary.json").read_text())
