@@ -125,7 +125,7 @@ def cmd_estimate(args) -> None:
     if args.runtime:  # as trainers/parallel trains it
         dp = args.dp or cluster.num_gpus // (args.tp * args.pp)
         layout = replace(layout, zero=3 if dp > 1 else 0, fp32_params=True,
-                         deferred_grad_sync=True)
+                         deferred_grad_sync=True, bf16_matmul_params=True)
     estimate = estimate_step(shape, cluster, layout)
     print(format_step(estimate, shape))
     if args.json:
@@ -207,7 +207,8 @@ def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = 
     if not source_case:
         p.add_argument("--runtime", action="store_true",
                        help="as this project's runtime trains: fp32 parameters under bf16 "
-                            "autocast, FSDP2 over dp with one reduce-scatter per step "
+                            "autocast, FSDP2 over dp with one reduce-scatter per step and "
+                            "the attention and MLP weights gathered in bf16 "
                             "(--zero 3 when dp > 1), recompute none or full")
 
 

@@ -149,6 +149,16 @@ def test_memory_per_gpu_zero_stages_by_hand():
                                              deferred_grad_sync=True), 4, 1)
     assert (fp32["params"], fp32["grads"], fp32["optimizer"]) == pytest.approx(
         (p + 4 * p, 4 * p, 2 * p))
+    # ... and, as the runtime's FSDP2 runs bf16-mixed, the attention and MLP weights (12 h^2
+    # a layer) gathered and held whole in bf16: 2 B of whole weights for them, 4 B for the
+    # norms and the embedding; the whole gradients stay fp32 (FSDP2 accumulates them in its
+    # fp32 reduce dtype), the shards and Adam too
+    matmul = 4 * 12 * 1024**2
+    mixed = memory_per_gpu(shape, TrainLayout(dp=4, global_batch=4, zero=3, fp32_params=True,
+                                              deferred_grad_sync=True,
+                                              bf16_matmul_params=True), 4, 1)
+    assert (mixed["params"], mixed["grads"], mixed["optimizer"]) == pytest.approx(
+        (p + 4 * (p - matmul) + 2 * matmul, 4 * p, 2 * p))
     untied = GPTShape(num_layers=4, hidden=1024, num_heads=8, seq_len=256, vocab=1000,
                       tied_embeddings=False)
     assert untied.num_params == p + 1000 * 1024
@@ -342,6 +352,16 @@ def test_fsdp_shards_the_partitioners_static_memory():
     assert MemoryModel(data_parallel_shards=4).static_bytes(unit) == (
         4000 / 4 + 4000 + 4000 + 8000 / 4 + 100)
     assert MemoryModel().static_bytes(unit) == 16000 + 100
+    # under bf16-mixed the runtime gathers 600 of its 1000 fp32 parameters (those in its
+    # attention and MLP layers) as bf16: whole weights 600 x 2 + 400 x 4 bytes
+    mixed = UnitCost(name="u", fwd_ms=1, bwd_ms=2, param_count=1000, param_bytes=4000,
+                     low_precision_param_count=600, state_bytes=100)
+    assert MemoryModel(data_parallel_shards=4, low_precision_bytes=2).static_bytes(mixed) == (
+        4000 / 4 + (600 * 2 + 400 * 4) + 4000 + 8000 / 4 + 100)
+    # without sharding or with ZeRO-3 semantics nothing is gathered for the step
+    assert MemoryModel(low_precision_bytes=2).static_bytes(mixed) == 16000 + 100
+    assert MemoryModel(data_parallel_shards=4, deferred_gradient_sync=False,
+                       low_precision_bytes=2).static_bytes(mixed) == 16000 / 4 + 100
 
 
 def test_auto_partition_costs_for_this_device(monkeypatch):
@@ -386,6 +406,37 @@ def test_auto_partition_takes_the_training_batch_and_dp():
     stages = auto_partition(config, pp_size=2, schedule="1f1b", num_microbatches=2,
                             batch_size=4, dp_size=8, device=device)
     assert stages == [["retrieval"], ["blocks.0", "blocks.1", "head"]]
+
+
+def test_auto_partition_counts_the_runtimes_bf16_matmul_weights():
+    """Under bf16 the runtime's FSDP2 gathers the attention and MLP weights of every unit in
+    bf16 (parallelize.matmul_modules): auto_plan's per-unit counts of them are those
+    modules' parameters in the built model, and each stage's static bytes drop by 2 B for
+    each of them (fp32 4 B -> bf16 2 B whole weights; dp = 1 is unchanged, tested on
+    MemoryModel above)."""
+    import torch
+
+    from rag_mm.config import model_config
+    from rag_mm.model import build_model
+    from trainers.parallel.auto import auto_plan
+    from trainers.parallel.parallelize import matmul_modules
+    from trainers.partition.costs import DeviceSpec
+
+    config = model_config("tiny")
+    with torch.device("meta"):
+        model = build_model(config)
+    expect = {name: sum(p.numel() for sub in matmul_modules(unit) for p in sub.parameters())
+              for name, unit in model.units()}
+    assert all(expect[name] > 0 for name in expect if name.startswith("blocks."))
+    device = DeviceSpec(name="8 GiB", tflops=1.0, mem_gb_per_s=10.0, memory_gib=8.0)
+    kwargs = {"pp_size": 2, "schedule": "1f1b", "num_microbatches": 2, "batch_size": 4,
+              "device": device}
+    fp32 = auto_plan(config, dp_size=8, **kwargs)
+    mixed = auto_plan(config, dp_size=8, bf16=True, **kwargs)
+    assert [s.units for s in mixed.plan.stages] == [s.units for s in fp32.plan.stages]
+    for a, b in zip(fp32.plan.stages, mixed.plan.stages):
+        low = sum(expect[name] for name in a.units)
+        assert a.static_bytes - b.static_bytes == pytest.approx(2 * low, rel=1e-12)
 
 
 def test_auto_partition_takes_activation_checkpointing_and_a_gpu_name():
@@ -461,6 +512,17 @@ def test_zero3_collectives_per_unit_by_hand():
                                                          deferred_grad_sync=True))
     assert deferred.time_s["dp_grad_reduce"] == pytest.approx(3 * ring(2 * params / 3))
     assert deferred.time_s["fsdp_gather_exposed"] == pytest.approx(6 * ring(2 * params / 3))
+    # the runtime under bf16-mixed: fp32 parameters, the matmul weights gathered in bf16
+    # (2 B), norms and embedding in fp32 (4 B); gradients reduce-scattered in fp32
+    runtime = estimate_step(shape, cluster, TrainLayout(global_batch=16, zero=3,
+                                                        overlap_zero3=False,
+                                                        deferred_grad_sync=True,
+                                                        fp32_params=True,
+                                                        bf16_matmul_params=True))
+    matmul = 2 * 12 * 1024**2
+    assert runtime.time_s["dp_grad_reduce"] == pytest.approx(3 * ring(4 * params / 3))
+    assert runtime.time_s["fsdp_gather_exposed"] == pytest.approx(
+        6 * ring((2 * matmul + 4 * (params - matmul)) / 3))
     with pytest.raises(ValueError, match=r"--zero3-unit 'block': valid: layer, module"):
         TrainLayout(global_batch=16, zero=3, zero3_unit="block")
 

@@ -30,7 +30,8 @@ def planner_schedule(schedule: str, num_microbatches: int):
 
 def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int,
                    batch_size: int | None = None, dp_size: int = 1,
-                   activation_checkpointing=None, device=None) -> list[list[str]]:
+                   activation_checkpointing=None, device=None,
+                   bf16: bool = False) -> list[list[str]]:
     """Stages (unit names) for a `rag_mm.config.ModelConfig` on `pp_size` pipeline ranks.
 
     batch_size: samples per step in one pipeline, i.e. one data-parallel replica's loader
@@ -46,18 +47,21 @@ def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int
         torch.distributed every rank times and all take the slowest, so they plan alike), a
         `trainers.partition.costs.DeviceSpec`, or None: this process's device
         (`hardware.local_device_spec`).
+    bf16: the run trains under a bf16 precision, so with dp > 1 `parallelize` gives the
+        attention and MLP layers bf16 FSDP2 groups: their whole weights during the step are
+        bf16 (2 B), not fp32 (`MemoryModel.low_precision_bytes`); their gradients stay fp32.
     """
     result = auto_plan(config, pp_size=pp_size, schedule=schedule,
                        num_microbatches=num_microbatches, batch_size=batch_size,
                        dp_size=dp_size, activation_checkpointing=activation_checkpointing,
-                       device=device)
+                       device=device, bf16=bf16)
     stages = sorted(result.plan.stages, key=lambda stage: stage.chunk)
     return [list(stage.units) for stage in stages]
 
 
 def auto_plan(config, *, pp_size: int, schedule: str, num_microbatches: int,
               batch_size: int | None = None, dp_size: int = 1,
-              activation_checkpointing=None, device=None):
+              activation_checkpointing=None, device=None, bf16: bool = False):
     """The partitioner's whole `PartitionResult` behind `auto_partition` (per-stage
     parameter counts, memory and times of the chosen split); the same arguments."""
     from trainers.partition.chain import MemoryModel
@@ -68,6 +72,7 @@ def auto_plan(config, *, pp_size: int, schedule: str, num_microbatches: int,
     )
     from trainers.partition.models import profile_rag
     from trainers.partition.partition import PartitionConfig, plan_partition
+    from trainers.parallel.parallelize import MATMUL_MODULE_TYPES
     from trainers.partition.units import chain_from_profile
 
     if device == "measured":
@@ -77,9 +82,11 @@ def auto_plan(config, *, pp_size: int, schedule: str, num_microbatches: int,
     device = device or local_device_spec()
     as_fields = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "name"}
     profile = profile_rag("tiny", analytic=True, batch_size=1, device=device, **as_fields)
-    return plan_partition(chain_from_profile(profile), PartitionConfig(
+    low = tuple(cls.__name__ for cls in MATMUL_MODULE_TYPES)
+    return plan_partition(chain_from_profile(profile, low_precision_types=low), PartitionConfig(
         num_stages=pp_size, batch_size=batch_size, memory_cap_bytes=device.memory_gib * 2**30,
-        memory=MemoryModel(data_parallel_shards=dp_size),
+        memory=MemoryModel(data_parallel_shards=dp_size,
+                           low_precision_bytes=2.0 if bf16 else None),
         activation_checkpointing=activation_checkpointing,
         schedule=planner_schedule(schedule, num_microbatches)))
 

@@ -205,6 +205,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig,
                           device=device, parallelize=root, ties=ties)
 
 
+# The layers `matmul_modules` gives bf16 FSDP2 groups (the planner's memory model counts
+# their whole weights in bf16: trainers.parallel.auto, trainers.partition.gpt).
+MATMUL_MODULE_TYPES = (Attention, MLP)
+
+
 def matmul_modules(unit: nn.Module) -> list[nn.Module]:
     """The attention and MLP layers of `unit` (`rag_mm.layers.Attention` / `MLP`): nothing
     in them but linear layers and what runs on their bf16 outputs, so bf16 copies of their
@@ -213,7 +218,7 @@ def matmul_modules(unit: nn.Module) -> list[nn.Module]:
     unit (norms, embeddings, the heads' small layers) keeps fp32 parameters, as under
     autocast in one process: a norm on bf16 weights, or every unit's input cast to bf16,
     would put the residual stream in bf16."""
-    return [sub for sub in unit.modules() if isinstance(sub, (Attention, MLP))]
+    return [sub for sub in unit.modules() if isinstance(sub, MATMUL_MODULE_TYPES)]
 
 
 def materialize(model: nn.Module, names: list[str], device: torch.device | str,
@@ -276,5 +281,5 @@ def _shared_seed(model: nn.Module, mesh: DeviceMesh | None) -> int:
     return seed[0]
 
 
-__all__ = ["ParallelConfig", "RemoteUnit", "check_compile", "check_parallelize",
+__all__ = ["MATMUL_MODULE_TYPES", "ParallelConfig", "RemoteUnit", "check_compile", "check_parallelize",
            "keep_local_units", "local_units", "materialize", "matmul_modules", "parallelize"]

@@ -211,10 +211,14 @@ class PipelineStrategy(ModelParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
 
+    def _bf16(self) -> bool:
+        """The run trains under a bf16 precision (bf16 FSDP2 groups for the matmul layers)."""
+        return str(getattr(self.precision_plugin, "precision", "")).startswith("bf16")
+
     def parallel_config(self, chain: list[str]) -> ParallelConfig:
         """This strategy's settings as `parallelize` takes them (bf16 parameters in FSDP2's
         compute under a bf16 precision)."""
-        bf16 = str(getattr(self.precision_plugin, "precision", "")).startswith("bf16")
+        bf16 = self._bf16()
         return ParallelConfig(pipeline=self.pipeline_config,
                               sequence_parallel=self.sequence_parallel,
                               activation_checkpointing=self._checkpointing_setting(chain),
@@ -252,6 +256,7 @@ class PipelineStrategy(ModelParallelStrategy):
                                 num_microbatches=config.num_microbatches,
                                 batch_size=batch_size if isinstance(batch_size, int) else None,
                                 dp_size=self.dims.dp, device=self.partition_device,
+                                bf16=self._bf16(),
                                 activation_checkpointing=ActivationCheckpointing.parse(
                                     self._checkpointing_setting(chain)).planner_blocks(chain))
         self.pipeline_config = replace(config, stages=stages)

@@ -18,6 +18,9 @@ class UnitCost:
 
     fwd_ms, bwd_ms: forward and backward compute time.
     param_count, param_bytes: parameters owned (shared ones counted once, by the first user).
+    low_precision_param_count: how many of them the runtime gathers in a lower precision
+        than they are stored in (under bf16-mixed its FSDP2 groups of the attention and MLP
+        layers gather bf16 copies of fp32 weights); ``MemoryModel.low_precision_bytes``.
     state_bytes: other fixed memory (buffers; or, for plain lists, all static memory).
     act_bytes: activation bytes kept from forward until backward.
     recompute_bytes: under activation checkpointing, the bytes the unit's recomputed
@@ -36,6 +39,7 @@ class UnitCost:
     bwd_ms: float
     param_count: int = 0
     param_bytes: float = 0.0
+    low_precision_param_count: int = 0
     state_bytes: float = 0.0
     act_bytes: float = 0.0
     recompute_bytes: float = 0.0
@@ -46,7 +50,8 @@ class UnitCost:
     layer: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("fwd_ms", "bwd_ms", "param_count", "param_bytes", "state_bytes",
+        for key in ("fwd_ms", "bwd_ms", "param_count", "param_bytes",
+                    "low_precision_param_count", "state_bytes",
                     "act_bytes", "recompute_bytes", "out_bytes", "flops"):
             if getattr(self, key) < 0:
                 raise ValueError(f"unit {self.name!r}: {key}={getattr(self, key)} must be >= 0")
@@ -76,6 +81,12 @@ class MemoryModel:
         holds the unsharded parameters and their unsharded gradients beside its shards.
         False: ZeRO-3 / FSDP with a reduce-scatter every backward (parameters, gradients
         and optimizer state all divided by the shards).
+    low_precision_bytes: bytes per parameter of the whole copy that FSDP2 gathers of a
+        unit's ``low_precision_param_count`` parameters and holds during the step (2: the
+        runtime's bf16 MixedPrecisionPolicy on its attention and MLP layers under
+        bf16-mixed, ``trainers.parallel.parallelize``); None: their stored dtype. Their
+        whole gradients stay in the stored dtype: FSDP2 accumulates them in its fp32 reduce
+        dtype while sync is deferred (``FSDPParam.to_accumulated_grad_if_needed``).
     """
 
     grad_bytes_per_param: float | None = None
@@ -83,8 +94,11 @@ class MemoryModel:
     master_bytes_per_param: float = 0.0
     data_parallel_shards: int = 1
     deferred_gradient_sync: bool = True
+    low_precision_bytes: float | None = None
 
     def __post_init__(self) -> None:
+        if self.low_precision_bytes is not None and self.low_precision_bytes < 0:
+            raise ValueError(f"low_precision_bytes={self.low_precision_bytes} must be >= 0")
         for key in ("optimizer_bytes_per_param", "master_bytes_per_param"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
@@ -100,7 +114,11 @@ class MemoryModel:
         shards = self.data_parallel_shards
         optimizer = unit.param_count * per_param / shards
         if shards > 1 and self.deferred_gradient_sync:
-            whole = unit.param_bytes + grads  # unsharded during the step
+            weights = unit.param_bytes
+            if self.low_precision_bytes is not None and unit.low_precision_param_count:
+                stored = unit.param_bytes / unit.param_count  # bytes a parameter at rest
+                weights -= unit.low_precision_param_count * (stored - self.low_precision_bytes)
+            whole = weights + grads  # unsharded during the step
             return unit.param_bytes / shards + whole + optimizer + unit.state_bytes
         return (unit.param_bytes + grads) / shards + optimizer + unit.state_bytes
 

@@ -51,9 +51,16 @@ WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
 # Megatron-LM accumulates and all-reduces gradients in fp32 (its main_grad buffers, option
 # --accumulate-allreduce-grads-in-fp32) without ZeRO; ZeRO / FSDP reduce them in bf16.
 GRAD_REDUCE_BYTES = {0: 4, 1: 2, 2: 2, 3: 2}
-# fp32 parameters under autocast (Lightning's "bf16-mixed", this project's runtime: FSDP2
-# without a MixedPrecisionPolicy): fp32 weights and gradients, Adam's two fp32 moments.
+# fp32 parameters under autocast (Lightning's "bf16-mixed", this project's runtime): fp32
+# weights and gradients, Adam's two fp32 moments.
 FP32_WEIGHT_BYTES, FP32_GRAD_BYTES, FP32_OPTIMIZER_BYTES = 4, 4, 8
+# The runtime's FSDP2 under bf16-mixed (trainers/parallel/parallelize.py, ``matmul_modules``):
+# every attention and MLP layer is its own FSDP2 group with a bf16 ``MixedPrecisionPolicy``
+# (param_dtype bf16, reduce_dtype fp32), so those weights are all-gathered in bf16 and held
+# whole in bf16 during the step; their whole gradients are accumulated in fp32 (FSDP2's
+# ``FSDPParam.to_accumulated_grad_if_needed`` upcasts to the reduce dtype while gradient sync
+# is deferred). Norms and embeddings stay fp32 throughout.
+BF16_MATMUL_WEIGHT_BYTES = 2
 
 
 def state_bytes(layout: TrainLayout) -> tuple[int, int, int, int]:
@@ -125,6 +132,11 @@ class GPTShape:
         return attention + mlp + 4 * h  # two norms (weight + bias)
 
     @property
+    def matmul_layer_params(self) -> int:
+        """A layer's attention and MLP weights (everything but its two norms)."""
+        return self.layer_params - 4 * self.hidden
+
+    @property
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 
@@ -186,6 +198,10 @@ class TrainLayout:
     fp32_params: weights and gradients in fp32 under autocast, Adam 8 bytes (Lightning's
         bf16-mixed, the runtime); else bf16 weights and gradients with an fp32 master copy
         in the optimizer state (Megatron, DeepSpeed).
+    bf16_matmul_params: with fp32_params and ZeRO-3 over dp > 1, the runtime's FSDP2 under
+        bf16-mixed: the attention and MLP weights gathered and held whole in bf16 (their
+        own groups' bf16 MixedPrecisionPolicy), their gradients reduced and accumulated in
+        fp32; norms and embeddings fp32 (``BF16_MATMUL_WEIGHT_BYTES``).
     deferred_grad_sync: ZeRO-3 as this project's runtime runs FSDP2 under
         ``torch.distributed.pipelining``: micro-batches back through without gradient sync
         or resharding and one reduce-scatter per unit ends the step, so parameters and
@@ -209,6 +225,7 @@ class TrainLayout:
     overlap_zero3: bool = True
     deferred_grad_sync: bool = False
     fp32_params: bool = False
+    bf16_matmul_params: bool = False
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp),
@@ -240,6 +257,7 @@ class TrainLayout:
             extras += ["zero3-per-module"] if self.zero3_unit == "module" else []
             extras += ["zero3-serial"] if not self.overlap_zero3 else []
             extras += ["deferred-sync"] if self.deferred_grad_sync else []
+            extras += ["bf16-gather"] if self.fp32_params and self.bf16_matmul_params else []
         extras += ["sp"] if self.sequence_parallel else []
         extras += ["tp-overlap"] if self.overlap_tp_comm else []
         return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
@@ -376,6 +394,18 @@ def _stage_params(shape: GPTShape, layout: TrainLayout) -> float:
     return (params + edge) / layout.tp
 
 
+def _gathered_bytes(shape: GPTShape, layout: TrainLayout) -> float:
+    """Bytes of the busiest rank's parameters once gathered whole (ZeRO-3): every weight at
+    the layout's weight bytes, or, for the runtime's bf16 FSDP2 groups, the attention and
+    MLP weights in bf16 and the rest (norms, embeddings) in fp32."""
+    weight_bytes = state_bytes(layout)[0]
+    params = _stage_params(shape, layout)
+    if not (layout.fp32_params and layout.bf16_matmul_params):
+        return params * weight_bytes
+    matmul = shape.num_layers // layout.pp * shape.matmul_layer_params / layout.tp
+    return params * weight_bytes - matmul * (weight_bytes - BF16_MATMUL_WEIGHT_BYTES)
+
+
 def _in_flight(layout: TrainLayout, m: int) -> float:
     """Micro-batches of a rank's layers' activations alive at the first rank's peak."""
     p, v = layout.pp, layout.virtual_stages
@@ -393,7 +423,7 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
     weights = params * weight_bytes / (dp if zero >= 3 else 1)
     grads = params * grad_bytes / (dp if zero >= 2 else 1)
     if zero == 3 and dp > 1 and layout.deferred_grad_sync:  # whole during the step
-        weights += params * weight_bytes
+        weights += _gathered_bytes(shape, layout)
         grads = params * grad_bytes
     elif zero == 3 and dp > 1:  # the unit computing and the one prefetched, gathered whole
         per_layer = zero3_units_per_layer(shape, layout)
@@ -489,7 +519,7 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
         gather = ring_seconds(params * weight_bytes, dp, nodes, cluster, factor=1)
         return reduce_scatter + gather, 0.0  # updated parameters gathered once a step
     units = zero3_units(shape, layout)
-    gather = ring_seconds(params * weight_bytes / units, dp, nodes, cluster, factor=1)
+    gather = ring_seconds(_gathered_bytes(shape, layout) / units, dp, nodes, cluster, factor=1)
     reduce_scatter = ring_seconds(grad_bytes / units, dp, nodes, cluster, factor=1)
     if layout.zero3_unit == "module":  # DeepSpeed's list collectives copy through HBM
         gather += memory_seconds(DEEPSPEED_GATHER_HBM_PASSES * params * weight_bytes / units,
@@ -546,7 +576,8 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
 
     runtime: only what this project's runtime trains: fp32 parameters under autocast,
     FSDP2 with deferred sync over dp (zero 3) or no sharding at dp = 1, activation
-    checkpointing of every block or none (``recompute`` full / none).
+    checkpointing of every block or none (``recompute`` full / none), and under bf16-mixed
+    the attention and MLP weights gathered in bf16 (``bf16_matmul_params``).
     """
     if runtime:
         recompute = tuple(r for r in recompute if r != "selective")
@@ -572,7 +603,8 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                                               virtual_stages=v, recompute=rc, zero=z,
                                               sequence_parallel=tp > 1
                                               and shape.seq_len % tp == 0,
-                                              fp32_params=runtime, deferred_grad_sync=runtime)
+                                              fp32_params=runtime, deferred_grad_sync=runtime,
+                                              bf16_matmul_params=runtime)
 
 
 def _schedules(shape: GPTShape, pp: int, m: int):

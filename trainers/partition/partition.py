@@ -173,6 +173,8 @@ def _item_level_cuts(chain: CostChain, config: PartitionConfig) -> tuple[int, ..
                              bwd_ms=sum(u.bwd_ms for u in part),
                              param_count=sum(u.param_count for u in part),
                              param_bytes=sum(u.param_bytes for u in part),
+                             low_precision_param_count=sum(u.low_precision_param_count
+                                                           for u in part),
                              state_bytes=sum(u.state_bytes for u in part),
                              act_bytes=sum(u.act_bytes for u in part), out_bytes=part[-1].out_bytes,
                              recompute_bytes=max(u.recompute_bytes for u in part),

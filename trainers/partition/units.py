@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter
+from dataclasses import replace
 
 from trainers.partition.chain import CostChain, UnitCost
 from trainers.partition.trace import ModuleRecord, Profile
@@ -32,13 +33,17 @@ TIED = ("colocate", "replicate")
 
 def chain_from_profile(profile: Profile, *, declared: bool | None = None,
                        max_unit_share: float = 1 / 32, groups=(), tied: str = "colocate",
-                       max_depth: int | None = None) -> CostChain:
+                       max_depth: int | None = None,
+                       low_precision_types: tuple[str, ...] = ()) -> CostChain:
     """The unit chain of ``profile``.
 
     declared: use the model's declared chain (default: when the model offered one).
     max_unit_share: walked chains descend until no unit exceeds this share of the time.
     groups: extra lists of module names that must share a stage.
     tied: "colocate" (shared parameters keep their modules in one stage) or "replicate".
+    low_precision_types: module type names whose parameters the runtime gathers in a lower
+        precision (the runtime's bf16 FSDP2 groups: ``Attention``, ``MLP``); each unit's
+        ``low_precision_param_count`` counts the parameters inside such modules.
     """
     if tied not in TIED:
         raise ValueError(f"tied={tied!r}: use one of {', '.join(TIED)}")
@@ -58,6 +63,9 @@ def chain_from_profile(profile: Profile, *, declared: bool | None = None,
     for group in all_groups:
         _check_names(profile, group, "group member")
     units = _unit_costs(profile, names, tied)
+    if low_precision_types:
+        units = tuple(replace(u, low_precision_param_count=_low_precision_count(
+            profile, name, low_precision_types)) for u, name in zip(units, names))
     index_groups = tuple(tuple(_units_of(profile, names, member) for member in group)
                          for group in all_groups)
     flat = tuple(tuple(sorted({i for part in g for i in part})) for g in index_groups)
@@ -120,6 +128,17 @@ def _descendable(profile: Profile, name: str, max_depth: int | None) -> bool:
         return False
     children = _look_through(profile, _ran_children(profile, name))
     return bool(children) and all(profile.modules[c].calls == 1 for c in children)
+
+
+def _low_precision_count(profile: Profile, unit: str, types: tuple[str, ...]) -> int:
+    """Parameters of ``unit`` inside modules of ``types``: all of them when the unit is such
+    a module or inside one, else those of its outermost such submodules."""
+    mods = profile.modules
+    if any(mods[m].type in types for m in mods if m and _inside(unit, m)):
+        return mods[unit].param_count
+    tops = [m for m in mods if m != unit and _inside(m, unit) and mods[m].type in types]
+    return sum(mods[m].param_count for m in tops
+               if not any(o != m and _inside(m, o) for o in tops))
 
 
 def _inside(name: str, ancestor: str) -> bool:
