@@ -41,6 +41,15 @@ def test_gemm_time_is_the_additive_roofline_by_hand():
     big = gemm_seconds(8192, 8192, 8192, A100_40)
     assert 2 * 8192**3 / big / 312e12 == pytest.approx(0.8 / (1 + 0.8 * 200.64 * 3 / 8192),
                                                        rel=1e-3)
+    # H100 and H200: the A100-fitted 0.8 scaled by the measured MAMF shares (Bekman's table:
+    # H100 SXM 792.1 of 989 TFLOP/s, A100 SXM 267.9 of 312): 0.8 x 0.8009 / 0.8587 = 0.7462
+    h100 = GPUS["h100-80gb"]
+    assert h100.gemm_share == pytest.approx(0.7462, abs=1e-4)
+    assert GPUS["h200"].gemm_share == h100.gemm_share
+    assert GPUS["a100-80gb"].gemm_share == A100_40.gemm_share == 0.8
+    # 2 * 8192^3 FLOPs at 0.7462 x 989 TFLOP/s, plus 3 x 8192^2 bf16 operands at 3350 GB/s
+    assert gemm_seconds(8192, 8192, 8192, h100) == pytest.approx(
+        2 * 8192**3 / (0.7462 * 989e12) + 3 * 2 * 8192**2 / 3350e9, rel=1e-4)
 
 
 def test_collectives_by_hand():
@@ -229,10 +238,17 @@ def test_unknown_gpu_names_the_flag_and_the_known_ones():
 # than the model of its collectives and their copies predicts.
 MISSED = {"GPT 529.6B ZeRO-3, 2240 A100": -0.218}
 # Held-out runs (never used to fit): the errors the README's held-out block prints.
-HELD_OUT_ERRORS = {"MPT-70b FSDP, 64 H100 80GB": -0.131, "MPT-30b FSDP, 32 H100 80GB": -0.089,
-                   "MPT-13b FSDP, 64 H100 80GB": -0.308, "MPT-70b FSDP, 64 A100 80GB": -0.009,
+HELD_OUT_ERRORS = {"MPT-70b FSDP, 64 H100 80GB": -0.080, "MPT-30b FSDP, 32 H100 80GB": -0.036,
+                   "MPT-13b FSDP, 64 H100 80GB": -0.2725, "MPT-70b FSDP, 64 A100 80GB": -0.009,
                    "MPT-70b FSDP, 128 A100 40GB": -0.053, "MPT-30b FSDP, 128 A100 40GB": 0.021,
-                   "MPT-13b FSDP, 128 A100 40GB": 0.058, "MPT-7b FSDP, 128 A100 40GB": 0.060}
+                   "MPT-13b FSDP, 128 A100 40GB": 0.058, "MPT-7b FSDP, 128 A100 40GB": 0.060,
+                   "MPT-3b FSDP, 64 H100 80GB": -0.132, "MPT-1b FSDP, 64 H100 80GB": -0.074,
+                   "MPT-760m FSDP, 32 H100 80GB": -0.056, "MPT-3b FSDP, 128 A100 40GB": -0.023,
+                   "MPT-1b FSDP, 128 A100 40GB": 0.024, "MPT-760m FSDP, 128 A100 40GB": 0.038,
+                   "MPT-350m FSDP, 128 A100 40GB": 0.224, "MPT-125m FSDP, 128 A100 40GB": 0.133}
+# Held-out runs whose published layout the memory model puts over the 40 GiB GPU (less the
+# 3 GiB reserve): GiB per GPU it predicts, mostly activations (README, held-out block).
+HELD_OUT_OVER_MEMORY = {"MPT-1b FSDP, 128 A100 40GB": 38.2, "MPT-350m FSDP, 128 A100 40GB": 41.1}
 
 
 @pytest.mark.parametrize("run", CALIBRATION + CHECKS, ids=lambda run: run.name)
@@ -251,11 +267,17 @@ def test_published_runs(run):
 def test_held_out_runs(run):
     """Published runs no constant was fitted on: the error is what the README prints (the
     target is not asserted: these rows report how the model generalises), the published
-    layout fits, and the ranking's first layout fits and is at least as fast."""
+    layout fits (except the two rows the memory model misses), and the ranking's first
+    layout fits and is at least as fast."""
     row = compare(run)
     assert row["error"] == pytest.approx(HELD_OUT_ERRORS[run.name], abs=0.0015)
-    assert row["fits"]
     best = row["best"]
+    if run.name in HELD_OUT_OVER_MEMORY:  # a planner miss, reported: the run did train
+        assert not row["fits"]
+        assert row["memory_gib"] == pytest.approx(HELD_OUT_OVER_MEMORY[run.name], abs=0.05)
+        assert best.fits
+        return
+    assert row["fits"]
     assert best.fits and best.step_s <= row["predicted_s"] * (1 + 1e-9)
 
 

@@ -13,6 +13,16 @@ from dataclasses import dataclass
 # Share of the dense peak a large, square bf16 GEMM reaches (cuBLAS). Calibrated on
 # Narayanan et al. 2021, Table 1 (the only fitted compute constant; README "Calibration").
 GEMM_PEAK_SHARE = 0.80
+# Measured maximum achievable matmul FLOP/s (MAMF: the best of a sweep of large bf16 GEMM
+# shapes, no sparsity) as a share of the dense peak: A100 SXM 267.9 of 312 TFLOP/s (0.859),
+# H100 SXM 792.1 of 989 (0.801), both CUDA 12.1 (S. Bekman, "Machine Learning Engineering
+# Open Book", github.com/stas00/ml-engineering, compute/accelerator/README.md, "Maximum
+# Achievable Matmul FLOPS comparison table"; a later version of the same page lists
+# H100/H200 SXM at 794.5, 0.803). GEMM_PEAK_SHARE was fitted on A100 runs only; another
+# GPU's large GEMMs reach it scaled by that GPU's MAMF share over A100's (``GPU.gemm_share``;
+# H100 and H200: 0.80 x 0.801 / 0.859 = 0.746). Not fitted on any run.
+A100_MAMF_SHARE = 267.9 / 312.0
+H100_MAMF_SHARE = 792.1 / 989.0
 # Share of the HBM bandwidth that elementwise kernels (norms, GeLU, softmax, dropout,
 # residual adds) reach. An assumption, not fitted (with the 2x-the-stored-activations
 # traffic in gpt.py); elementwise work is 14-34 % of a layer's forward in Narayanan's Table 1
@@ -49,13 +59,20 @@ class GPU:
     hbm_gb_per_s: float
     nvlink_gb_per_s: float
     node_network_gbps: float
+    mamf_share: float  # measured best bf16 GEMM rate / peak (A100_MAMF_SHARE, ...)
     source: str
 
     def __post_init__(self) -> None:
         for key in ("peak_tflops", "memory_gib", "hbm_gb_per_s", "nvlink_gb_per_s",
-                    "node_network_gbps"):
+                    "node_network_gbps", "mamf_share"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"GPU {self.name}: {key}={getattr(self, key)} must be > 0")
+
+    @property
+    def gemm_share(self) -> float:
+        """Share of the peak a large bf16 GEMM reaches in training: the A100-calibrated
+        GEMM_PEAK_SHARE, scaled by this GPU's measured MAMF share over A100's."""
+        return GEMM_PEAK_SHARE * (self.mamf_share / A100_MAMF_SHARE)
 
     @property
     def flops_per_byte(self) -> float:
@@ -68,18 +85,22 @@ GPUS = {
     # NVLink 3 600 GB/s both ways; DGX A100: 8 x 200 Gb/s HDR InfiniBand for compute.
     "a100-40gb": GPU(name="a100-40gb", peak_tflops=312.0, memory_gib=40.0, hbm_gb_per_s=1555.0,
                      nvlink_gb_per_s=300.0, node_network_gbps=1600.0,
+                     mamf_share=A100_MAMF_SHARE,
                      source="NVIDIA A100 datasheet; DGX A100 user guide"),
     "a100-80gb": GPU(name="a100-80gb", peak_tflops=312.0, memory_gib=80.0, hbm_gb_per_s=2039.0,
                      nvlink_gb_per_s=300.0, node_network_gbps=1600.0,
+                     mamf_share=A100_MAMF_SHARE,
                      source="NVIDIA A100 datasheet; DGX A100 user guide"),
     # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 with sparsity), 3.35 TB/s,
     # NVLink 4 900 GB/s both ways; DGX H100: 8 x 400 Gb/s NDR.
     "h100-80gb": GPU(name="h100-80gb", peak_tflops=989.0, memory_gib=80.0, hbm_gb_per_s=3350.0,
                      nvlink_gb_per_s=450.0, node_network_gbps=3200.0,
+                     mamf_share=H100_MAMF_SHARE,
                      source="NVIDIA H100 SXM datasheet; DGX H100 user guide"),
-    # NVIDIA H200 SXM datasheet: same compute as H100, 141 GB HBM3e at 4.8 TB/s.
+    # NVIDIA H200 SXM datasheet: same compute as H100, 141 GB HBM3e at 4.8 TB/s; the same
+    # GH100 chip, so H100's MAMF share (the later MAMF table's H100/H200 row).
     "h200": GPU(name="h200", peak_tflops=989.0, memory_gib=141.0, hbm_gb_per_s=4800.0,
-                nvlink_gb_per_s=450.0, node_network_gbps=3200.0,
+                nvlink_gb_per_s=450.0, node_network_gbps=3200.0, mamf_share=H100_MAMF_SHARE,
                 source="NVIDIA H200 SXM datasheet; HGX H200"),
 }
 
@@ -164,13 +185,13 @@ def ring_seconds(num_bytes: float, size: int, nodes: int, cluster: Cluster, *,
 def gemm_seconds(m: float, n: float, k: float, gpu: GPU, *, count: float = 1.0) -> float:
     """``count`` GEMMs of (m x k) @ (k x n) in bf16.
 
-    An additive roofline: the time at ``GEMM_PEAK_SHARE`` of the peak plus the time to move
-    the three operands once through HBM (2 bytes an element), i.e. an efficiency of
-    ``1 / (1 / GEMM_PEAK_SHARE + (peak / bandwidth) * (1/m + 1/n + 1/k))``: small or thin
-    GEMMs lose to memory, large square ones approach GEMM_PEAK_SHARE of the peak.
+    An additive roofline: the time at ``gpu.gemm_share`` of the peak (GEMM_PEAK_SHARE on
+    A100) plus the time to move the three operands once through HBM (2 bytes an element),
+    i.e. an efficiency of ``1 / (1 / share + (peak / bandwidth) * (1/m + 1/n + 1/k))``:
+    small or thin GEMMs lose to memory, large square ones approach the share of the peak.
     """
     flops = 2.0 * m * n * k * count
-    compute = flops / (gpu.peak_tflops * 1e12 * GEMM_PEAK_SHARE)
+    compute = flops / (gpu.peak_tflops * 1e12 * gpu.gemm_share)
     memory = 2.0 * (m * k + k * n + m * n) * count / (gpu.hbm_gb_per_s * 1e9)
     return compute + memory
 
@@ -187,15 +208,15 @@ CPU_TFLOPS, CPU_GB_PER_S = 0.2, 20.0
 
 
 def device_spec_for(name: str):
-    """The ``costs.DeviceSpec`` of a GPU named in ``GPUS`` at the calibrated GEMM and memory
-    shares (ValueError naming the known names otherwise)."""
+    """The ``costs.DeviceSpec`` of a GPU named in ``GPUS`` at its GEMM share and the memory
+    share (ValueError naming the known names otherwise)."""
     from trainers.partition.costs import DeviceSpec
 
     if name not in GPUS:
         raise ValueError(f"partition device {name!r} is unknown; valid: {', '.join(GPUS)}")
     gpu = GPUS[name]
     return DeviceSpec(name=gpu.name, tflops=gpu.peak_tflops, mem_gb_per_s=gpu.hbm_gb_per_s,
-                      memory_gib=gpu.memory_gib, matmul_efficiency=GEMM_PEAK_SHARE,
+                      memory_gib=gpu.memory_gib, matmul_efficiency=gpu.gemm_share,
                       memory_efficiency=MEMORY_BW_SHARE)
 
 

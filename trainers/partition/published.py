@@ -8,7 +8,10 @@ Fields a paper does not state are assumptions, listed in ``assumed``.
 ``CALIBRATION`` (Narayanan et al. 2021, Table 1) is what the two fitted constants in
 ``hardware.py`` were chosen on; every other run is a check the constants never saw.
 ``HELD_OUT`` (MosaicML's MPT benchmarks) was added after the model was built and predicted
-once, without changing any constant or code for it: how the model generalises.
+once, without changing any constant or code for it: how the model generalises. Its H100
+rows were later re-predicted after H100's GEMM share was set from an independent GEMM
+measurement (``hardware.GPU.mamf_share``, not fitted on any run; the README gives both
+predictions), and its smaller-model rows were added after that, predicted once.
 """
 
 from __future__ import annotations
@@ -206,8 +209,9 @@ def _mt_nlg() -> list[PublishedRun]:
 # transformer block, prefetched), no tensor or pipeline parallelism, sequence 2048, flash
 # attention, no dropout, vocabulary 50368, tied embeddings. Shapes (layers, hidden, heads)
 # from the mpt-*.yaml configs; their parameter counts match the table's NumParams column.
-_MPT = {"7b": (32, 4096, 32), "13b": (40, 5120, 40), "30b": (48, 7168, 56),
-        "70b": (80, 8192, 64)}
+_MPT = {"125m": (12, 768, 12), "350m": (24, 1024, 16), "760m": (24, 1536, 12),
+        "1b": (24, 2048, 16), "3b": (32, 2560, 20), "7b": (32, 4096, 32),
+        "13b": (40, 5120, 40), "30b": (48, 7168, 56), "70b": (80, 8192, 64)}
 # Rows chosen by a rule fixed before predicting: for each model and GPU table, the
 # sequence-2048 row with the most GPUs, where that is at least 4 nodes. (model, GPUs, GPU,
 # micro-batch, gradient accumulation, global batch, activation checkpointing, tokens/s, MFU %)
@@ -218,7 +222,18 @@ _MPT_ROWS = (("70b", 64, "h100-80gb", 8, 4, 2048, True, 66523, 42.57),
              ("70b", 128, "a100-40gb", 4, 1, 512, True, 48194, 48.91),
              ("30b", 128, "a100-40gb", 6, 1, 768, True, 110803, 52.25),
              ("13b", 128, "a100-40gb", 16, 1, 2048, True, 252444, 51.93),
-             ("7b", 128, "a100-40gb", 18, 1, 2304, True, 463749, 50.14))
+             ("7b", 128, "a100-40gb", 18, 1, 2304, True, 463749, 50.14),
+             # the same rule over the tables' smaller models (760m-3b H100, 125m-3b A100
+             # 40 GB; the A100 80 GB table has them on 8 GPUs only), added later and
+             # predicted once, after hardware.GPU.mamf_share, without change for them
+             ("3b", 64, "h100-80gb", 6, 3, 1152, False, 1441663, 40.8),
+             ("1b", 64, "h100-80gb", 20, 1, 1280, False, 2841754, 40.85),
+             ("760m", 32, "h100-80gb", 24, 1, 768, False, 2175091, 37.57),
+             ("3b", 128, "a100-40gb", 6, 1, 768, False, 1220885, 54.8),
+             ("1b", 128, "a100-40gb", 10, 1, 1280, False, 2386897, 54.41),
+             ("760m", 128, "a100-40gb", 12, 1, 1536, False, 3704382, 50.73),
+             ("350m", 128, "a100-40gb", 18, 1, 2304, False, 6647647, 45.61),
+             ("125m", 128, "a100-40gb", 26, 1, 3328, False, 15863837, 38.86))
 # The A100 tables say "1600 Gbps node-node interconnect (RoCE)"; the H100 table names none,
 # so the DGX H100's 8 x 400 Gb/s is assumed (MOSAICML_H100_GBPS; 1600 is the alternative).
 MOSAICML_A100_GBPS = 1600.0
