@@ -5,7 +5,8 @@
   (`RAGModel.init_unit` is recorded), only the stage-0 rank loads the pretrained text tower,
   and its parameter bytes equal the sum over its stage's units of a whole one-process model
   (the partition's plan) — nothing of the other stage is ever allocated: a rank's
-  parameters are those of its units only.
+  parameters are those of its units only; `parallelize` ran once, at setup (the pipeline
+  existed before the first batch).
 - one process (a world of 1): `parallelize` of a meta-built model gives the loss and every
   gradient of the same model built whole by `build_model` and run by hand, within fp32
   error (`assert_fp32_close`, with the float64 run as the truth).
@@ -62,16 +63,28 @@ def _strategy_worker(rank: int, world_size: int, out_dir: str) -> None:
         load_text(self, unit)
 
     RAGModel.init_unit, RetrievalUnit.load_pretrained_text = record_init, record_text
+    from trainers.parallel import strategy as strategy_module
+
+    calls, built_before_first_batch = [], []
+    run = strategy_module.parallelize
+    strategy_module.parallelize = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
+
+    class FirstBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            built_before_first_batch.append(trainer.strategy.pipeline is not None)
+
     module = make_module()
     on_meta = all(p.is_meta for p in module.parameters())
     strategy = PipelineStrategy(partition=TWO, pipeline_parallel_size=2, num_microbatches=2)
     trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_steps=1,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, use_distributed_sampler=False)
+                        enable_checkpointing=False, use_distributed_sampler=False,
+                        callbacks=[FirstBatch()])
     trainer.fit(module, torch.utils.data.DataLoader(make_batches(module, BATCH_SIZE),
                                                     batch_size=None))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "built_on_meta": on_meta, "initialised": initialised, "pretrained": pretrained,
+        "parallelize_calls": len(calls), "built_before_first_batch": built_before_first_batch,
         "param_bytes": _param_bytes(module.parameters()),
         "names": sorted(n for n, _ in module.named_parameters()),
         "stages": strategy.pipeline_config.stages}))
@@ -88,6 +101,9 @@ def test_each_rank_materialises_only_its_stage(tmp_path):
     for rank, stage in enumerate(TWO):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["built_on_meta"]
+        # parallelize ran once, at setup: the pipeline existed before the first batch
+        assert result["parallelize_calls"] == 1
+        assert result["built_before_first_batch"] == [True]
         assert result["stages"] == TWO
         assert result["initialised"] == stage  # every unit of its stage, once; nothing else
         assert result["pretrained"] == ([rank] if "retrieval" in stage else [])
