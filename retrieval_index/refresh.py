@@ -16,6 +16,12 @@ built (the manifest keeps their sha256; the weights travel in the training check
 
 A failed build (any error in the thread or the child) gives `RefreshResult(ok=False, error=...)`
 with the last lines of the child's log (`out_dir.log`); the source index is never touched.
+
+`stop()` (training ended first) never waits for the build: it terminates the child (SIGKILL
+after `KILL_AFTER` s if it is still alive), joins the thread for at most `timeout` s, and the
+job's files (`out_dir`, `out_dir.encoder/`, `out_dir.log`) are removed: by `stop()` once the
+thread has ended, else by the thread itself as soon as it leaves the step it was in (writing
+the snapshot or loading a finished index; both are checked for a stop after they return).
 Text corpora only (the snapshot is a text tower). No Lightning here.
 """
 
@@ -38,6 +44,7 @@ import numpy as np
 from retrieval_index.manifest import read_manifest
 
 ENCODER_SUFFIX = ".encoder"
+KILL_AFTER = 3.0  # seconds between SIGTERM and SIGKILL for a stopped build
 COPIED_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -61,6 +68,7 @@ class RefreshJob:
         self._process: subprocess.Popen | None = None
         self._result: RefreshResult | None = None
         self._stopped = False
+        self._lock = threading.Lock()  # _stopped against the child's start
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -80,29 +88,43 @@ class RefreshJob:
         job._thread.start()
         return job
 
+    def child_command(self, source_dir: Path, encoder: Path, threads: int,
+                      nice: int) -> list[str]:
+        """The child process that builds the refreshed index."""
+        return [sys.executable, "-m", "retrieval_index.refresh", "--source", str(source_dir),
+                "--encoder", str(encoder), "--out", str(self.out_dir),
+                "--threads", str(threads), "--nice", str(nice), "--parent", str(os.getpid())]
+
     def _run(self, state_dict: dict, source_dir: Path, threads: int, nice: int) -> None:
         try:
             encoder = write_snapshot(state_dict, source_dir, encoder_dir(self.out_dir))
             del state_dict
-            command = [sys.executable, "-m", "retrieval_index.refresh", "--source", str(source_dir),
-                       "--encoder", str(encoder), "--out", str(self.out_dir),
-                       "--threads", str(threads), "--nice", str(nice),
-                       "--parent", str(os.getpid())]
+            command = self.child_command(source_dir, encoder, threads, nice)
             with self.log_path.open("w") as log:
-                if self._stopped:
-                    raise RuntimeError("stopped before the build started")
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                        "MKL_NUM_THREADS": str(threads)}
-                self._process = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                with self._lock:  # stop() either sees the child or the child is never started
+                    if self._stopped:
+                        raise _Stopped("before the build started")
+                    self._process = subprocess.Popen(
+                        command, stdout=log, stderr=subprocess.STDOUT, env=env)
                 code = self._process.wait()
+            if self._stopped:
+                raise _Stopped(f"the build was ended (exit code {code})")
             if code != 0:
                 raise RuntimeError(f"the build exited with code {code}: {self._log_tail()}")
             from retrieval_index.index import load
 
             index = load(self.out_dir, check_encoder=False)  # the encoder is the snapshot
+            if self._stopped:
+                raise _Stopped("after the build, while its index was loaded")
             self._finish(RefreshResult(True, self.out_dir, self._since(), index=index))
+        except _Stopped as stop:
+            self.remove_files()
+            self._finish(RefreshResult(False, self.out_dir, self._since(), f"stopped {stop}"))
         except Exception as err:  # noqa: BLE001 - reported to the trainer, which keeps its index
+            if self._stopped:  # e.g. the snapshot folder removed under it by stop()
+                self.remove_files()
             self._finish(RefreshResult(False, self.out_dir, self._since(), f"{err}"))
 
     def _finish(self, result: RefreshResult) -> None:
@@ -129,12 +151,38 @@ class RefreshJob:
             self._thread.join(timeout)
         return self._result
 
-    def stop(self) -> None:
-        """End the build (its partial directory stays; the caller decides what to remove)."""
-        self._stopped = True
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-        self.wait(60)
+    def stop(self, timeout: float = 10.0) -> bool:
+        """End the build without waiting for it: terminate the child (killed after
+        `KILL_AFTER` s), join the thread for at most `timeout` s in all, remove the job's files.
+        True when the thread has ended (files removed here); False when it is still in a step
+        it cannot leave early (writing the snapshot, loading the finished index): it removes
+        the files itself when that step returns."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._stopped = True
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(max(0.0, min(KILL_AFTER, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        ended = self._thread is None or not self._thread.is_alive()
+        if ended:
+            self.remove_files()
+        return ended
+
+    def remove_files(self) -> None:
+        """The job's index folder, snapshot folder and log."""
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        shutil.rmtree(encoder_dir(self.out_dir), ignore_errors=True)
+        self.log_path.unlink(missing_ok=True)
+
+
+class _Stopped(Exception):
+    """The job was stopped (`RefreshJob.stop`); its files are removed."""
 
 
 def encoder_dir(out_dir: Path) -> Path:

@@ -8,6 +8,8 @@ Run: `.venv/bin/python -m pytest tests/test_index_refresh.py -q`
 import logging
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -215,3 +217,83 @@ def test_checkpoints_record_the_index_and_resume_keeps_it(demo, tmp_path, monkey
     with pytest.raises(ValueError, match=r"index .*index-step0000002 has changed since the "
                                          r"checkpoint was saved"):
         _fit(demo, out, 6, resume=out / "checkpoints" / "last.ckpt")
+
+
+# -- the end of a run never waits for a refresh -------------------------------------------------
+
+# a build that takes forever and ignores SIGTERM (the worst case: only SIGKILL ends it); it
+# writes its pid to argv[1] once SIGTERM is ignored
+STUBBORN_CHILD = ("import os, pathlib, signal, sys, time; signal.signal(signal.SIGTERM, "
+                  "signal.SIG_IGN); pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); "
+                  "time.sleep(600)")
+
+
+class WaitForTheChild(L.Callback):
+    """Test-only: at the end of training (callbacks run before the module's `on_train_end`,
+    which stops the refresh) wait until the refresh's child is running and ignores SIGTERM."""
+
+    def __init__(self, ready: Path) -> None:
+        self.ready = ready
+
+    def on_train_end(self, trainer, module):
+        deadline = time.monotonic() + 300
+        while not (self.ready.is_file() and self.ready.read_text()):
+            assert time.monotonic() < deadline, "the refresh child never started"
+            time.sleep(0.05)
+
+
+def test_a_refresh_in_flight_when_fit_ends_does_not_delay_the_end(demo, tmp_path, monkeypatch,
+                                                                 caplog):
+    ready = tmp_path / "child.pid"  # outside the refresh folder
+    monkeypatch.setattr(refresh_module.RefreshJob, "child_command",
+                        lambda self, *args: [sys.executable, "-c", STUBBORN_CHILD, str(ready)])
+    stops: list[float] = []
+    stop = IndexRefresh.stop
+
+    def timed_stop(self, *args, **kwargs):
+        started = time.perf_counter()
+        stop(self, *args, **kwargs)
+        stops.append(time.perf_counter() - started)
+
+    monkeypatch.setattr(IndexRefresh, "stop", timed_stop)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="trainers.refresh"):
+        module = _fit(demo, out, 2, callbacks=[WaitForTheChild(ready)])  # refresh at step 2
+    # without the bound the end waited for the build (here: 600 s); SIGTERM is ignored, so
+    # this is KILL_AFTER (3 s) then SIGKILL, plus a loaded machine's slack
+    assert len(stops) == 1 and stops[0] < refresh_module.KILL_AFTER + 7, stops
+    pid = int(ready.read_text())
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+    assert module.refresh.job is None and module.refresh.refreshes == 0
+    assert Path(module.model.retrieval.backend.path) == demo / "index"
+    assert list((out / "index_refresh").iterdir()) == []  # no index, snapshot or log left
+    assert "index refresh from step 2 stopped in" in caplog.text
+    assert f"still using {demo / 'index'}" in caplog.text
+
+
+def test_a_refresh_stuck_writing_its_snapshot_is_not_waited_for(demo, tmp_path, monkeypatch,
+                                                               caplog):
+    """stop() returns after its bound while the thread cannot be interrupted; the thread
+    removes the job's files itself once that step returns, and never starts the build."""
+    release = threading.Event()
+    write_snapshot = refresh_module.write_snapshot
+
+    def slow_write(*args):
+        folder = write_snapshot(*args)
+        assert release.wait(300)
+        return folder
+
+    monkeypatch.setattr(refresh_module, "write_snapshot", slow_write)
+    model = _model_on(demo / "index")
+    refresh = IndexRefresh(1, tmp_path / "refresh")
+    refresh.after_step(1, model)
+    job = refresh.job
+    with caplog.at_level(logging.INFO, logger="trainers.refresh"):
+        refresh.stop(in_use=model.retrieval.backend.path, timeout=0.5)
+    assert "index refresh from step 1 not stopped after" in caplog.text
+    assert job.running and refresh.job is None
+    release.set()
+    result = job.wait(300)
+    assert result is not None and not result.ok and result.error.startswith("stopped")
+    assert job._process is None  # the build never started
+    assert list((tmp_path / "refresh").iterdir()) == []

@@ -194,8 +194,8 @@ class RAGModule(L.LightningModule):
             self.refresh.after_step(self.global_step, self.model)
 
     def on_train_end(self):
-        if self.refresh is not None:
-            self.refresh.stop()
+        if self.refresh is not None:  # never waits for a refresh still running
+            self.refresh.stop(in_use=getattr(self.model.retrieval.backend, "path", None))
 
     def set_mode(self, mode: str) -> None:
         """Evaluate the same weights under another document source (baselines)."""

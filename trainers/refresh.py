@@ -14,6 +14,9 @@
   last `sample` training queries; C = the retriever's num_candidates), `refresh/seconds`;
 - a failed refresh leaves the index in use and says so (a warning line naming the error and
   the job's log); the next one starts N steps later;
+- when training ends (`stop`, from `on_train_end`) a refresh still running is ended, not
+  waited for: its child is terminated, its thread joined for at most 10 s, its folders and
+  log removed, and the log says so; the index in use stays the run's index;
 - the checkpoint records the index in use (`retrieval_index.refresh.index_record`: path and
   manifest sha256) and the refresh counters; a resumed fit searches that index again.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -129,14 +133,35 @@ class IndexRefresh:
                 shutil.rmtree(encoder_dir(path), ignore_errors=True)
                 path.with_name(path.name + ".log").unlink(missing_ok=True)
 
-    def stop(self) -> None:
-        """End a refresh still running (training is over); its partial folder is removed."""
-        if self.job is not None and self.job.running:
-            self.job.stop()
-            shutil.rmtree(self.job.out_dir, ignore_errors=True)
-            shutil.rmtree(encoder_dir(self.job.out_dir), ignore_errors=True)
-            log.info(f"index refresh from step {self.job_step} stopped: training ended first")
-        self.job = None
+    def stop(self, in_use=None, timeout: float = 10.0) -> None:
+        """Training is over: end a refresh still running without waiting for it (its child is
+        terminated, its thread joined for at most `timeout` s, its folders and log removed; see
+        `RefreshJob.stop`). One that finished after the last step boundary was never searched:
+        its index is removed too. `in_use`: the index the run ends with (for the log line)."""
+        job, self.job = self.job, None
+        if job is None:
+            return
+        using = f"; still using {in_use}" if in_use is not None else ""
+        result = job.poll()
+        if result is not None and not result.ok:  # failed after the last boundary: as there
+            self.failures += 1
+            self.events.append({"step": None, "ok": False, "weights_step": self.job_step,
+                                "seconds": result.seconds, "error": result.error})
+            log.warning(f"index refresh from step {self.job_step} failed after "
+                        f"{result.seconds:.1f} s{using} ({result.error}; log: {result.path}.log)")
+            return
+        started = time.perf_counter()
+        ended = job.stop(timeout)
+        seconds = time.perf_counter() - started
+        if result is not None:
+            what = "finished after the last step, never searched; its index was removed"
+        elif ended:
+            what = f"stopped in {seconds:.1f} s: training ended first; its files were removed"
+        else:
+            what = (f"not stopped after {seconds:.1f} s (its thread is still writing the "
+                    f"snapshot or loading the index): training ended first; the thread removes "
+                    f"its files when that step returns")
+        log.info(f"index refresh from step {self.job_step} {what}{using}")
 
     def summary(self) -> dict:
         """What the run's refreshes did (for `train_summary.json`): counts and one event per
