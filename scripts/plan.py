@@ -120,7 +120,8 @@ def cmd_estimate(args) -> None:
                          overlap_grad_reduce=args.overlap_grad_reduce,
                          overlap_tp_comm=args.overlap_tp_comm,
                          zero3_unit=args.zero3_unit, overlap_zero3=not args.serial_zero3,
-                         deferred_grad_sync=args.deferred_grad_sync)
+                         deferred_grad_sync=args.deferred_grad_sync,
+                         logit_bytes=args.logit_bytes)
     cluster = _cluster(args)
     if args.runtime:  # as trainers/parallel trains it
         dp = args.dp or cluster.num_gpus // (args.tp * args.pp)
@@ -135,7 +136,7 @@ def cmd_estimate(args) -> None:
 def cmd_layouts(args) -> None:
     shape, per_example = _shape(args)
     ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example,
-                          runtime=args.runtime)
+                          runtime=args.runtime, logit_bytes=args.logit_bytes)
     print(format_steps(ranked, top=args.top))
     if args.json:
         Path(args.json).write_text(json.dumps([step_dict(e) for e in ranked[:args.top]],
@@ -212,6 +213,13 @@ def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = 
                             "(--zero 3 when dp > 1), recompute none or full")
 
 
+def _logit_bytes_flag(p) -> None:
+    p.add_argument("--logit-bytes", type=int, default=4, choices=[2, 4],
+                   help="bytes of a logit and of its gradient in the loss: 4 = fp32 cross "
+                        "entropy (Megatron, torch autocast, the runtime), 2 = a fused bf16 "
+                        "loss (flash-attn's CrossEntropyLoss)")
+
+
 def _add_shape_commands(sub) -> None:
     est = sub.add_parser("estimate", help="predict one layout: step, tokens/s, memory")
     _shape_and_cluster_flags(est)
@@ -240,11 +248,13 @@ def _add_shape_commands(sub) -> None:
     layout.add_argument("--serial-zero3", action="store_true",
                         help="ZeRO-3 collectives in series with compute (default: prefetched "
                              "behind it, as FSDP2)")
+    _logit_bytes_flag(layout)
     est.set_defaults(func=cmd_estimate)
     lay = sub.add_parser("layouts", help="rank (dp, pp, tp, micro-batch, schedule, "
                                          "recompute, ZeRO) layouts")
     _shape_and_cluster_flags(lay)
     lay.add_argument("--top", type=int, default=15)
+    _logit_bytes_flag(lay)
     lay.set_defaults(func=cmd_layouts)
     case = sub.add_parser("source-case", help="16x8 A100: tp across nodes vs pipeline "
                                               "across nodes")

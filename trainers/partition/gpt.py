@@ -202,6 +202,11 @@ class TrainLayout:
         bf16-mixed: the attention and MLP weights gathered and held whole in bf16 (their
         own groups' bf16 MixedPrecisionPolicy), their gradients reduced and accumulated in
         fp32; norms and embeddings fp32 (``BF16_MATMUL_WEIGHT_BYTES``).
+    logit_bytes: bytes of a logit and of its gradient in the loss: 4 (default) where the
+        cross entropy runs on fp32 logits (Megatron's vocab-parallel cross entropy upcasts
+        them; torch autocast runs cross_entropy in fp32, as this runtime's bf16-mixed), 2
+        where a fused loss keeps the bf16 logits and writes a bf16 gradient (flash-attn's
+        ``CrossEntropyLoss``, llm-foundry's default for MPT).
     deferred_grad_sync: ZeRO-3 as this project's runtime runs FSDP2 under
         ``torch.distributed.pipelining``: micro-batches back through without gradient sync
         or resharding and one reduce-scatter per unit ends the step, so parameters and
@@ -226,6 +231,7 @@ class TrainLayout:
     deferred_grad_sync: bool = False
     fp32_params: bool = False
     bf16_matmul_params: bool = False
+    logit_bytes: int = 4
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp),
@@ -246,6 +252,8 @@ class TrainLayout:
             raise ValueError(f"--recompute {self.recompute!r}: valid: {', '.join(RECOMPUTE)}")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"--zero {self.zero}: valid: 0, 1, 2, 3")
+        if self.logit_bytes not in (2, 4):
+            raise ValueError(f"logit_bytes={self.logit_bytes}: valid: 2 (bf16), 4 (fp32)")
         if self.zero3_unit not in ZERO3_UNITS:
             raise ValueError(f"--zero3-unit {self.zero3_unit!r}: valid: {', '.join(ZERO3_UNITS)}")
 
@@ -375,11 +383,13 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
 
 
 def _head_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> float:
-    """The logits (vocab-parallel GEMM, fp32 softmax cross-entropy) forward + backward."""
+    """The logits (vocab-parallel GEMM, softmax cross-entropy on ``logit_bytes`` logits)
+    forward + backward."""
     tokens = layout.microbatch * shape.seq_len
     vocab = shape.vocab / layout.tp
     gemm = gemm_seconds(tokens, vocab, shape.hidden, cluster.gpu)
-    loss = memory_seconds(4 * tokens * vocab * 4, cluster.gpu)  # fp32 logits r/w, fwd + bwd
+    # the logits read and written, forward and backward
+    loss = memory_seconds(4 * tokens * vocab * layout.logit_bytes, cluster.gpu)
     return 3 * gemm + loss
 
 
@@ -439,7 +449,8 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
     if layout.recompute == "full":  # one layer's activations rebuilt at a time
         act += shape.activation_bytes(layout.microbatch, layout.tp,
                                       layout.sequence_parallel, "none")
-    logits = 2 * 4 * layout.microbatch * shape.seq_len * shape.vocab / layout.tp
+    # the logits and their gradient
+    logits = 2 * layout.logit_bytes * layout.microbatch * shape.seq_len * shape.vocab / layout.tp
     return {"params": weights, "grads": grads, "optimizer": optimizer,
             "activations": act + logits}
 
@@ -570,7 +581,7 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
 
 def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                       recompute=RECOMPUTE, zero=(0, 1, 3), microbatches=(1, 2, 4, 8),
-                      runtime: bool = False):
+                      runtime: bool = False, logit_bytes: int = 4):
     """Every layout worth ranking: tp within a node dividing the heads, pp dividing the
     layers, each schedule, micro-batch size, recomputation and ZeRO stage.
 
@@ -578,6 +589,7 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     FSDP2 with deferred sync over dp (zero 3) or no sharding at dp = 1, activation
     checkpointing of every block or none (``recompute`` full / none), and under bf16-mixed
     the attention and MLP weights gathered in bf16 (``bf16_matmul_params``).
+    logit_bytes: the loss's logit bytes for every candidate (``TrainLayout.logit_bytes``).
     """
     if runtime:
         recompute = tuple(r for r in recompute if r != "selective")
@@ -604,7 +616,8 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                                               sequence_parallel=tp > 1
                                               and shape.seq_len % tp == 0,
                                               fp32_params=runtime, deferred_grad_sync=runtime,
-                                              bf16_matmul_params=runtime)
+                                              bf16_matmul_params=runtime,
+                                              logit_bytes=logit_bytes)
 
 
 def _schedules(shape: GPTShape, pp: int, m: int):
