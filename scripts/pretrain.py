@@ -135,7 +135,7 @@ def main(argv=None) -> Path:
         trainer.fit(module, datamodule=data, ckpt_path=resume)
     except Preempted as stop:
         status = "preempted"
-        print(stop, file=sys.stderr, flush=True)
+        print(f"{stop}; rerun with --resume to continue", file=sys.stderr, flush=True)
         raise
     except BaseException:
         status = "failed"

@@ -287,9 +287,16 @@ def test_cli_saves_resumes_from_last_and_refuses_to_overwrite(demo, tmp_path):
     folder = tmp_path / "checkpoints"
     assert [p.name for p in saved_steps(folder)] == ["step-0000002.ckpt", "step-0000003.ckpt"]
     cli = cli_main(args(4, "--ckpt_path", "last"))
+    # resumed from step 3 (a fresh start would also end at step 4: the restored path says it)
+    assert cli.trainer.ckpt_path == str(folder / LAST)
     assert cli.trainer.global_step == 4 and latest(folder).name == "step-0000004.ckpt"
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         cli_main(args(5))
+    tested = cli_main(["test", *args(4, "--ckpt_path", "last")[1:]])
+    assert tested.trainer.ckpt_path == str(folder / LAST)  # the step-4 weights, not a new init
+    with pytest.raises(CheckpointError, match="--ckpt_path last: nothing to resume"):
+        cli_main(args(4, "--ckpt_path", "last", "--trainer.default_root_dir",
+                      str(tmp_path / "empty")))
 
 
 def test_an_epoch_based_run_saves_its_last_epoch_and_resumes_exactly(demo, tmp_path):

@@ -32,6 +32,21 @@ class RAGCLI(LightningCLI):
             checkpoints.every_n_steps = interval
         if self.config_init[self.subcommand].get("ckpt_path") is None:
             resume_path(folder, resume=False)  # refuses to write over an earlier run
+        self._resolve_last()
+
+    def _resolve_last(self) -> None:
+        """`--ckpt_path last` means this run's newest save (`checkpoints/last.ckpt`), refused
+        by name if there is none. Lightning resolves "last" only through its own
+        ModelCheckpoint: with `RunCheckpoints` it warned, started again from step 0 and
+        overwrote the run's `last.ckpt`."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            checkpoints = next(c for c in self.trainer.callbacks
+                               if isinstance(c, RunCheckpoints))
+            folder = checkpoints.resolve_dirpath(self.trainer)
+            config["ckpt_path"] = str(resume_path(folder, resume=True, flag="--ckpt_path last"))
+
+    before_validate = before_test = before_predict = _resolve_last
 
 
 def cli_main(args=None, *, run: bool = True) -> RAGCLI:

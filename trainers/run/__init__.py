@@ -35,15 +35,15 @@ def run_callbacks(dirpath: str | Path, *, every_n_steps: int | None = None, keep
     return [Preemption(checkpoints), RandomState(), NonFiniteGuard(max_nonfinite), checkpoints]
 
 
-def resume_path(dirpath: str | Path, *, resume: bool) -> Path | None:
+def resume_path(dirpath: str | Path, *, resume: bool, flag: str = "--resume") -> Path | None:
     """The checkpoint to resume from. With `resume`, the latest one (refused if there is
     none); without, None, and a folder that already holds a run's checkpoints is refused
     (continue it with --resume, or choose another folder) so nothing is overwritten."""
     found = latest(dirpath)
     if resume:
         if found is None:
-            raise CheckpointError(f"--resume: nothing to resume in {dirpath} (no {LAST}); "
-                                  f"run without --resume to start")
+            raise CheckpointError(f"{flag}: nothing to resume in {dirpath} (no {LAST}); "
+                                  f"run without {flag} to start")
         return Path(dirpath) / LAST
     if found is not None or saved_steps(dirpath):
         raise CheckpointError(f"{dirpath} already holds checkpoints of a run; continue it with "

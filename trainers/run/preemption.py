@@ -31,7 +31,7 @@ class Preempted(SystemExit):
 
     def __str__(self) -> str:
         return (f"preempted by {signal.Signals(self.signum).name} at step {self.step}: "
-                f"saved {self.checkpoint}; rerun with --resume to continue")
+                f"saved {self.checkpoint}")
 
 
 class Preemption(Callback):
