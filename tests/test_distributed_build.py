@@ -5,7 +5,7 @@ ranks is refused by name. Multi-node, simulated on this machine: two torchrun la
 (`--nnodes=2 --nproc_per_node=1 --node_rank=0|1`, static rendezvous at 127.0.0.1) of
 `scripts/build_index.py` give the same bytes with one progress bar, and resume per rank.
 
-Run: .venv/bin/pytest tests/test_distributed_build.py -q        (about 100 s at load 7 on 2 cores)
+Run: .venv/bin/pytest tests/test_distributed_build.py -q        (55 s at load 4, 100 s at load 7 on 2 cores)
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def test_two_nodes_build_index_py_equals_one_process(reference, tiny_dirs, tmp_p
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # a second two-node launch: ~22 s at load 7 on the 2 cores, over the budget
+@pytest.mark.slow  # a second two-node launch: 11 s at load 4, 22 s at load 7 on the 2 cores
 def test_two_nodes_resume_per_rank(reference, tiny_dirs, tmp_path):
     """The same two-node launch of the interrupted-then-resumed build as above (rank 1 stops
     after its shard 1, both ranks stop, a rerun reuses the finished shards)."""
