@@ -353,8 +353,15 @@ class RetrievalUnit(nn.Module):
                 batch[name][rows_changed] = batch[name][donor]
         return batch, rows
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> Carry:
+    def forward(self, batch: dict[str, torch.Tensor], *,
+                contrastive_only: bool = False) -> Carry | torch.Tensor:
+        """The carry for the first block; with `contrastive_only`, only the per-example
+        contrastive loss (B,) of the queries (`RAGModel.retriever_losses`: the warm-up). It
+        is a path through `forward` so that whatever wraps the unit's forward (a data
+        parallel wrapper's parameter gathering and gradient reduction) also runs for it."""
         retrieved = self.retrieve(batch)
+        if contrastive_only:
+            return retrieved.contrastive
         if self.training and self.config.reader.kind == "fid" and self.config.reader.shuffle_slots:
             retrieved = shuffled(retrieved)
         if not (self.training and self.config.reader.counterfactual > 0):
@@ -653,10 +660,15 @@ class RAGModel(nn.Module):
 
     def retriever_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The query encoder's contrastive loss alone: a cheap warm-up before joint training
-        (the generator is not run), so the gold document reaches the top-k sooner."""
-        retrieved = self.retrieval.retrieve(batch)
+        (the generator is not run), so the gold document reaches the top-k sooner. The mean
+        of `retriever_losses` over the rows with a gold document."""
         has_gold = batch["gold_keys"] >= 0
-        return retrieved.contrastive.sum() / has_gold.sum().clamp(min=1)
+        return self.retriever_losses(batch).sum() / has_gold.sum().clamp(min=1)
+
+    def retriever_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) per-example contrastive losses of the query encoder (0 where no gold), in-batch
+        negatives within `batch`; through the retrieval unit's `forward`."""
+        return self.retrieval(batch, contrastive_only=True)
 
     def start_answers(self, batch: dict[str, torch.Tensor]) -> GreedyAnswers:
         batch_size, device = len(batch["images"]), batch["images"].device

@@ -20,7 +20,8 @@ every rank), and parks the new gradients until Lightning's `backward` (which run
 Lightning's `zero_grad`) adds them to whatever Lightning kept (gradient accumulation).
 Gradient clipping by norm uses the norm over all stages and shards. During the module's
 retriever warm-up (`in_retriever_warmup()`) the step is its contrastive-only loss on the
-stage-0 ranks instead (dp = 1 only). A batch smaller than the pipeline's fixed size (a
+stage-0 ranks instead, through the retrieval unit's `forward` (so FSDP2 gathers and reduces
+it under dp > 1; in-batch negatives per replica, as in the joint step). A batch smaller than the pipeline's fixed size (a
 last, partial batch) is padded with neutral copies of its rows weighted 0. Validation and
 test steps run the pipeline forward only and log `val/...` / `test/...` losses, and the module's
 generation metrics (its `answer_counts`: exact match, recall@k) from greedy answers decoded
@@ -195,8 +196,6 @@ class PipelineStrategy(ModelParallelStrategy):
         config = self.parallel_config([name for name, _ in model.units()])
         self._ties = check_parallelize(model, self.dims, config)
         self._check_split_ties(model)
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._check_retriever_warmup()
         example = self._example_batch(model, trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         with self.precision_plugin.forward_context():  # the stages' dtypes at run time
@@ -297,21 +296,6 @@ class PipelineStrategy(ModelParallelStrategy):
                         f"piece for piece; keep the tied units in one stage"
                     )
 
-    def _check_retriever_warmup(self) -> None:
-        """For `fit`: the retriever warm-up runs the retrieval unit outside the pipeline (not
-        through its `forward`), which FSDP2's gathering and gradient reduction do not see
-        (validation and test of such a module under dp > 1 are fine)."""
-        module = self.lightning_module
-        steps = getattr(module, "hparams", {}).get("retriever_warmup_steps", 0)
-        mode = getattr(getattr(module, "config", None), "mode", None)
-        if self.dims.dp > 1 and steps > 0 and mode == "rag":
-            raise ParallelConfigError(
-                f"retriever_warmup_steps={steps} with data_parallel_size={self.dims.dp}: the "
-                f"retriever warm-up under {type(self).__name__} runs with dp=1 only; set "
-                f"data_parallel_size=1 (pipeline/tensor parallelism only) or "
-                f"retriever_warmup_steps=0, or warm the retriever up in a dp=1 run and resume"
-            )
-
     def _stage_owners(self) -> list[int]:
         config = self.pipeline_config
         return stage_ranks(config.num_stages, self.dims.pp, config.schedule)
@@ -368,25 +352,37 @@ class PipelineStrategy(ModelParallelStrategy):
         return self._log_losses(losses, len(_rows(tensors)), total, "train")
 
     def _retriever_warmup_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The module's retriever warm-up (`RAGModel.retriever_loss`: the query encoder's
-        contrastive loss alone, no generator) on the ranks that hold the retrieval unit
-        (stage 0), on the whole per-replica batch as one process runs it; the other ranks'
-        parameters get no gradient (as in one process, AdamW skips them). Logs
-        `train/retriever_warmup_loss` on every rank."""
+        """The module's retriever warm-up: the query encoder's contrastive loss alone, no
+        generator, forward and backward on the ranks that hold the retrieval unit (stage 0);
+        the other ranks' parameters get no gradient (as in one process, AdamW skips them).
+        Logs `train/retriever_warmup_loss` on every rank.
+
+        The loss runs through the retrieval unit's `forward` (`RAGModel.retriever_losses`),
+        so under FSDP2 (dp > 1) its hooks gather the parameters and reduce-scatter the
+        gradients as in a joint step (the other units' groups, not run, reduce nothing).
+        In-batch negatives are each replica's rows (as in the joint step, within a
+        micro-batch); the loss is the sum over every replica's rows over the gold rows of
+        all replicas (a replica's weight dp / total, FSDP2 averaging over dp): one process
+        accumulating the replicas' batches in one step. dp = 1: `RAGModel.retriever_loss`."""
         earlier = self._take_grads()
-        loss = torch.zeros((), device=self.root_device)
+        counts = torch.tensor([float((batch["gold_keys"] >= 0).sum()), float(len(_rows(batch)))],
+                              device=self.root_device)
+        counts = self._sum_over_dp(counts)  # every rank holds its replica's batch
+        total = counts[:1].clamp(min=1)  # gold rows of all replicas
+        sums = torch.zeros(1, device=self.root_device)
         if self.pp_rank == self._stage_owners()[0]:
             with self.precision_plugin.train_step_context():
-                warmup = self._chain_model().retriever_loss(batch)
-            warmup.backward()
-            loss = warmup.detach().float()
+                losses = self._chain_model().retriever_losses(batch)
+            (losses.sum() * (self.dims.dp / total[0])).backward()
+            sums[0] = losses.detach().float().sum()
         self._parked = self._take_grads()
         for param, grad in earlier:
             param.grad = grad
         src = dist.get_global_rank(self.pp_group, self._stage_owners()[0])
-        dist.broadcast(loss, src=src, group=self.pp_group)
+        dist.broadcast(sums, src=src, group=self.pp_group)
+        loss = (self._sum_over_dp(sums) / total)[0]
         self.lightning_module.log("train/retriever_warmup_loss", loss, prog_bar=True,
-                                  batch_size=len(_rows(batch)))
+                                  batch_size=int(counts[1].item()))
         return loss
 
     def validation_step(self, batch, batch_idx=None, *args, **kwargs) -> torch.Tensor:
