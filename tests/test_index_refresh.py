@@ -139,12 +139,17 @@ def test_refresh_without_a_trainable_document_encoder_is_refused(tmp_path):
         "pretrain.py: error: refresh_every=10 (--refresh-every) needs a trainable document encoder")
 
 
-def test_refresh_under_several_processes_or_into_an_unwritable_folder_is_refused(tmp_path):
+def test_refresh_without_torch_distributed_a_sharded_index_or_an_unwritable_folder_is_refused(
+        tmp_path):
     module = RAGModule(size="tiny", index_dir="x", train_doc_encoder=True, refresh_every=2)
     module._trainer = SimpleNamespace(world_size=2, default_root_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"refresh_every=2 \(--refresh-every\) runs in one "
-                                         r"process; this run has 2 processes"):
+    with pytest.raises(ValueError, match=r"refresh_every=2 \(--refresh-every\) under 2 processes "
+                                         r"needs torch.distributed initialised"):
         module._make_refresh()
+    with pytest.raises(ValueError, match=r"refresh_every=2 \(--refresh-every\) with "
+                                         r"shard_index=True \(--shard-index\): .*not built"):
+        RAGModule(size="tiny", index_dir="x", train_doc_encoder=True, refresh_every=2,
+                  shard_index=True)
     (tmp_path / "file").write_text("")
     module = RAGModule(size="tiny", index_dir="x", train_doc_encoder=True, refresh_every=2,
                        refresh_dir=str(tmp_path / "file" / "refresh"))
@@ -163,7 +168,7 @@ class WaitForRefresh(L.Callback):
             module.refresh.job.wait(300)
 
 
-def _fit(demo, out, max_steps, *, resume=None, callbacks=()):
+def _fit(demo, out, max_steps, *, resume=None, callbacks=(), **trainer_kwargs):
     L.seed_everything(0)
     data = RAGDataModule(demo / "data", index_dir=str(demo / "index"), model_size="tiny",
                          batch_size=4)
@@ -173,7 +178,7 @@ def _fit(demo, out, max_steps, *, resume=None, callbacks=()):
                         default_root_dir=out, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=[*run_callbacks(out / "checkpoints", every_n_steps=100),
-                                   *callbacks])
+                                   *callbacks], **trainer_kwargs)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     return module
 
@@ -297,3 +302,87 @@ def test_a_refresh_stuck_writing_its_snapshot_is_not_waited_for(demo, tmp_path, 
     assert result is not None and not result.ok and result.error.startswith("stopped")
     assert job._process is None  # the build never started
     assert list((tmp_path / "refresh").iterdir()) == []
+
+
+# -- several processes: rank 0 builds, every rank swaps at the same step -------------------------
+
+
+class WaitForTheSwap(L.Callback):
+    """Test-only: rank 0's refresh (started after step 2) is built before step 3's boundary,
+    where rank 0 announces it; the other rank has loaded it before step 4's, where both swap."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        refresh = module.refresh
+        if trainer.global_step == 3 and refresh.job is not None:
+            refresh.job.wait(300)
+        if trainer.global_step == 4 and refresh.loader is not None:
+            refresh.loader.wait(300)
+
+
+def _tower_digest(module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in sorted(module.model.retrieval.doc_encoder.state_dict().items()):
+        digest.update(name.encode() + value.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _ddp_worker(rank: int, world_size: int, out_dir: str, demo_dir: str) -> None:
+    """Plain Lightning DDP over 2 gloo processes with refresh_every=2: 5 steps, then a resume
+    from the last checkpoint for one more; what each rank searched per step goes to a file."""
+    import json
+
+    out, demo = Path(out_dir), Path(demo_dir)
+    searched: list[str] = []
+    retrieve = RetrievalUnit.retrieve
+
+    def spy(self, batch):
+        searched.append(str(Path(self.backend.path).resolve()))
+        return retrieve(self, batch)
+
+    RetrievalUnit.retrieve = spy
+    ddp = {"accelerator": "cpu", "devices": world_size,
+           "strategy": "ddp_find_unused_parameters_true"}
+    started = time.perf_counter()
+    first = _fit(demo, out / "run", 5, callbacks=[WaitForTheSwap()], **ddp)
+    fitted = time.perf_counter()
+    summary = first.refresh.summary()
+    recalls = [e.pop(f"stale_recall@{TRAINABLE.retriever.num_candidates}", None)
+               for e in summary["events"]]
+    [e.pop("queries", None) for e in summary["events"]]
+    done = {"searched": list(searched), "summary": summary, "recalls": recalls,
+            "tower": _tower_digest(first), "in_use": str(first.model.retrieval.backend.path)}
+    resumed = _fit(demo, out / "run", 6, resume=out / "run" / "checkpoints" / "last.ckpt", **ddp)
+    done.update(resumed_searched=searched[len(done["searched"]):],
+                resumed_in_use=str(resumed.model.retrieval.backend.path),
+                resumed_state=resumed.refresh.state_dict(),
+                seconds=[fitted - started, time.perf_counter() - fitted])
+    (out / f"rank{rank}.json").write_text(json.dumps(done))
+
+
+def test_refresh_under_two_processes_swaps_on_every_rank_at_the_same_step(demo, tmp_path):
+    import json
+
+    from trainers.parallel.local import run_local
+
+    run_local(_ddp_worker, 2, str(tmp_path), str(demo))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    print("fit and resume seconds per rank:", [rank["seconds"] for rank in ranks])
+    initial = str((demo / "index").resolve())
+    refreshed = (tmp_path / "run" / "index_refresh" / "index-step0000002").resolve()
+    for rank in ranks:
+        # rank 0 announced the refresh before step 3, rank 1 had it loaded before step 4:
+        # both searched the initial index at steps 0-3 and the refreshed one from step 4 on
+        assert rank["searched"] == [initial] * 4 + [str(refreshed)], rank["searched"]
+        assert rank["in_use"] == str(refreshed)
+        assert all(0.0 <= r <= 1.0 for r in rank["recalls"])  # each rank's own recent queries
+        assert rank["resumed_searched"] == [str(refreshed)]  # resume keeps it on every rank
+        assert rank["resumed_in_use"] == str(refreshed)
+        assert rank["resumed_state"] == {"snapshot_step": 2, "refreshes": 1, "failures": 0}
+    assert ranks[0]["summary"] == ranks[1]["summary"]  # same swap step, counters, build time
+    event = ranks[0]["summary"]["events"][0]
+    assert event["step"] == 4 and event["weights_step"] == 2 and event["ok"]
+    assert ranks[0]["tower"] == ranks[1]["tower"]  # the replicas trained the same weights
+    record = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert record[INDEX_RECORD]["path"] == str(refreshed)

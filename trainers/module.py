@@ -64,7 +64,8 @@ class RAGModule(L.LightningModule):
             the index's stored vectors until a refresh rebuilds them.
         refresh_every: every N optimizer steps, re-embed the corpus in the background with a
             snapshot of the document tower and swap the new index in at a step boundary
-            (`trainers.refresh`; needs `train_doc_encoder`; one process).
+            (`trainers.refresh`; needs `train_doc_encoder`; under several processes rank 0
+            builds and every rank swaps at the same step; not with `shard_index`).
         refresh_dir: where refreshed indexes go (default: the trainer's
             `default_root_dir/index_refresh`).
     """
@@ -80,7 +81,7 @@ class RAGModule(L.LightningModule):
                  refresh_every: int | None = None, refresh_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_refresh_settings(refresh_every, train_doc_encoder, index_dir, mode)
+        check_refresh_settings(refresh_every, train_doc_encoder, index_dir, mode, shard_index)
         base = model_config(size, mode=mode)
         retriever = replace(
             base.retriever,
@@ -162,22 +163,27 @@ class RAGModule(L.LightningModule):
         return retrieval_index.ShardedIndex(index_dir, collective)
 
     def _make_refresh(self):
-        from trainers.refresh import IndexRefresh
+        import torch.distributed as dist
+
+        from trainers.refresh import IndexRefresh, TorchSync
 
         world = self.trainer.world_size if self._trainer else 1
-        if world > 1:
-            raise ValueError(f"refresh_every={self.hparams.refresh_every} (--refresh-every) runs "
-                             f"in one process; this run has {world} processes (world size "
-                             f"{world}): set refresh_every to null, or train in one process "
-                             f"(under several ranks every rank would have to swap at the same "
-                             f"step: not supported yet)")
+        sync = None
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            # every rank joins one tiny all-reduce per step; rank 0 (pipeline stage 0) builds
+            sync = TorchSync(self.trainer.strategy.root_device)
+        elif world > 1:
+            raise ValueError(f"refresh_every={self.hparams.refresh_every} (--refresh-every) under "
+                             f"{world} processes needs torch.distributed initialised (the "
+                             f"ranks agree on each swap); launch with torchrun or a "
+                             f"Lightning strategy over processes")
         root = Path(self.hparams.refresh_dir or Path(self.trainer.default_root_dir) / "index_refresh")
         try:  # here, not at the first refresh N steps in
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ValueError(f"refresh_dir {root} (--refresh-dir) cannot be created ({err}); "
                              f"choose a writable folder") from None
-        return IndexRefresh(self.hparams.refresh_every, root)
+        return IndexRefresh(self.hparams.refresh_every, root, sync=sync)
 
     # -- index refresh (trainers.refresh) ------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
@@ -313,8 +319,10 @@ class RAGModule(L.LightningModule):
 STEP_REFRESH_METRICS = ("refresh/steps_since", "refresh/count", "refresh/failures")
 
 
-def check_refresh_settings(refresh_every, train_doc_encoder: bool, index_dir, mode: str) -> None:
-    """An index refresh needs a trainable document tower, an index and retrieval."""
+def check_refresh_settings(refresh_every, train_doc_encoder: bool, index_dir, mode: str,
+                           shard_index: bool = False) -> None:
+    """An index refresh needs a trainable document tower, an index and retrieval, and refreshes
+    a whole index (not a sharded one)."""
     if refresh_every is None:
         return
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
@@ -328,6 +336,11 @@ def check_refresh_settings(refresh_every, train_doc_encoder: bool, index_dir, mo
     if index_dir is None or mode != "rag":
         raise ValueError(f"refresh_every={refresh_every} refreshes the index a rag run searches; "
                          f"this run has mode={mode!r}, index_dir={index_dir!r}")
+    if shard_index:
+        raise ValueError(f"refresh_every={refresh_every} (--refresh-every) with shard_index=True "
+                         f"(--shard-index): a refresh rebuilds and swaps a whole index; refreshing a "
+                         f"sharded index is not built; set shard_index to false (every rank "
+                         f"searches the whole index) or refresh_every to null")
 
 
 def retrieval_collective(strategy):

@@ -8,19 +8,33 @@
   a child process, into `root/index-step{s:07d}`;
 - before each training step the job is polled (never waited for); a finished one is swapped
   in there, between two steps: the model searches the new index from that step on;
+- under several processes (torchrun, Lightning DDP, `PipelineStrategy` with dp/pp/tp) global
+  rank 0 (which holds the retrieval unit: pipeline stage 0) snapshots the tower and runs the
+  job; the ranks holding the tower gather FSDP2 / tensor-parallel shards with `full_tensor()`
+  at the same step (whether a refresh starts depends on agreed state only). At every step
+  boundary every rank joins one all-reduce of 5 integers (`TorchSync`): rank 0's "index of
+  step s built" (or "failed"), and each searching rank's "loaded". When rank 0 announces, the
+  other searching ranks load `root/index-step{s}` in a thread; once every one has it, all swap
+  before the same step, so every replica searches the same index at every step. This needs
+  `root` to be the same folder on every rank: one node, any local disk; several nodes, a
+  shared filesystem (a rank that cannot load the announced index fails that refresh on every
+  rank: all keep the index in use, and the log says why);
 - logged every step: `refresh/steps_since` (optimizer steps since the weights that embedded
-  the index in use; 0..N-1 plus the build time), `refresh/count`, `refresh/failures`; at a
-  swap: `refresh/stale_recall@C` (the replaced index's top-C against the new one's, on the
-  last `sample` training queries; C = the retriever's num_candidates), `refresh/seconds`;
-- a failed refresh leaves the index in use and says so (a warning line naming the error and
-  the job's log); the next one starts N steps later;
+  the index in use; 0..N-1 plus the build time), `refresh/count`, `refresh/failures` (the same
+  on every rank); at a swap: `refresh/stale_recall@C` (the replaced index's top-C against the
+  new one's, on this rank's last `sample` training queries; C = the retriever's
+  num_candidates), `refresh/seconds` (rank 0's build time);
+- a failed refresh leaves the index in use on every rank and says so (a warning line naming
+  the error and the job's log); the next one starts N steps later;
 - when training ends (`stop`, from `on_train_end`) a refresh still running is ended, not
-  waited for: its child is terminated, its thread joined for at most 10 s, its folders and
-  log removed, and the log says so; the index in use stays the run's index;
+  waited for: rank 0 terminates its child, joins its thread for at most 10 s and removes its
+  folders and log, and the log says so; the other ranks drop what they were loading; the index
+  in use stays the run's index;
 - the checkpoint records the index in use (`retrieval_index.refresh.index_record`: path and
-  manifest sha256) and the refresh counters; a resumed fit searches that index again.
+  manifest sha256) and the refresh counters; a resumed fit searches that index again, on
+  every rank (each reads the record); a refresh in flight at the save is not resumed.
 
-One process only (refused under several: every rank would have to swap at the same step).
+Not built: a refresh of a sharded index (`shard_index=True`, refused by name).
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -46,18 +61,84 @@ if not log.handlers:
 INDEX_RECORD = "retrieval_index"  # the checkpoint key
 
 
+class LocalSync:
+    """One process: it runs the refreshes and searches; the agreement is its own values."""
+
+    leader = True
+
+    def agree(self, values: list[int]) -> list[int]:
+        return list(values)
+
+
+class TorchSync:
+    """Several processes: global rank `leader_rank` runs the refreshes; `agree` is one
+    all-reduce (MAX) of a few int64s over `group` (default: every process), called by every
+    rank at every step boundary, so every rank takes the same decision at the same step."""
+
+    def __init__(self, device, group=None, leader_rank: int = 0) -> None:
+        import torch.distributed as dist
+
+        self.device = device
+        self.group = group
+        self.leader = dist.get_rank() == leader_rank
+
+    def agree(self, values: list[int]) -> list[int]:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor.tolist()
+
+
+NOT_SEARCHING = 1 << 62  # a rank without the retrieval unit never holds a swap back
+
+
+class _Load:
+    """A searching rank other than the leader: the announced index, loaded in a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.index = None
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"index-refresh-load-{path.name}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        from retrieval_index.index import load
+
+        try:
+            self.index = load(self.path, check_encoder=False)  # the encoder is the snapshot
+        except Exception as err:  # noqa: BLE001 - reported to every rank, which keep their index
+            self.error = f"{type(err).__name__}: {err}"
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return self.done
+
+
 class IndexRefresh:
     """Start, poll and swap background index refreshes (see the module doc)."""
 
     def __init__(self, every: int, root: str | Path, *, sample: int = 256, keep: int = 2,
-                 threads: int = 1, nice: int = 10) -> None:
+                 threads: int = 1, nice: int = 10, sync=None) -> None:
         self.every = every
         self.nice = nice
         self.root = Path(root)
         self.keep = keep
         self.threads = threads
-        self.job: RefreshJob | None = None
+        self.sync = sync or LocalSync()
+        self.leader = self.sync.leader  # this rank starts the jobs (global rank 0)
+        self.job: RefreshJob | None = None  # the leader's, until every rank has swapped
         self.job_step = 0
+        self.in_flight = False  # agreed: the same on every rank at every step
+        self.announced = 0  # agreed: the job step whose index every searching rank now loads
+        self.loader: _Load | None = None  # a searching rank other than the leader
         self.snapshot_step = 0  # the step whose weights embedded the index in use
         self.refreshes = 0
         self.failures = 0
@@ -65,64 +146,133 @@ class IndexRefresh:
         self._queries: deque[np.ndarray] = deque(maxlen=sample)
         self._pending: dict = {}
 
+    def out_dir(self, step: int) -> Path:
+        return self.root / f"index-step{step:07d}"
+
     # -- the two step hooks ---------------------------------------------------------------------
     def after_step(self, step: int, model) -> None:
-        """After optimizer step `step`: remember the batch's queries; maybe start a refresh."""
-        queries = model.retrieval.last_queries
+        """After optimizer step `step`: remember the batch's queries; maybe start a refresh.
+        Every rank calls this at every step; whether a refresh starts depends on agreed state
+        only, so the ranks that hold the document tower gather it at the same step."""
+        unit = model.retrieval
+        queries = getattr(unit, "last_queries", None)
         if queries is not None:
             self._queries.extend(queries.float().cpu().numpy())
-        if step % self.every or (self.job is not None and self.job.running):
+        if step % self.every or self.in_flight:
             return
-        backend = model.retrieval.backend
-        weights = {k: v.detach().to("cpu", copy=True)
-                   for k, v in model.retrieval.doc_encoder.text.model.state_dict().items()}
-        out = self.root / f"index-step{step:07d}"
+        self.in_flight = True
+        self.job_step = step
+        tower = getattr(unit, "doc_encoder", None)
+        weights = None
+        if tower is not None:  # this rank holds the document tower (or a shard of it)
+            weights = {}
+            for name, value in tower.text.model.state_dict().items():
+                if hasattr(value, "full_tensor"):  # an FSDP2 / tensor-parallel DTensor: every
+                    value = value.full_tensor()  # holder calls this, in the same order
+                if self.leader:
+                    weights[name] = value.detach().to("cpu", copy=True)
+        if not self.leader:
+            return
+        if weights is None:
+            raise RuntimeError("index refresh: the leading rank (global rank 0) holds no document "
+                               "tower; it must hold the retrieval unit (pipeline stage 0)")
+        out = self.out_dir(step)
         if out.exists():  # a partial build left by an interrupted run at the same step
             shutil.rmtree(out)
         out.with_name(out.name + ".log").unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.job = RefreshJob.start(weights, source_dir=backend.path, out_dir=out,
+        self.job = RefreshJob.start(weights, source_dir=unit.backend.path, out_dir=out,
                                     threads=self.threads, nice=self.nice)
-        self.job_step = step
 
     def at_step_boundary(self, step: int, model) -> dict[str, float]:
-        """Before step `step` runs: swap in a finished refresh; the metrics to log."""
+        """Before step `step` runs: agree with the other ranks (one all-reduce of 5 integers;
+        nothing in one process) on a finished refresh and swap it in on every searching rank
+        once all have it loaded; the metrics to log."""
+        backend = getattr(model.retrieval, "backend", None)
         result = self.job.poll() if self.job is not None else None
+        built = failed = millis = 0
         if result is not None:
-            self.job = None
+            millis = int(result.seconds * 1000)
             if result.ok:
-                self._swap(step, model, result)
+                built = self.job_step
             else:
-                self.failures += 1
-                self.events.append({"step": step, "ok": False, "weights_step": self.job_step,
-                                    "seconds": result.seconds, "error": result.error})
-                log.warning(f"index refresh from step {self.job_step} failed after "
-                            f"{result.seconds:.1f} s; still using {model.retrieval.backend.path} "
-                            f"({result.error}; log: {result.path}.log)")
+                failed = self.job_step
+        if backend is None:
+            ready, load_failed = NOT_SEARCHING, 0
+        elif self.leader:
+            ready, load_failed = built, 0
+        else:
+            loader = self.loader
+            ready = self.announced if loader is not None and loader.done and loader.error is None \
+                else 0
+            load_failed = self.announced if loader is not None and loader.done and loader.error \
+                else 0
+        built, failed, ready, load_failed, millis = self.sync.agree(
+            [built, failed, -ready, load_failed, millis])
+        ready = -ready
+        if failed:
+            self._failed(step, backend, millis / 1000, result.error if result is not None else
+                         f"on rank 0 (see its log and {self.out_dir(failed)}.log)")
+        elif built and load_failed == built:
+            error = (self.loader.error if self.loader is not None and self.loader.error else
+                     "on another rank")
+            self._failed(step, backend, millis / 1000,
+                         f"the refreshed index {self.out_dir(built)} could not be loaded {error}; "
+                         f"under several nodes the refresh folder must be on a filesystem every "
+                         f"node sees")
+        elif built and ready == built:
+            self._swap(step, model, millis / 1000)
+        elif built and built != self.announced:
+            self.announced = built
+            if backend is not None and not self.leader:
+                self.loader = _Load(self.out_dir(built))
         metrics = {"refresh/steps_since": float(step - self.snapshot_step),
                    "refresh/count": float(self.refreshes),
                    "refresh/failures": float(self.failures), **self._pending}
         self._pending = {}
         return metrics
 
-    def _swap(self, step: int, model, result) -> None:
-        old = model.retrieval.backend
-        k = model.config.retriever.num_candidates
-        recall = (stale_recall(old, result.index, np.stack(self._queries), k)
-                  if self._queries else float("nan"))
-        model.attach(result.index, check_encoder=False)  # its encoder is the snapshot
+    def _resolved(self) -> None:
+        """The refresh in flight is over on every rank (swapped or failed)."""
+        self.job = None
+        self.loader = None
+        self.announced = 0
+        self.in_flight = False
+
+    def _failed(self, step: int, backend, seconds: float, error: str) -> None:
+        self.failures += 1
+        self.events.append({"step": step, "ok": False, "weights_step": self.job_step,
+                            "seconds": seconds, "error": error})
+        using = getattr(backend, "path", None)
+        log.warning(f"index refresh from step {self.job_step} failed after {seconds:.1f} s; "
+                    f"still using {using} ({error}; log: {self.out_dir(self.job_step)}.log)")
+        self._resolved()
+
+    def _swap(self, step: int, model, seconds: float) -> None:
+        """Every searching rank attaches the new index before step `step`; the others count."""
+        old = getattr(model.retrieval, "backend", None)
+        path = self.out_dir(self.job_step)
+        event = {"step": step, "ok": True, "weights_step": self.job_step, "path": str(path),
+                 "seconds": seconds}
+        if old is not None:
+            new = self.job.poll().index if self.leader else self.loader.index
+            k = model.config.retriever.num_candidates
+            recall = (stale_recall(old, new, np.stack(self._queries), k)
+                      if self._queries else float("nan"))  # this rank's recent queries
+            model.attach(new, check_encoder=False)  # its encoder is the snapshot
+            event.update({f"stale_recall@{k}": recall, "queries": len(self._queries)})
+            self._pending = {f"refresh/stale_recall@{k}": recall, "refresh/seconds": seconds}
         self.snapshot_step = self.job_step
         self.refreshes += 1
-        event = {"step": step, "ok": True, "weights_step": self.job_step, "path": str(result.path),
-                 "seconds": result.seconds, f"stale_recall@{k}": recall,
-                 "queries": len(self._queries)}
         self.events.append(event)
-        self._pending = {f"refresh/stale_recall@{k}": recall, "refresh/seconds": result.seconds}
-        log.info(f"index refresh {self.refreshes} (weights of step {self.job_step}, "
-                 f"{result.seconds:.1f} s) swapped in before step {step}: now searching "
-                 f"{result.path}; the replaced index's recall@{k} against it: {recall:.3f} on "
-                 f"{len(self._queries)} recent queries")
-        self._remove_old(keep_path=Path(old.path))
+        if old is not None:
+            log.info(f"index refresh {self.refreshes} (weights of step {self.job_step}, "
+                     f"{seconds:.1f} s) swapped in before step {step}: now searching {path}; the "
+                     f"replaced index's recall@{k} against it: {recall:.3f} on "
+                     f"{len(self._queries)} recent queries")
+        if self.leader:
+            self._remove_old(keep_path=Path(old.path))
+        self._resolved()
 
     def _remove_old(self, keep_path: Path) -> None:
         """Keep the `keep` newest refreshed indexes (and the one just replaced)."""
@@ -137,8 +287,11 @@ class IndexRefresh:
         """Training is over: end a refresh still running without waiting for it (its child is
         terminated, its thread joined for at most `timeout` s, its folders and log removed; see
         `RefreshJob.stop`). One that finished after the last step boundary was never searched:
-        its index is removed too. `in_use`: the index the run ends with (for the log line)."""
+        its index is removed too. `in_use`: the index the run ends with (for the log line).
+        Only the leader has a job; the other ranks drop what they were loading."""
         job, self.job = self.job, None
+        self.loader = None
+        self.in_flight = False
         if job is None:
             return
         using = f"; still using {in_use}" if in_use is not None else ""
