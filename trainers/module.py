@@ -201,7 +201,8 @@ class RAGModule(L.LightningModule):
 
     def on_train_end(self):
         if self.refresh is not None:  # never waits for a refresh still running
-            self.refresh.stop(in_use=getattr(self.model.retrieval.backend, "path", None))
+            backend = getattr(self.model.retrieval, "backend", None)  # None: not stage 0
+            self.refresh.stop(in_use=getattr(backend, "path", None))
 
     def set_mode(self, mode: str) -> None:
         """Evaluate the same weights under another document source (baselines)."""
