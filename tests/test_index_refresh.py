@@ -386,3 +386,68 @@ def test_refresh_under_two_processes_swaps_on_every_rank_at_the_same_step(demo, 
     assert ranks[0]["tower"] == ranks[1]["tower"]  # the replicas trained the same weights
     record = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert record[INDEX_RECORD]["path"] == str(refreshed)
+
+
+class _ThreadRanks:
+    """Test-only: `TorchSync.agree` (an all-reduce MAX) between threads of one process."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.values: dict[int, list[int]] = {}
+
+    def rank(self, rank: int):
+        group = self
+
+        class Member:
+            leader = rank == 0
+
+            def agree(self, values):
+                group.values[rank] = values
+                group.barrier.wait()
+                out = [max(column) for column in zip(*group.values.values())]
+                group.barrier.wait()
+                return out
+
+        return Member()
+
+
+def test_a_refreshed_index_another_rank_cannot_open_fails_on_every_rank(demo, tmp_path, caplog):
+    """Two ranks whose refresh folders differ (node-local disks on two nodes): rank 0's build
+    is done and announced, rank 1 cannot open it; both keep their index and say why."""
+    from retrieval_index.refresh import RefreshResult
+
+    ranks = _ThreadRanks(2)
+    shared = tmp_path / "node0" / "index_refresh"
+    refreshes = [IndexRefresh(2, shared, sync=ranks.rank(0)),
+                 IndexRefresh(2, tmp_path / "node1" / "index_refresh", sync=ranks.rank(1))]
+    built = retrieval_index.load(demo / "index")  # stands in for rank 0's finished build
+    done = RefreshResult(True, shared / "index-step0000002", 1.5, index=built)
+    refreshes[0].job = SimpleNamespace(poll=lambda: done)
+    models = [SimpleNamespace(retrieval=SimpleNamespace(backend=retrieval_index.load(
+        demo / "index"))) for _ in range(2)]
+    for refresh in refreshes:  # as after_step(2) leaves them on every rank
+        refresh.in_flight, refresh.job_step = True, 2
+    metrics: list[list[dict]] = [[], []]
+
+    def run(rank: int) -> None:
+        refresh = refreshes[rank]
+        metrics[rank].append(refresh.at_step_boundary(3, models[rank]))  # rank 0 announces
+        if refresh.loader is not None:
+            assert refresh.loader.wait(60)
+        metrics[rank].append(refresh.at_step_boundary(4, models[rank]))
+
+    with caplog.at_level(logging.INFO, logger="trainers.refresh"):
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+    assert refreshes[1].loader is None and not any(t.is_alive() for t in threads)
+    for rank in range(2):
+        assert metrics[rank][1]["refresh/failures"] == 1.0, metrics
+        assert metrics[rank][1]["refresh/count"] == 0.0
+        assert models[rank].retrieval.backend.path == demo / "index"  # the index in use kept
+        assert not refreshes[rank].in_flight and refreshes[rank].events[0]["ok"] is False
+    assert refreshes[0].job is None  # the next refresh starts N steps later
+    assert "could not be loaded here (" in caplog.text  # rank 1, with its error
+    assert "could not be loaded on another rank" in caplog.text  # rank 0
+    assert "a filesystem every node sees" in caplog.text
+    assert caplog.text.count("still using") == 2

@@ -214,8 +214,8 @@ class IndexRefresh:
             self._failed(step, backend, millis / 1000, result.error if result is not None else
                          f"on rank 0 (see its log and {self.out_dir(failed)}.log)")
         elif built and load_failed == built:
-            error = (self.loader.error if self.loader is not None and self.loader.error else
-                     "on another rank")
+            error = (f"here ({self.loader.error})" if self.loader is not None and
+                     self.loader.error else "on another rank")
             self._failed(step, backend, millis / 1000,
                          f"the refreshed index {self.out_dir(built)} could not be loaded {error}; "
                          f"under several nodes the refresh folder must be on a filesystem every "
