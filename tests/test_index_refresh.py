@@ -224,6 +224,21 @@ def test_checkpoints_record_the_index_and_resume_keeps_it(demo, tmp_path, monkey
         _fit(demo, out, 6, resume=out / "checkpoints" / "last.ckpt")
 
 
+def test_under_gradient_accumulation_refresh_acts_once_per_optimizer_step(demo, tmp_path,
+                                                                          monkeypatch):
+    """accumulate_grad_batches=2: the hooks run for every micro-batch, the refresh acts once per
+    optimizer step. Each micro-batch ran after_step and the swap check: a refresh started at
+    step 0 (after the first micro-batch, from the untrained tower) and could swap in between
+    two micro-batches of one step."""
+    out = tmp_path / "run"
+    searched = _spy_on_searches(monkeypatch)
+    module = _fit(demo, out, 4, callbacks=[WaitForRefresh()], accumulate_grad_batches=2)
+    refreshed = (out / "index_refresh" / "index-step0000002").resolve()
+    assert [(e["step"], e["weights_step"]) for e in module.refresh.events] == [(3, 2)]
+    # two micro-batches a step: steps 0-2 searched the initial index, both of step 3 the new one
+    assert searched == [(demo / "index").resolve()] * 6 + [refreshed] * 2, searched
+
+
 # -- the end of a run never waits for a refresh -------------------------------------------------
 
 # a build that takes forever and ignores SIGTERM (the worst case: only SIGKILL ends it); it

@@ -104,6 +104,7 @@ class RAGModule(L.LightningModule):
         apply_activation_checkpointing(self.model, activation_checkpointing)
         self.refresh = None  # an IndexRefresh once fitting starts (refresh_every)
         self._refresh_metrics: dict[str, float] = {}
+        self._refresh_seen = (None, None)  # the global steps the two refresh hooks last saw
 
     def configure_model(self) -> None:
         """Materialise the model (built on the meta device): in one process all of it
@@ -187,7 +188,12 @@ class RAGModule(L.LightningModule):
 
     # -- index refresh (trainers.refresh) ------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
-        if self.refresh is not None:  # a step boundary: a finished refresh is swapped in here
+        # Both hooks act once per optimizer step: under gradient accumulation they run for every
+        # micro-batch, and a swap between two micro-batches of one step, or a second refresh
+        # started at the same step (or one at step 0, from the untrained tower), must not be.
+        boundary = self._refresh_seen[0] != self.global_step
+        self._refresh_seen = (self.global_step, self._refresh_seen[1])
+        if self.refresh is not None and boundary:  # a finished refresh is swapped in here
             metrics = self.refresh.at_step_boundary(self.global_step, self.model)
             swap = {k: v for k, v in metrics.items() if k not in STEP_REFRESH_METRICS}
             if swap:  # once per swap: past log_every_n_steps' throttle, straight to the loggers
@@ -196,8 +202,14 @@ class RAGModule(L.LightningModule):
             self._refresh_metrics = {k: metrics[k] for k in STEP_REFRESH_METRICS}
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        stepped = self._refresh_seen[1] is not None and self._refresh_seen[1] != self.global_step
+        self._refresh_seen = (self._refresh_seen[0], self.global_step)
         if self.refresh is not None:
-            self.refresh.after_step(self.global_step, self.model)
+            self.refresh.after_step(self.global_step, self.model, stepped=stepped)
+
+    def on_train_start(self):
+        # a resumed run's first step boundary is the restored step, as an uninterrupted run's
+        self._refresh_seen = (None, self.global_step)
 
     def on_train_end(self):
         if self.refresh is not None:  # never waits for a refresh still running

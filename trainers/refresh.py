@@ -150,15 +150,16 @@ class IndexRefresh:
         return self.root / f"index-step{step:07d}"
 
     # -- the two step hooks ---------------------------------------------------------------------
-    def after_step(self, step: int, model) -> None:
-        """After optimizer step `step`: remember the batch's queries; maybe start a refresh.
-        Every rank calls this at every step; whether a refresh starts depends on agreed state
-        only, so the ranks that hold the document tower gather it at the same step."""
+    def after_step(self, step: int, model, stepped: bool = True) -> None:
+        """After a training batch: remember its queries; if it ended optimizer step `step`
+        (`stepped`: not a micro-batch inside gradient accumulation), maybe start a refresh.
+        Every rank calls this after every batch; whether a refresh starts depends on agreed
+        state only, so the ranks that hold the document tower gather it at the same step."""
         unit = model.retrieval
         queries = getattr(unit, "last_queries", None)
         if queries is not None:
             self._queries.extend(queries.float().cpu().numpy())
-        if step % self.every or self.in_flight:
+        if not stepped or step % self.every or self.in_flight:
             return
         self.in_flight = True
         self.job_step = step
