@@ -139,6 +139,16 @@ class ReaderConfig:
     # held-out (44.5% on training entities) after 700 joint steps: it did not learn to find
     # the matching document among four.
     shuffle_slots: bool = False
+    # rag: the generator also scores each document it reads (a relevance logit r_k from its
+    # state before the answer, which has attended over the document, the picture and the
+    # prompt: a cross-encoder), and the documents are mixed by softmax(s_k + r_k) instead of
+    # softmax(s_k). r is trained by a listwise loss, -log softmax(r)_gold over the read
+    # documents, on examples whose gold document is among them (with `gold_in_training`,
+    # every example that has a gold id); examples without a gold id train r only through
+    # the marginal. None: on for the rag reader; the fid reader reads all documents in one
+    # sequence and has no per-document state, so it refuses True.
+    rerank: bool | None = None
+    rerank_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in READERS:
@@ -150,6 +160,17 @@ class ReaderConfig:
             raise ValueError(f"counterfactual must be in [0, 1], got {self.counterfactual}")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.rerank and self.kind != "rag":
+            raise ValueError(f"rerank=True needs reader='rag' (each document in its own "
+                             f"sequence); reader={self.kind!r} has no per-document state, "
+                             f"use rerank=False (--no-rerank)")
+        if self.rerank_weight < 0:
+            raise ValueError(f"rerank_weight must be >= 0, got {self.rerank_weight}")
+
+    @property
+    def reranks(self) -> bool:
+        """Whether the generator's relevance logits take part (`rerank`, None resolved)."""
+        return self.kind == "rag" if self.rerank is None else self.rerank
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,8 @@ passes the same tuple of tensors, the `Carry`:
     copy_ids (N, T)      the document token each position offers the copy pointer, -1 if none
     doc_logits (B, k)    document scores <q, d> / temperature, differentiable in q
     contrastive (B,)     per-example retriever loss, computed where q is
+    gold_slots (B, k)    1 where a slot holds the example's gold document (the rag reader's
+                         relevance loss, `ReaderConfig.rerank`), else 0
 
 so the document scores reach the last stage with the activations, and the head returns the
 per-example losses. Parallelism is applied from outside; nothing here knows about it.
@@ -42,7 +44,8 @@ from rag_mm.retriever import (
 from rag_mm.text_encoder import at_least_fp32
 from rag_mm.tokenizer import load_tokenizer
 
-Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+              torch.Tensor]
 IGNORE = -100
 
 
@@ -319,7 +322,10 @@ class RetrievalUnit(nn.Module):
         start = hidden.shape[1] - cfg.max_target_tokens
         labels[:, start - 1 : -1] = torch.where(target_mask, targets, IGNORE).repeat_interleave(
             per_example, 0)
-        return hidden, key_valid, labels, copy_ids, doc_logits, retrieved.contrastive
+        gold = batch["gold_keys"].cpu().numpy()[:, None]
+        gold_slots = torch.as_tensor((keys == gold) & (keys >= 0) & (gold >= 0), device=device)
+        return (hidden, key_valid, labels, copy_ids, doc_logits, retrieved.contrastive,
+                gold_slots.long())
 
     def _positions(self, slots: int, device: torch.device) -> torch.Tensor:
         """Position ids of [doc slot x `slots` | image | prompt | target]: each slot reuses
@@ -439,16 +445,19 @@ class DecoderBlock(Block):
         super().__init__(hidden_size, num_heads, mlp_ratio)
         self.attention = attention
 
-    def forward(self, hidden, key_valid, labels, copy_ids, doc_logits, contrastive) -> Carry:
+    def forward(self, hidden, key_valid, labels, copy_ids, doc_logits, contrastive, gold_slots
+                ) -> Carry:
         mask, is_causal = decoder_attention(key_valid, self.attention)
         hidden = super().forward(hidden, mask, is_causal=is_causal)
-        return hidden, key_valid, labels, copy_ids, doc_logits, contrastive
+        return hidden, key_valid, labels, copy_ids, doc_logits, contrastive, gold_slots
 
 
 class Head(nn.Module):
     """Final norm + LM head (+ copy pointer) -> per-example (generative, retriever) losses.
 
-    rag reader: -log sum_k softmax(s)_k p(y | doc_k); fid reader: -log p(y | doc_1..doc_k),
+    rag reader: -log sum_k softmax(s + r)_k p(y | doc_k) - w log softmax(r)_gold, r the
+    generator's own relevance logit of each read document (`ReaderConfig.rerank`; without
+    it, softmax(s) and no second term); fid reader: -log p(y | doc_1..doc_k),
     and the document scores are trained towards the documents the answer was copied from,
     KL(sources || softmax(s)) (the reader-to-retriever distillation of Izacard & Grave 2021,
     with the copy pointer's posterior as the reader's judgement)."""
@@ -464,6 +473,11 @@ class Head(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.lm_head = nn.Linear(hidden, config.generator.vocab_size, bias=False)
         self.pointer = CopyPointer(hidden) if config.reader.copy else None
+        # the relevance logit of a read document (`ReaderConfig.rerank`); built under every
+        # setting, so the readers keep the same parameters and a checkpoint loads under either
+        self.relevance = nn.Linear(hidden, 1)
+        self.rerank = config.reader.reranks
+        self.rerank_weight = config.reader.rerank_weight
 
     def _answer_logprobs(self, hidden, copy_ids, positions: slice):
         """(vocab log-probs (N, P, V), pointer output or None) at `positions`."""
@@ -503,9 +517,35 @@ class Head(nn.Module):
         kl = (torch.xlogy(target, target) - target * log_q).sum(-1)
         return torch.where(total[:, 0] > 0, kl, torch.zeros_like(kl))
 
-    def forward(self, hidden, key_valid, labels, copy_ids, doc_logits, contrastive
+    def relevance_logits(self, hidden: torch.Tensor, doc_logits: torch.Tensor) -> torch.Tensor:
+        """(B, k) r: each read document's relevance, from the state at the position that
+        predicts the first answer token (it has attended over the document, the picture and
+        the prompt, never the answer); -inf where no document was read."""
+        batch_size, k = doc_logits.shape
+        position = hidden.shape[1] - self.max_target_tokens - 1
+        r = at_least_fp32(self.relevance(self.norm(hidden[:, position])).squeeze(-1))
+        return r.view(batch_size, k).masked_fill(~torch.isfinite(doc_logits), -torch.inf)
+
+    def mixture_logits(self, hidden: torch.Tensor, doc_logits: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits the rag reader mixes its documents by, s (+ r with `rerank`), and r."""
+        logits = at_least_fp32(doc_logits)
+        if self.fused or not self.rerank:
+            return logits, None
+        r = self.relevance_logits(hidden, doc_logits)
+        return logits + r, r
+
+    @staticmethod
+    def rerank_loss(r: torch.Tensor, gold_slots: torch.Tensor) -> torch.Tensor:
+        """(B,) -log softmax(r)_gold over the read documents; 0 where the gold one is not read."""
+        gold = gold_slots.bool()
+        log_q = F.log_softmax(r, dim=-1).masked_fill(~gold, 0.0)  # no -inf * 0 in backward
+        return -log_q.sum(-1)
+
+    def forward(self, hidden, key_valid, labels, copy_ids, doc_logits, contrastive, gold_slots
                 ) -> torch.Tensor:
-        """(B, 2): the generative loss and the weighted retriever loss per example."""
+        """(B, 2): the generative loss (with `rerank`, plus the weighted relevance loss) and
+        the weighted retriever loss per example."""
         batch_size, k = doc_logits.shape
         token_logp, shares = self.token_logprobs(hidden, labels, copy_ids)
         retriever = self.contrastive_weight * at_least_fp32(contrastive)
@@ -515,15 +555,18 @@ class Head(nn.Module):
                                                                             doc_logits)
         else:
             seq_logp = token_logp.sum(dim=1).view(batch_size, k)
-            doc_logp = F.log_softmax(at_least_fp32(doc_logits), dim=-1)
-            generative = -torch.logsumexp(doc_logp + seq_logp, dim=-1)
+            mix, r = self.mixture_logits(hidden, doc_logits)
+            generative = -torch.logsumexp(F.log_softmax(mix, dim=-1) + seq_logp, dim=-1)
+            if r is not None:
+                generative = generative + self.rerank_weight * self.rerank_loss(r, gold_slots)
         return torch.stack([generative, retriever], dim=-1)
 
     def next_token_logprobs(self, hidden, key_valid, labels, copy_ids, doc_logits, contrastive,
-                            *, step: int) -> torch.Tensor:
+                            gold_slots, *, step: int) -> torch.Tensor:
         """(B, V) log p(answer token `step` | documents, image, prompt, answer[:step]), from a
         carry assembled with the answer so far (`RetrievalUnit.answer_carry`): the rag reader
-        mixes its documents' distributions by softmax(s), the fid reader has one."""
+        mixes its documents' distributions by softmax(s) (softmax(s + r) with `rerank`), the
+        fid reader has one."""
         batch_size = doc_logits.shape[0]
         position = hidden.shape[1] - self.max_target_tokens + step - 1  # predicts token `step`
         vocab_logp, pointer = self._answer_logprobs(hidden, copy_ids,
@@ -531,7 +574,7 @@ class Head(nn.Module):
         logp = mixture_logprobs(vocab_logp, pointer, copy_ids)[:, 0]
         if self.fused:
             return logp
-        doc_logp = F.log_softmax(at_least_fp32(doc_logits), dim=-1)
+        doc_logp = F.log_softmax(self.mixture_logits(hidden, doc_logits)[0], dim=-1)
         return torch.logsumexp(doc_logp[..., None] + logp.view(batch_size, -1, logp.shape[-1]), 1)
 
 
@@ -678,7 +721,7 @@ class RAGModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Retrieved]:
         """Greedy answer tokens (B, max_target_tokens), mixing documents at every step:
-        next = argmax_y sum_k softmax(s)_k p(y | doc_k, image, prompt, y_<t) (rag reader), or
+        next = argmax_y sum_k softmax(s + r)_k p(y | doc_k, image, prompt, y_<t) (rag reader), or
         argmax_y p(y | doc_1..doc_k, image, prompt, y_<t) (fid reader). Each step reruns
         the whole chain on the answer so far; a pipeline drives the same pieces stage by stage
         (`trainers.parallel.answer`)."""

@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--counterfactual", type=float, default=None,
                    help="training-time rate of counterfactual answers swapped into the gold "
                         "document and the target (default 0.5; 0 = off)")
+    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                   help="rag reader: mix the documents by softmax(retriever score + the "
+                        "generator's relevance logit) (default: on for rag; fid refuses it)")
     p.add_argument("--retriever-warmup-steps", type=int, default=0,
                    help="train the query encoder alone (contrastive) for the first N steps")
     p.add_argument("--activation-checkpointing", default=None, metavar="SETTING",
@@ -106,6 +109,7 @@ def main(argv=None) -> Path:
                        retriever_warmup_steps=args.retriever_warmup_steps,
                        use_doc_images=args.use_doc_images, vision_dir=args.vision_dir,
                        reader=args.reader, copy=args.copy, counterfactual=args.counterfactual,
+                       rerank=args.rerank,
                        activation_checkpointing=args.activation_checkpointing,
                        train_doc_encoder=args.train_doc_encoder, refresh_every=args.refresh_every,
                        refresh_dir=args.refresh_dir)
@@ -143,6 +147,7 @@ def main(argv=None) -> Path:
     finally:
         summary = {"mode": args.mode, "size": args.size, "reader": args.reader,
                    "copy": args.copy, "counterfactual": module.config.reader.counterfactual,
+                   "rerank": module.config.reader.reranks,
                    "status": status,
                    "steps": trainer.global_step, "max_steps": args.max_steps,
                    "seconds": round(time.time() - start, 1),

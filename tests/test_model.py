@@ -51,17 +51,30 @@ def test_rag_marginal_matches_a_direct_computation(tiny):
     batch = synthetic_batch(tiny.config, 3, num_docs=NUM_DOCS)
     tiny = build_model(replace(tiny.config, reader=replace(tiny.config.reader, copy=False)),
                        backend=tiny.retrieval.backend)
-    hidden, valid, labels, copy_ids, doc_logits, contrastive = tiny.retrieval(batch)
-    hidden = tiny.run_chain((hidden, valid, labels, copy_ids, doc_logits, contrastive))[0]
-    logits = tiny.head.lm_head(tiny.head.norm(hidden)).log_softmax(-1)
+    tiny.train()  # gold_in_training: every example's gold document is read
+    hidden, valid, labels, copy_ids, doc_logits, contrastive, gold = tiny.retrieval(batch)
+    assert (gold.sum(1) == 1).all()
+    hidden = tiny.run_chain((hidden, valid, labels, copy_ids, doc_logits, contrastive, gold))[0]
+    states = tiny.head.norm(hidden)
+    logits = tiny.head.lm_head(states).log_softmax(-1)
     k = doc_logits.shape[1]
     seq_logp = torch.zeros(len(hidden))
+    relevance = torch.zeros(len(hidden))
     for row in range(len(hidden)):
         for pos in (labels[row] != IGNORE).nonzero().flatten():
             seq_logp[row] += logits[row, pos, labels[row, pos]]
-    p_doc = doc_logits.softmax(-1)
-    expected = -torch.log((p_doc * seq_logp.view(-1, k).exp()).sum(-1))
-    got = tiny.head(hidden, valid, labels, copy_ids, doc_logits, contrastive)[:, 0]
+        # the state that predicts the first answer token scores the document
+        first = (labels[row] != IGNORE).nonzero().flatten()[0]
+        relevance[row] = tiny.head.relevance(states[row, first])[0]
+    r = relevance.view(-1, k)
+    p_doc = (doc_logits + r).softmax(-1)
+    marginal = -torch.log((p_doc * seq_logp.view(-1, k).exp()).sum(-1))
+    rerank = -(r.log_softmax(-1) * gold).sum(-1)
+    got = tiny.head(hidden, valid, labels, copy_ids, doc_logits, contrastive, gold)[:, 0]
+    torch.testing.assert_close(got, marginal + rerank, rtol=1e-4, atol=1e-4)
+    tiny.head.rerank = False  # the plain RAG marginal
+    got = tiny.head(hidden, valid, labels, copy_ids, doc_logits, contrastive, gold)[:, 0]
+    expected = -torch.log((doc_logits.softmax(-1) * seq_logp.view(-1, k).exp()).sum(-1))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

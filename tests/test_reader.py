@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rag_mm.config import model_config
 from rag_mm.model import IGNORE, InMemoryBackend, build_model
@@ -144,7 +145,7 @@ def test_fid_reads_all_top_k_documents_in_one_sequence():
     config = model.config
     batch = _batch(config, cities, [0, 5, 9])
     model.eval()
-    hidden, key_valid, labels, copy_ids, doc_logits, _ = model.retrieval(batch)
+    hidden, key_valid, labels, copy_ids, doc_logits, _, _ = model.retrieval(batch)
     k, slot = config.retriever.top_k, config.doc_slot_len
     assert hidden.shape[:2] == (3, config.seq_len) and config.seq_len == (
         k * slot + config.vision.num_patches + config.max_prompt_tokens + config.max_target_tokens)
@@ -162,7 +163,7 @@ def test_fid_reads_all_top_k_documents_in_one_sequence():
         n: p.shape for n, p in model.state_dict().items()}
     for mode in ("gold", "closed_book"):  # fewer documents: the same layout, empty slots
         model.config.mode = mode
-        h, valid, _, ids, logits, _ = model.retrieval(batch)
+        h, valid, _, ids, logits, _, _ = model.retrieval(batch)
         assert h.shape == hidden.shape and logits.shape == (3, k)
         assert not valid[:, slot if mode == "gold" else 0 : k * slot].any()
         tokens, _ = model.generate(batch)
@@ -176,7 +177,7 @@ def test_fid_training_shuffles_the_slots_with_their_scores_and_counterfactuals()
     retrieved = model.retrieval.retrieve(batch)
     stored = model.retrieval.document_rows(retrieved.keys)
     torch.manual_seed(1)
-    _, _, labels, copy_ids, doc_logits, _ = model.retrieval(batch)
+    _, _, labels, copy_ids, doc_logits, _, _ = model.retrieval(batch)
     k, slot, steps = model.config.retriever.top_k, model.config.doc_slot_len, 3
     moved = False
     for i in range(4):
@@ -209,6 +210,64 @@ def test_generator_loss_reaches_the_query_encoder_under_both_readers(reader):
         model, cities = _tiny(reader, counterfactual=0.0, distill_weight=0.0)
         model(batch)["loss"].backward()
         assert model.retrieval.query_encoder.image_proj.weight.grad.abs().sum() == 0
+
+
+def test_rerank_mixes_the_documents_by_retriever_score_plus_relevance_when_decoding():
+    """rag reader, rerank on (default): next-token log-probs are log sum_k softmax(s + r)_k
+    p_k(y), r the relevance head at the position predicting the first answer token; with
+    rerank off, softmax(s). A hand computation from the per-document distributions."""
+    model, cities = _tiny("rag", counterfactual=0.0)
+    assert model.config.reader.reranks
+    with torch.no_grad():
+        model.head.relevance.weight.normal_(0.0, 1.0)  # r far from 0, so the test can fail
+    batch = _batch(model.config, cities, [0, 5, 9])
+    model.eval()
+    with torch.no_grad():
+        retrieved = model.retrieval.retrieve(batch)
+        carry = model.run_chain(model.retrieval.answer_carry(batch, retrieved,
+                                                             model.start_answers(batch)))
+        hidden, _, _, copy_ids, doc_logits, _, _ = carry
+        head, k = model.head, doc_logits.shape[1]
+        position = hidden.shape[1] - model.config.max_target_tokens - 1
+        vocab_logp, pointer = head._answer_logprobs(hidden, copy_ids,
+                                                    slice(position, position + 1))
+        per_doc = mixture_logprobs(vocab_logp, pointer, copy_ids)[:, 0].view(3, k, -1)
+        r = head.relevance(head.norm(hidden[:, position]))[:, 0].view(3, k)
+        assert r.std() > 0.1
+        for rerank, weights in ((True, (doc_logits + r).softmax(-1)),
+                                (False, doc_logits.softmax(-1))):
+            head.rerank = rerank
+            expected = torch.log((weights[..., None] * per_doc.exp()).sum(1))
+            torch.testing.assert_close(head.next_token_logprobs(*carry, step=0), expected,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_rerank_loss_trains_the_relevance_head_on_gold_ids_only():
+    model, cities = _tiny("rag", counterfactual=0.0)
+    batch = _batch(model.config, cities, [0, 5, 9, 2])
+    _, _, _, _, _, _, gold = model.retrieval(batch)  # training: gold in the top-k
+    assert gold.sum(1).tolist() == [1, 1, 1, 1]
+    model(batch)["loss"].backward()
+    assert model.head.relevance.weight.grad.abs().sum() > 0
+    # without gold ids: no relevance loss; r still learns through the marginal
+    no_gold = {**batch, "gold_keys": torch.full((4,), -1)}
+    model.zero_grad()
+    _, _, _, _, _, _, gold = model.retrieval(no_gold)
+    assert gold.sum() == 0
+    r = torch.randn(4, gold.shape[1])
+    assert torch.equal(model.head.rerank_loss(r, gold), torch.zeros(4))
+    one_hot = F.one_hot(torch.arange(4) % gold.shape[1], gold.shape[1])
+    torch.testing.assert_close(model.head.rerank_loss(r, one_hot),
+                               -(r.log_softmax(-1) * one_hot).sum(-1))
+
+
+def test_rerank_is_for_the_rag_reader():
+    from rag_mm.config import ReaderConfig
+
+    assert ReaderConfig().reranks and not ReaderConfig(kind="fid").reranks
+    assert not ReaderConfig(rerank=False).reranks
+    with pytest.raises(ValueError, match="rerank=True needs reader='rag'"):
+        ReaderConfig(kind="fid", rerank=True)
 
 
 @pytest.mark.slow

@@ -51,6 +51,30 @@ def recall_at(model: RAGModel, loader: DataLoader, ks: list[int], desc: str) -> 
     return {f"recall@{k}": float(np.mean(np.concatenate(h))) for k, h in hits.items()}
 
 
+@torch.no_grad()
+def reader_recall(model: RAGModel, loader: DataLoader, desc: str) -> float:
+    """Fraction of examples whose gold document gets the largest mixture weight among the
+    top-k the reader reads: softmax(s + r) with the rag reader's `rerank`, else the
+    retriever's own top-1 (then equal to recall@1)."""
+    model.eval()
+    mode = model.config.mode
+    model.config.mode = "rag"
+    hits = []
+    try:
+        for batch in tqdm(loader, desc=desc, leave=False):
+            retrieved = model.retrieval.retrieve(batch)
+            carry = model.run_chain(
+                model.retrieval.answer_carry(batch, retrieved, model.start_answers(batch)))
+            keys, _ = model.retrieval.slots(retrieved)
+            mix, _ = model.head.mixture_logits(carry[0], carry[4])
+            best = keys[np.arange(len(keys)), mix.argmax(-1).cpu().numpy()]
+            gold = batch["gold_keys"].numpy()
+            hits.append((best == gold)[gold >= 0])
+    finally:
+        model.config.mode = mode
+    return float(np.mean(np.concatenate(hits)))
+
+
 def untrained_like(module: RAGModule, seed: int) -> RAGModel:
     """The model as it was before training: same config, same seed, fresh init."""
     torch.manual_seed(seed)
@@ -79,6 +103,8 @@ def evaluate(checkpoints: dict[str, RAGModule], loader: DataLoader, *, seed: int
         "before training": recall_at(untrained_like(checkpoints["rag"], seed), loader, ks, "recall (init)"),
         "after training": recall_at(rag, loader, ks, "recall (trained)"),
     }
+    if rag.config.reader.kind == "rag":
+        results["reader@1"] = reader_recall(rag, loader, "reader@1")
     return results
 
 
@@ -91,4 +117,7 @@ def format_table(results: dict) -> str:
     lines += ["", "| query encoder | " + " | ".join(ks) + " |", "| --- |" + " --- |" * len(ks)]
     lines += [f"| {when} | " + " | ".join(f"{row[k]:.1%}" for k in ks) + " |"
               for when, row in recall.items()]
+    if "reader@1" in results:
+        lines += ["", f"reader@1 (the gold document has the largest mixture weight among the "
+                      f"top-k read): {results['reader@1']:.1%}"]
     return "\n".join(lines)

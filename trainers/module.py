@@ -66,6 +66,8 @@ class RAGModule(L.LightningModule):
             snapshot of the document tower and swap the new index in at a step boundary
             (`trainers.refresh`; needs `train_doc_encoder`; under several processes rank 0
             builds and every rank swaps at the same step; not with `shard_index`).
+        rerank: the rag reader mixes its documents by softmax(s + r), r the generator's own
+            relevance logit of each (`ReaderConfig.rerank`); None: on for rag, off for fid.
         refresh_dir: where refreshed indexes go (default: the trainer's
             `default_root_dir/index_refresh`).
     """
@@ -78,7 +80,8 @@ class RAGModule(L.LightningModule):
                  use_doc_images: bool = False, vision_dir: str | None = None,
                  shard_index: bool = False, reader: str = "rag", copy: bool = True,
                  counterfactual: float | None = None, train_doc_encoder: bool = False,
-                 refresh_every: int | None = None, refresh_dir: str | None = None) -> None:
+                 refresh_every: int | None = None, refresh_dir: str | None = None,
+                 rerank: bool | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_refresh_settings(refresh_every, train_doc_encoder, index_dir, mode, shard_index)
@@ -96,6 +99,7 @@ class RAGModule(L.LightningModule):
             base.reader, kind=reader, copy=copy,
             counterfactual=(base.reader.counterfactual if counterfactual is None
                             else counterfactual),
+            rerank=rerank,
         )
         self.config = replace(base, retriever=retriever, use_doc_images=use_doc_images,
                               reader=reader_config)
