@@ -476,7 +476,7 @@ class Head(nn.Module):
         # the relevance logit of a read document (`ReaderConfig.rerank`); built under every
         # setting, so the readers keep the same parameters and a checkpoint loads under either
         self.relevance = nn.Linear(hidden, 1)
-        self.rerank = config.reader.reranks
+        self.rerank = config.reader.rerank
         self.rerank_weight = config.reader.rerank_weight
 
     def _answer_logprobs(self, hidden, copy_ids, positions: slice):

@@ -1,7 +1,7 @@
 """The end-to-end demo: every step of the framework on embedded defaults, resumable.
 
     python scripts/demo.py [--out demo_out] [--steps 700] [--warmup-steps 3000] [--size demo]
-                           [--reader rag|fid] [--no-copy] [--counterfactual 0.5] [--no-rerank]
+                           [--reader rag|fid] [--no-copy] [--counterfactual 0.5] [--rerank]
 
 1. generate the synthetic multimodal knowledge task       (scripts/make_demo_data.py)
 2. embed the corpus with MiniLM and build the FAISS index (scripts/build_index.py)
@@ -66,9 +66,9 @@ def main(argv=None) -> None:
     p.add_argument("--reader", default="rag", choices=["rag", "fid"])
     p.add_argument("--copy", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--counterfactual", type=float, default=0.5)
-    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=False,
                    help="rag reader: mix documents by softmax(score + the generator's relevance "
-                        "logit) (default: on for rag, off for fid)")
+                        "logit) (default off)")
     p.add_argument("--swap-examples", type=int, default=300,
                    help="training-entity questions asked under the swapped index")
     args = p.parse_args(argv)
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         run("pretrain.py", *common, "--mode", "rag", "--max-steps", rag_steps,
             "--retriever-warmup-steps", args.warmup_steps, "--reader", args.reader,
             "--copy" if args.copy else "--no-copy", "--counterfactual", args.counterfactual,
-            *([] if args.rerank is None else ["--rerank" if args.rerank else "--no-rerank"]),
+            "--rerank" if args.rerank else "--no-rerank",
             "--out", rag_run, *resume(rag_run))
     if not trained(closed_run, args.steps):
         run("pretrain.py", *common, "--mode", "closed_book", "--max-steps", args.steps,

@@ -58,9 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--counterfactual", type=float, default=None,
                    help="training-time rate of counterfactual answers swapped into the gold "
                         "document and the target (default 0.5; 0 = off)")
-    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=False,
                    help="rag reader: mix the documents by softmax(retriever score + the "
-                        "generator's relevance logit) (default: on for rag; fid refuses it)")
+                        "generator's relevance logit) (default off; fid refuses it)")
     p.add_argument("--retriever-warmup-steps", type=int, default=0,
                    help="train the query encoder alone (contrastive) for the first N steps")
     p.add_argument("--activation-checkpointing", default=None, metavar="SETTING",
@@ -147,7 +147,7 @@ def main(argv=None) -> Path:
     finally:
         summary = {"mode": args.mode, "size": args.size, "reader": args.reader,
                    "copy": args.copy, "counterfactual": module.config.reader.counterfactual,
-                   "rerank": module.config.reader.reranks,
+                   "rerank": module.config.reader.rerank,
                    "status": status,
                    "steps": trainer.global_step, "max_steps": args.max_steps,
                    "seconds": round(time.time() - start, 1),

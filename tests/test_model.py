@@ -51,6 +51,7 @@ def test_rag_marginal_matches_a_direct_computation(tiny):
     batch = synthetic_batch(tiny.config, 3, num_docs=NUM_DOCS)
     tiny = build_model(replace(tiny.config, reader=replace(tiny.config.reader, copy=False)),
                        backend=tiny.retrieval.backend)
+    tiny.head.rerank = True
     tiny.train()  # gold_in_training: every example's gold document is read
     hidden, valid, labels, copy_ids, doc_logits, contrastive, gold = tiny.retrieval(batch)
     assert (gold.sum(1) == 1).all()

@@ -213,11 +213,10 @@ def test_generator_loss_reaches_the_query_encoder_under_both_readers(reader):
 
 
 def test_rerank_mixes_the_documents_by_retriever_score_plus_relevance_when_decoding():
-    """rag reader, rerank on (default): next-token log-probs are log sum_k softmax(s + r)_k
+    """rag reader, rerank on: next-token log-probs are log sum_k softmax(s + r)_k
     p_k(y), r the relevance head at the position predicting the first answer token; with
     rerank off, softmax(s). A hand computation from the per-document distributions."""
-    model, cities = _tiny("rag", counterfactual=0.0)
-    assert model.config.reader.reranks
+    model, cities = _tiny("rag", counterfactual=0.0, rerank=True)
     with torch.no_grad():
         model.head.relevance.weight.normal_(0.0, 1.0)  # r far from 0, so the test can fail
     batch = _batch(model.config, cities, [0, 5, 9])
@@ -243,7 +242,7 @@ def test_rerank_mixes_the_documents_by_retriever_score_plus_relevance_when_decod
 
 
 def test_rerank_loss_trains_the_relevance_head_on_gold_ids_only():
-    model, cities = _tiny("rag", counterfactual=0.0)
+    model, cities = _tiny("rag", counterfactual=0.0, rerank=True)
     batch = _batch(model.config, cities, [0, 5, 9, 2])
     _, _, _, _, _, _, gold = model.retrieval(batch)  # training: gold in the top-k
     assert gold.sum(1).tolist() == [1, 1, 1, 1]
@@ -264,8 +263,7 @@ def test_rerank_loss_trains_the_relevance_head_on_gold_ids_only():
 def test_rerank_is_for_the_rag_reader():
     from rag_mm.config import ReaderConfig
 
-    assert ReaderConfig().reranks and not ReaderConfig(kind="fid").reranks
-    assert not ReaderConfig(rerank=False).reranks
+    assert not ReaderConfig().rerank and ReaderConfig(rerank=True).rerank
     with pytest.raises(ValueError, match="rerank=True needs reader='rag'"):
         ReaderConfig(kind="fid", rerank=True)
 

@@ -67,7 +67,7 @@ class RAGModule(L.LightningModule):
             (`trainers.refresh`; needs `train_doc_encoder`; under several processes rank 0
             builds and every rank swaps at the same step; not with `shard_index`).
         rerank: the rag reader mixes its documents by softmax(s + r), r the generator's own
-            relevance logit of each (`ReaderConfig.rerank`); None: on for rag, off for fid.
+            relevance logit of each (`ReaderConfig.rerank`; rag reader only, off by default).
         refresh_dir: where refreshed indexes go (default: the trainer's
             `default_root_dir/index_refresh`).
     """
@@ -81,7 +81,7 @@ class RAGModule(L.LightningModule):
                  shard_index: bool = False, reader: str = "rag", copy: bool = True,
                  counterfactual: float | None = None, train_doc_encoder: bool = False,
                  refresh_every: int | None = None, refresh_dir: str | None = None,
-                 rerank: bool | None = None) -> None:
+                 rerank: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_refresh_settings(refresh_every, train_doc_encoder, index_dir, mode, shard_index)
