@@ -1,6 +1,6 @@
 """The end-to-end demo: every step of the framework on embedded defaults, resumable.
 
-    python scripts/demo.py [--out demo_out] [--steps 700] [--warmup-steps 3000] [--size demo]
+    python scripts/demo.py [--out demo_out] [--steps 700] [--warmup-steps 6000] [--size demo]
                            [--reader rag|fid] [--no-copy] [--counterfactual 0.5] [--rerank]
 
 1. generate the synthetic multimodal knowledge task       (scripts/make_demo_data.py)
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="demo_out", type=Path)
     p.add_argument("--size", default="demo")
     p.add_argument("--steps", type=int, default=700, help="joint training steps")
-    p.add_argument("--warmup-steps", type=int, default=3000,
+    p.add_argument("--warmup-steps", type=int, default=6000,
                    help="retriever-only (contrastive) steps before joint training")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--entities", type=int, default=192)
