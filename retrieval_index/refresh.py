@@ -277,13 +277,18 @@ def build_refreshed(source: Path, encoder: Path, out: Path) -> None:
     manifest = read_manifest(source)
     build = manifest["build"]
     store = DocumentStore(source)
-    if store.first_image_row() is not None:
-        raise ValueError(f"index refresh re-embeds text corpora only; {store.path} has images")
+    # The source's vectors embed texts (a trainable tower refuses image vectors at attach);
+    # a store that keeps images beside them (`build_index.py --drop-images`) keeps them here
+    # too, so the generator still reads them (use_doc_images).
+    images = store.first_image_row() is not None
     ids, texts = store.table.column("id").to_pylist(), store.table.column("text").to_pylist()
     corpus = [{"id": i, "text": t} for i, t in zip(ids, texts)]
+    if images:
+        for row, png in zip(corpus, store.table.column("image").to_pylist()):
+            row["image"] = png
     embedder = TextDocumentEmbedder.from_folder(
         encoder, max_length=manifest["encoder"].get("max_length") or 256,
-        batch_size=build.get("batch_size") or 64)
+        batch_size=build.get("batch_size") or 64, ignore_images=images)
     started = time.perf_counter()
     build_index(corpus, out, embedder=embedder, index_factory=manifest["index_factory"],
                 shard_size=build["shard_size"], seed=build["seed"],
@@ -293,8 +298,6 @@ def build_refreshed(source: Path, encoder: Path, out: Path) -> None:
     built = read_manifest(out)
     if built["corpus"]["fingerprint"] != manifest["corpus"]["fingerprint"]:
         raise ValueError(f"the refreshed index at {out} holds another corpus than {source}")
-    for name in ("model.safetensors",):
-        (encoder / name).unlink()
     print(json.dumps({"refreshed": str(out), "documents": len(corpus),
                       "seconds": round(time.perf_counter() - started, 3)}), flush=True)
 
@@ -316,6 +319,9 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     build_refreshed(args.source, args.encoder, args.out)
+    # The encoder folder is the job's snapshot (written for this child alone): its weights go
+    # as soon as they are embedded. Only here: build_refreshed never deletes what it is given.
+    (args.encoder / "model.safetensors").unlink()
 
 
 if __name__ == "__main__":

