@@ -126,10 +126,10 @@ def main(argv=None) -> dict:
 
 def format_table(results: dict) -> str:
     swap = results["swap"]
-    lines = [f"Index swap: {swap['swapped']} of {swap['passages']} passages swapped, "
-             f"{swap['examples_evaluated']} examples", "",
-             "| system | index A: A's answer | index B: B's answer (follows) | "
-             "index B: A's answer (memory) | follow ratio B / A |",
+    lines = [(f"Index swap: {swap['swapped']} of {swap['passages']} passages swapped, "
+              f"{swap['examples_evaluated']} examples"), "",
+             ("| system | index A: A's answer | index B: B's answer (follows) | "
+              "index B: A's answer (memory) | follow ratio B / A |"),
              "| --- | --- | --- | --- | --- |"]
     for label, row in results["rows"].items():
         ratio = "n/a" if row["follow_ratio"] is None else f"{row['follow_ratio']:.2f}"

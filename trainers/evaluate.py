@@ -118,6 +118,6 @@ def format_table(results: dict) -> str:
     lines += [f"| {when} | " + " | ".join(f"{row[k]:.1%}" for k in ks) + " |"
               for when, row in recall.items()]
     if "reader@1" in results:
-        lines += ["", f"reader@1 (the gold document has the largest mixture weight among the "
-                      f"top-k read): {results['reader@1']:.1%}"]
+        lines += ["", (f"reader@1 (the gold document has the largest mixture weight among "
+                       f"the top-k read): {results['reader@1']:.1%}")]
     return "\n".join(lines)

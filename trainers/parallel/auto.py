@@ -64,6 +64,7 @@ def auto_plan(config, *, pp_size: int, schedule: str, num_microbatches: int,
               activation_checkpointing=None, device=None, bf16: bool = False):
     """The partitioner's whole `PartitionResult` behind `auto_partition` (per-stage
     parameter counts, memory and times of the chosen split); the same arguments."""
+    from trainers.parallel.parallelize import MATMUL_MODULE_TYPES
     from trainers.partition.chain import MemoryModel
     from trainers.partition.hardware import (
         device_spec_for,
@@ -72,7 +73,6 @@ def auto_plan(config, *, pp_size: int, schedule: str, num_microbatches: int,
     )
     from trainers.partition.models import profile_rag
     from trainers.partition.partition import PartitionConfig, plan_partition
-    from trainers.parallel.parallelize import MATMUL_MODULE_TYPES
     from trainers.partition.units import chain_from_profile
 
     if device == "measured":
