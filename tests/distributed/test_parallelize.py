@@ -114,17 +114,23 @@ def test_each_rank_materialises_only_its_stage(tmp_path):
         assert result["names"] == expected
 
 
-def _one_process_worker(rank: int, world_size: int, out_dir: str) -> None:
+def _tiny_on_meta():
+    """The tiny model built on meta with a random in-memory index, a batch for it, and its
+    units as one stage: what the one-process parallelize tests start from."""
+    from rag_mm.model import InMemoryBackend
+
     torch.manual_seed(0)
     config = model_config("tiny")
     with torch.device("meta"):
         model = build_model(config)
-    from rag_mm.model import InMemoryBackend
-
     model.attach(InMemoryBackend.random(NUM_DOCS))
     batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
+    return model, batch, [[name for name, _ in model.units()]]
+
+
+def _one_process_worker(rank: int, world_size: int, out_dir: str) -> None:
+    model, batch, stages = _tiny_on_meta()
     dims = ParallelDims(world_size=1)
-    stages = [[name for name, _ in model.units()]]
     pipeline = parallelize(model, dims, ParallelConfig(pipeline=PipelineConfig(
         stages=stages, schedule="gpipe", num_microbatches=1)), batch,
         mesh=dims.build_mesh("cpu"), device=torch.device("cpu"))
@@ -177,7 +183,6 @@ def test_compile_without_a_compiler_is_refused_before_any_work(monkeypatch):
     assert isinstance(model.head, torch.nn.Module) and not hasattr(model.head, "unit_name")
 
 
-
 def test_parallelize_without_a_process_group_is_refused_before_any_work():
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -195,18 +200,10 @@ def _compiled_worker(rank: int, world_size: int, out_dir: str) -> None:
     import torch._inductor.config
     from torch._dynamo.utils import counters
 
-    from rag_mm.model import InMemoryBackend
-
     # one compile worker: on 2 cores a pool of them costs more to start than it saves
     # (measured 73 s cold for this test's worker with the pool, 52 s without, under load 8)
     torch._inductor.config.compile_threads = 1
-    torch.manual_seed(0)
-    config = model_config("tiny")
-    with torch.device("meta"):
-        model = build_model(config)
-    model.attach(InMemoryBackend.random(NUM_DOCS))
-    batch = synthetic_batch(config, BATCH_SIZE, num_docs=NUM_DOCS)
-    stages = [[name for name, _ in model.units()]]
+    model, batch, stages = _tiny_on_meta()
     pipeline = parallelize(model, ParallelDims(world_size=1), ParallelConfig(
         pipeline=PipelineConfig(stages=stages, schedule="gpipe", num_microbatches=1),
         compile=True), batch, mesh=None, device=torch.device("cpu"))
