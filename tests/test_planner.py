@@ -549,6 +549,39 @@ def test_zero3_collectives_per_unit_by_hand():
         TrainLayout(global_batch=16, zero=3, zero3_unit="block")
 
 
+def test_zero3_overlap_is_per_phase_by_hand():
+    """FSDP's forward all-gathers overlap only forward compute, the backward's gathers and
+    reduce-scatters only backward compute (PyTorch FSDP notes, "FSDP Prefetch Nuances").
+    2 layers (h = 1024, s = 2048), full recomputation, one micro-batch, dp = 16 over 2 nodes
+    of 800 Gb/s: the forward's 3 gathers outlast the forward, the backward's 6 collectives
+    fit in the backward (three forwards' worth), so only the forward's excess is exposed,
+    although the step's collectives are shorter than its compute."""
+    shape = GPTShape(num_layers=2, hidden=1024, num_heads=8, seq_len=2048, vocab=1000,
+                     dropout=False)
+    cluster = Cluster(gpu=GPUS["a100-80gb"], num_nodes=2, gpus_per_node=8,
+                      inter_node_gbps=800)
+    params = 2 * (12 * 1024**2 + 4 * 1024) + 1000 * 1024
+
+    def ring(num_bytes):  # 7/8 over NVLink at 0.7 x 300 GB/s, 1/2 x 1/8 at 0.96 x 100 / 8
+        return 7 / 8 * num_bytes / 210e9 + 1 / 2 * num_bytes / 8 / 12e9 + 15 * 15e-6
+
+    full = estimate_step(shape, cluster, TrainLayout(global_batch=16, zero=3, recompute="full"))
+    none = estimate_step(shape, cluster, TrainLayout(global_batch=16, zero=3))
+    # the forward: what full recomputation adds (one forward of each layer), the logits'
+    # GEMM (2048 x 1000 x 1024 at 0.8 x 312 TFLOP/s, its operands at 2039 GB/s) and half the
+    # loss's traffic (the 2048 x 1000 fp32 logits read and written, at 0.8 x 2039 GB/s)
+    tokens, vocab, h = 2048, 1000, 1024
+    head_gemm = (2 * tokens * vocab * h / (0.8 * 312e12)
+                 + 2 * (tokens * h + h * vocab + tokens * vocab) / 2039e9)
+    forward = (full.time_s["compute"] - none.time_s["compute"] + head_gemm
+               + 2 * tokens * vocab * 4 / (0.8 * 2039e9))
+    backward = full.time_s["compute"] - forward
+    gathers, collectives = 3 * ring(2 * params / 3), 6 * ring(2 * params / 3)
+    assert gathers > forward and collectives < backward
+    assert gathers + collectives < full.time_s["compute"]  # a whole-step overlap hides all
+    assert full.time_s["fsdp_gather_exposed"] == pytest.approx(gathers - forward, rel=1e-9)
+
+
 def test_measured_device_is_agreed_across_ranks(monkeypatch):
     """partition_device="measured": this machine timed; the ranks take the slowest rates
     (here a fake second rank at half the FLOP/s and a third of the bandwidth)."""

@@ -21,8 +21,9 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   or, every micro-batch, each unit's parameters all-gathered for forward and backward and
   its gradient reduce-scattered (ZeRO 3: one ring collective per layer as FSDP2 wraps
   blocks, or per submodule as DeepSpeed hooks them, each paying its ring's latencies;
-  prefetched behind compute or in series with it; the runtime's FSDP2 under pipelining
-  reduce-scatters once a step and holds whole weights and gradients meanwhile); the
+  prefetched behind the compute of the same phase, forward or backward, or in series with
+  it; the runtime's FSDP2 under pipelining reduce-scatters once a step and holds whole
+  weights and gradients meanwhile); the
   once-a-step reduction overlapped with the last micro-batch's backward or not.
 * Optimizer: Adam's update reads and writes 16 bytes per local parameter (memory bound).
 * Memory per GPU: weights, gradients, fp32 master + Adam moments (ZeRO/FSDP sharded over
@@ -193,8 +194,9 @@ class TrainLayout:
         on every submodule holding partitioned parameters: QKV, projection, MLP up, (gate,)
         down per layer; ``zero3_units_per_layer``).
     overlap_zero3: ZeRO-3's per micro-batch all-gathers and reduce-scatters run on their
-        own stream behind compute (FSDP2's prefetch: exposed only beyond the micro-batch's
-        compute); else in series with it.
+        own stream behind compute, phase by phase (FSDP / FSDP2 prefetch: the forward's
+        gathers exposed only beyond the forward's compute, the backward's gathers and
+        reduce-scatters only beyond the backward's); else in series with it.
     fp32_params: weights and gradients in fp32 under autocast, Adam 8 bytes (Lightning's
         bf16-mixed, the runtime); else bf16 weights and gradients with an fp32 master copy
         in the optimizer state (Megatron, DeepSpeed).
@@ -382,15 +384,31 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
     return compute, comm, ran
 
 
-def _head_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> float:
-    """The logits (vocab-parallel GEMM, softmax cross-entropy on ``logit_bytes`` logits)
-    forward + backward."""
+def _head_parts(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tuple[float, float]:
+    """(the logits GEMM forward, the loss's reads and writes of the logits forward and
+    backward) seconds (vocab-parallel GEMM, softmax cross-entropy on ``logit_bytes``
+    logits)."""
     tokens = layout.microbatch * shape.seq_len
     vocab = shape.vocab / layout.tp
     gemm = gemm_seconds(tokens, vocab, shape.hidden, cluster.gpu)
     # the logits read and written, forward and backward
     loss = memory_seconds(4 * tokens * vocab * layout.logit_bytes, cluster.gpu)
+    return gemm, loss
+
+
+def _head_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> float:
+    """The logits forward + backward (backward: two GEMMs per forward one)."""
+    gemm, loss = _head_parts(shape, cluster, layout)
     return 3 * gemm + loss
+
+
+def _forward_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> float:
+    """The busiest rank's forward compute per micro-batch: its layers' forward and the
+    logits' (the GEMM and half the loss's traffic)."""
+    f = _layer_forward_s(shape, cluster, layout)
+    gemm, loss = _head_parts(shape, cluster, layout)
+    layers = shape.num_layers // layout.pp
+    return layers * (f["gemm"] + f["attention"] + f["elementwise"]) + gemm + loss / 2
 
 
 def _stage_params(shape: GPTShape, layout: TrainLayout) -> float:
@@ -509,26 +527,29 @@ def zero3_gathers(layout: TrainLayout) -> int:
 
 
 def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
-                m: int) -> tuple[float, float]:
-    """(gradient reduction per step, ZeRO-3 communication per micro-batch) seconds.
+                m: int) -> tuple[float, float, float]:
+    """(gradient reduction per step, ZeRO-3 communication per micro-batch in the forward,
+    and in the backward) seconds.
 
     ZeRO-3 gathers every unit's parameters for its forward and again for its backward, and
     reduce-scatters its gradient, every micro-batch (Rajbhandari et al. 2020, sec. 7.2.2:
     3x the parameters per GPU; ``zero3_gathers`` for recomputation); one ring collective
-    per unit and kind, so the dp - 1 step latencies are paid per unit.
+    per unit and kind, so the dp - 1 step latencies are paid per unit. The forward part is
+    one gather per unit; the rest (the backward's gathers, DeepSpeed's recomputation
+    gather, the reduce-scatters unless deferred) runs in the backward.
     """
     if dp == 1:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     params = _stage_params(shape, layout)
     nodes = group_nodes(cluster, dp, layout.tp * layout.pp)
     weight_bytes, _, _, reduced_bytes = state_bytes(layout)
     grad_bytes = params * reduced_bytes
     if layout.zero == 0:
-        return ring_seconds(grad_bytes, dp, nodes, cluster, factor=2), 0.0
+        return ring_seconds(grad_bytes, dp, nodes, cluster, factor=2), 0.0, 0.0
     if layout.zero < 3:
         reduce_scatter = ring_seconds(grad_bytes, dp, nodes, cluster, factor=1)
         gather = ring_seconds(params * weight_bytes, dp, nodes, cluster, factor=1)
-        return reduce_scatter + gather, 0.0  # updated parameters gathered once a step
+        return reduce_scatter + gather, 0.0, 0.0  # updated parameters gathered once a step
     units = zero3_units(shape, layout)
     gather = ring_seconds(_gathered_bytes(shape, layout) / units, dp, nodes, cluster, factor=1)
     reduce_scatter = ring_seconds(grad_bytes / units, dp, nodes, cluster, factor=1)
@@ -537,9 +558,10 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
                                  cluster.gpu)
         reduce_scatter += memory_seconds(DEEPSPEED_REDUCE_SCATTER_HBM_PASSES * grad_bytes
                                          / units, cluster.gpu)
+    backward_gathers = units * (zero3_gathers(layout) - 1) * gather
     if layout.deferred_grad_sync:  # one reduce-scatter per unit, after the last backward
-        return units * reduce_scatter, units * zero3_gathers(layout) * gather
-    return 0.0, units * (zero3_gathers(layout) * gather + reduce_scatter)
+        return units * reduce_scatter, units * gather, backward_gathers
+    return 0.0, units * gather, backward_gathers + units * reduce_scatter
 
 
 def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> StepEstimate:
@@ -553,9 +575,17 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     # Busiest rank per micro-batch: the last one (its layers and the logits).
     rank_compute = layers * layer_compute + head
     rank_comm = layers * layer_comm
-    grad_reduce, zero3 = _dp_seconds(shape, cluster, layout, dp, m)
-    # FSDP2 prefetch hides ZeRO-3's collectives behind compute up to its length
-    exposed_gathers = max(0.0, zero3 - rank_compute) if layout.overlap_zero3 else zero3
+    grad_reduce, zero3_forward, zero3_backward = _dp_seconds(shape, cluster, layout, dp, m)
+    if layout.overlap_zero3:
+        # FSDP / FSDP2 prefetch hides ZeRO-3's collectives behind compute up to its length,
+        # phase by phase: a forward all-gather is issued during the forward and overlaps
+        # forward compute only (PyTorch FSDP notes, "FSDP Prefetch Nuances"); the backward's
+        # gathers and reduce-scatters overlap backward compute (recomputation included).
+        forward_compute = _forward_seconds(shape, cluster, layout)
+        exposed_gathers = (max(0.0, zero3_forward - forward_compute)
+                           + max(0.0, zero3_backward - (rank_compute - forward_compute)))
+    else:
+        exposed_gathers = zero3_forward + zero3_backward
     per_micro = rank_compute + rank_comm + _p2p_seconds(shape, cluster, layout) + exposed_gathers
     pipeline = (m + (p - 1) / v) * per_micro
     if layout.overlap_grad_reduce:
