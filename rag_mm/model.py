@@ -33,6 +33,7 @@ from torch import nn
 from rag_mm.config import ModelConfig
 from rag_mm.doc_encoder import DocumentEncoder
 from rag_mm.layers import Block, VisionTower, decoder_attention, init_weights
+from rag_mm.rescorer import Rescorer
 from rag_mm.reader import CopyPointer, mixture_logprobs, substitute_answers, target_logprobs
 from rag_mm.retriever import (
     InMemoryBackend,
@@ -82,6 +83,10 @@ class RetrievalUnit(nn.Module):
             doc_text = (pretrained_text_encoder(config) if pretrained_text else
                         build_text_encoder(config.retriever.text_encoder, pretrained=False))
             self.doc_encoder = DocumentEncoder(doc_text, self.tokenizer)
+        self.rescorer = None  # second-stage scores of the candidates (`rescore`)
+        if config.retriever.rescore:
+            self.rescorer = Rescorer(text.dim, config.vision.hidden_size,
+                                     heads=config.retriever.rescore_heads)
         self.last_queries: torch.Tensor | None = None  # the latest training batch's q, detached
         self.backend: RetrievalBackend | None = None
         self._doc_tokens: dict[int, list[int]] = {}
@@ -117,8 +122,11 @@ class RetrievalUnit(nn.Module):
             identity = self.query_encoder.identity(self.config.retriever.text_encoder)
             backend.check_encoder(identity, what="the model's query text encoder")
         if self.doc_encoder is not None and backend is not None:
-            check_text_documents(backend)
+            check_text_documents(backend, "train_doc_encoder")
             self.doc_encoder.clear_cache()
+        if self.rescorer is not None and backend is not None:
+            check_text_documents(backend, "rescore")
+            self.rescorer.clear_cache()
         self.backend = backend
         self._doc_tokens.clear()
         self._shared = None
@@ -174,7 +182,10 @@ class RetrievalUnit(nn.Module):
             zeros = torch.zeros(batch_size, device=batch["images"].device)
             keys = np.full((batch_size, 1), -1, dtype=np.int64)
             return Retrieved(keys, keys, zeros[:, None], zeros)
-        q = self.query_encoder(batch["images"], batch["prompt_ids"], batch["prompt_mask"])
+        text, image = self.query_encoder.features(batch["images"], batch["prompt_ids"],
+                                                  batch["prompt_mask"])
+        q = self.query_encoder.combine(text, image)
+        q2 = None if self.rescorer is None else self.rescorer.query(text, image)
         if self.training:
             self.last_queries = q.detach()  # an index refresh measures staleness on these
         gold_keys = batch["gold_keys"]
@@ -190,11 +201,12 @@ class RetrievalUnit(nn.Module):
         else:
             # q stays a tensor on its device: a GPU backend searches it there
             _, candidates = self._require_backend().search(q.detach(), cfg.num_candidates)
+            if q2 is not None:  # the second stage orders the candidates
+                candidates = self._rescored_order(q2, candidates)
             keys = candidates[:, : cfg.top_k]
             if self.training and cfg.gold_in_training:
                 keys = with_gold(keys, gold_keys.cpu().numpy())
-        doc_logits = torch.einsum("bd,bkd->bk", q, self._vectors(keys, q)) / cfg.temperature
-        doc_logits = doc_logits.masked_fill(torch.as_tensor(keys < 0, device=q.device), -torch.inf)
+        doc_logits = self._scores(q if q2 is None else q2, keys, second=q2 is not None)
         negatives = candidates if cfg.hard_negatives else np.full_like(candidates[:, :1], -1)
         shared_vectors, shared_keys = self._shared_negatives(q)
         contrastive = contrastive_loss(
@@ -207,7 +219,38 @@ class RetrievalUnit(nn.Module):
             shared_vectors,
             shared_keys,
         )
+        if q2 is not None:  # the second stage learns from the same positives and negatives
+            contrastive = contrastive + contrastive_loss(
+                q2,
+                self._rescored_vectors(gold_keys.cpu().numpy(), q2),
+                gold_keys,
+                self._rescored_vectors(negatives, q2),
+                torch.as_tensor(negatives, device=q.device),
+                cfg.temperature,
+                self._rescored_vectors(shared_keys.cpu().numpy(), q2) if len(shared_keys)
+                else None,
+                shared_keys,
+            )
         return Retrieved(keys, candidates, doc_logits, contrastive)
+
+    def _scores(self, q: torch.Tensor, keys: np.ndarray, *, second: bool) -> torch.Tensor:
+        """(B, k) document scores <q, d> / T, -inf for key -1: d the rescorer's vectors
+        (`second`), else the ones documents are scored with (`_vectors`)."""
+        vectors = self._rescored_vectors(keys, q) if second else self._vectors(keys, q)
+        logits = torch.einsum("bd,bkd->bk", q, vectors) / self.config.retriever.temperature
+        return logits.masked_fill(torch.as_tensor(keys < 0, device=q.device), -torch.inf)
+
+    def _rescored_vectors(self, keys: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        return self.rescorer.documents(keys, self._require_backend().documents,
+                                       self.query_encoder.text, self.tokenizer, like)
+
+    def _rescored_order(self, q2: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
+        """`candidates` (B, C) sorted by the second stage's score, best first (a stable
+        sort: ties keep the search's order; -1 stays last)."""
+        with torch.no_grad():
+            scores = self._scores(q2, candidates, second=True).float().cpu()
+        order = torch.argsort(-scores, dim=1, stable=True).numpy()
+        return np.take_along_axis(candidates, order, axis=1)
 
     # -- context assembly ------------------------------------------------------------------
     def slots(self, retrieved: Retrieved) -> tuple[np.ndarray, torch.Tensor]:
@@ -399,15 +442,15 @@ def check_padded_at_end(key_valid: torch.Tensor, target_slots: int) -> None:
             f"every document and prompt slot")
 
 
-def check_text_documents(backend) -> None:
+def check_text_documents(backend, setting: str) -> None:
     """A trainable document tower embeds texts: refuse an index whose vectors embed images."""
     encoder = getattr(backend, "manifest", {}).get("encoder", {})
     if encoder.get("kind") not in (None, "text"):
         raise ValueError(
-            f"train_doc_encoder embeds document texts only, but the index at "
+            f"{setting} embeds document texts only, but the index at "
             f"{getattr(backend, 'path', '?')} has {encoder.get('kind')!r} document vectors "
             f"(images embedded); rebuild it with --drop-images or train with "
-            f"train_doc_encoder=False"
+            f"{setting}=False"
         )
 
 
@@ -665,7 +708,8 @@ class RAGModel(nn.Module):
     def init_unit(self, name: str, unit: nn.Module) -> None:
         """Initialise unit `name` (the model's own, or a copy of it of the same structure):
         - `retrieval`: the vision towers, projections and embeddings (`layers.init_weights`),
-          the query encoder's projections (`QueryEncoder.init_weights`);
+          the query encoder's projections (`QueryEncoder.init_weights`), the rescorer's
+          (`Rescorer.init_weights`: a copy of the query encoder's);
         - `blocks.i`: `layers.init_weights` with residual projections scaled for the depth;
         - `head`: likewise, less a weight tied to the token embedding (the retrieval unit's).
         """
@@ -677,6 +721,8 @@ class RAGModel(nn.Module):
                                unit.query_encoder.vision]:
                     init_weights(module, residual_layers=depth)
                 unit.query_encoder.init_weights()
+                if unit.rescorer is not None:
+                    unit.rescorer.init_weights(unit.query_encoder)
             elif name == "head" and self.config.generator.tie_embeddings:
                 for child_name, child in unit.named_children():
                     if child_name != "lm_head":  # the token embedding's, set by `retrieval`

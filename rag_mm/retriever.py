@@ -131,8 +131,16 @@ class QueryEncoder(nn.Module):
     def forward(
         self, images: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     ) -> torch.Tensor:
-        text = self.embed_text(prompt_ids, prompt_mask)
-        return F.normalize(self.text_proj(text) + self.embed_image(images), dim=-1)
+        return self.combine(*self.features(images, prompt_ids, prompt_mask))
+
+    def features(self, images: torch.Tensor, prompt_ids: torch.Tensor,
+                 prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the prompt's text embedding, the picture's mean vision feature): what `combine`
+        projects into q, and what a second query head (`rag_mm.rescorer`) reads too."""
+        return self.embed_text(prompt_ids, prompt_mask), self.vision(images).mean(dim=1)
+
+    def combine(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(text) + self.image_proj(image), dim=-1)
 
     def embed_text(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         if self.train_text:

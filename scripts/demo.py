@@ -69,6 +69,9 @@ def main(argv=None) -> None:
     p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=False,
                    help="rag reader: mix documents by softmax(score + the generator's relevance "
                         "logit) (default off)")
+    p.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=True,
+                   help="order the retrieved candidates by a second trained score before the "
+                        "reader takes the top-k (rag_mm.rescorer; default on)")
     p.add_argument("--swap-examples", type=int, default=300,
                    help="training-entity questions asked under the swapped index")
     args = p.parse_args(argv)
@@ -88,6 +91,7 @@ def main(argv=None) -> None:
             "--retriever-warmup-steps", args.warmup_steps, "--reader", args.reader,
             "--copy" if args.copy else "--no-copy", "--counterfactual", args.counterfactual,
             "--rerank" if args.rerank else "--no-rerank",
+            "--rescore" if args.rescore else "--no-rescore",
             "--out", rag_run, *resume(rag_run))
     if not trained(closed_run, args.steps):
         run("pretrain.py", *common, "--mode", "closed_book", "--max-steps", args.steps,

@@ -61,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=False,
                    help="rag reader: mix the documents by softmax(retriever score + the "
                         "generator's relevance logit) (default off; fid refuses it)")
+    p.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=None,
+                   help="order the retrieved candidates by a second trained score (a query head "
+                        "and a light document tower over the text tower's token states) before "
+                        "the reader takes the top-k (default on, off with --train-doc-encoder; "
+                        "an index whose vectors embed images needs --no-rescore)")
     p.add_argument("--retriever-warmup-steps", type=int, default=0,
                    help="train the query encoder alone (contrastive) for the first N steps")
     p.add_argument("--activation-checkpointing", default=None, metavar="SETTING",
@@ -110,6 +115,8 @@ def main(argv=None) -> Path:
                        use_doc_images=args.use_doc_images, vision_dir=args.vision_dir,
                        reader=args.reader, copy=args.copy, counterfactual=args.counterfactual,
                        rerank=args.rerank,
+                       rescore=(not args.train_doc_encoder and args.mode != "closed_book"
+                                if args.rescore is None else args.rescore),
                        activation_checkpointing=args.activation_checkpointing,
                        train_doc_encoder=args.train_doc_encoder, refresh_every=args.refresh_every,
                        refresh_dir=args.refresh_dir)
@@ -148,6 +155,7 @@ def main(argv=None) -> Path:
         summary = {"mode": args.mode, "size": args.size, "reader": args.reader,
                    "copy": args.copy, "counterfactual": module.config.reader.counterfactual,
                    "rerank": module.config.reader.rerank,
+                   "rescore": module.config.retriever.rescore,
                    "status": status,
                    "steps": trainer.global_step, "max_steps": args.max_steps,
                    "seconds": round(time.time() - start, 1),

@@ -70,6 +70,9 @@ class RAGModule(L.LightningModule):
             relevance logit of each (`ReaderConfig.rerank`; rag reader only, off by default).
         refresh_dir: where refreshed indexes go (default: the trainer's
             `default_root_dir/index_refresh`).
+        rescore: order the over-retrieved candidates by a second, trained score before the
+            reader takes the top-k (`rag_mm.rescorer`; text-vector indexes, a frozen text
+            tower; off here, on in the recipes).
     """
 
     def __init__(self, size: str = "demo", mode: str = "rag", index_dir: str | None = None,
@@ -81,7 +84,7 @@ class RAGModule(L.LightningModule):
                  shard_index: bool = False, reader: str = "rag", copy: bool = True,
                  counterfactual: float | None = None, train_doc_encoder: bool = False,
                  refresh_every: int | None = None, refresh_dir: str | None = None,
-                 rerank: bool = False) -> None:
+                 rerank: bool = False, rescore: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_refresh_settings(refresh_every, train_doc_encoder, index_dir, mode, shard_index)
@@ -94,6 +97,7 @@ class RAGModule(L.LightningModule):
             train_text_encoder=train_text_encoder,
             vision_dir=vision_dir,
             train_doc_encoder=train_doc_encoder,
+            rescore=rescore,
         )
         reader_config = replace(
             base.reader, kind=reader, copy=copy,
