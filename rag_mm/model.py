@@ -33,8 +33,8 @@ from torch import nn
 from rag_mm.config import ModelConfig
 from rag_mm.doc_encoder import DocumentEncoder
 from rag_mm.layers import Block, VisionTower, decoder_attention, init_weights
-from rag_mm.rescorer import Rescorer
 from rag_mm.reader import CopyPointer, mixture_logprobs, substitute_answers, target_logprobs
+from rag_mm.rescorer import Rescorer
 from rag_mm.retriever import (
     InMemoryBackend,
     QueryEncoder,

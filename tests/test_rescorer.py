@@ -181,8 +181,9 @@ def test_bad_settings_are_refused_by_name(demo):
         RetrieverConfig(rescore_heads=0)
 
     class ImageIndex:
-        path = "some/index"
-        manifest = {"encoder": {"kind": "multimodal"}}
+        def __init__(self) -> None:
+            self.path = "some/index"
+            self.manifest = {"encoder": {"kind": "multimodal"}}
 
     model = _rescoring_model(demo)
     with pytest.raises(ValueError, match="rescore embeds document texts only.*some/index.*"
