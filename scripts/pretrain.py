@@ -32,6 +32,13 @@ from trainers.module import RAGModule
 from trainers.run import NonFiniteError, Preempted, RunCheckpoints, resume_path, run_callbacks
 
 
+def default_rescore(args) -> bool:
+    """The second stage is on unless the run cannot use it: a trainable document tower
+    already rescores, an image index (it comes with --vision-dir) has no text-only vectors,
+    closed-book reads no documents."""
+    return not (args.train_doc_encoder or args.vision_dir or args.mode == "closed_book")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", required=True,
@@ -64,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=None,
                    help="order the retrieved candidates by a second trained score (a query head "
                         "and a light document tower over the text tower's token states) before "
-                        "the reader takes the top-k (default on, off with --train-doc-encoder; "
-                        "an index whose vectors embed images needs --no-rescore)")
+                        "the reader takes the top-k (default on; off with --train-doc-encoder, "
+                        "--vision-dir (image indexes) or --mode closed_book)")
     p.add_argument("--retriever-warmup-steps", type=int, default=0,
                    help="train the query encoder alone (contrastive) for the first N steps")
     p.add_argument("--activation-checkpointing", default=None, metavar="SETTING",
@@ -115,8 +122,7 @@ def main(argv=None) -> Path:
                        use_doc_images=args.use_doc_images, vision_dir=args.vision_dir,
                        reader=args.reader, copy=args.copy, counterfactual=args.counterfactual,
                        rerank=args.rerank,
-                       rescore=(not args.train_doc_encoder and args.mode != "closed_book"
-                                if args.rescore is None else args.rescore),
+                       rescore=default_rescore(args) if args.rescore is None else args.rescore,
                        activation_checkpointing=args.activation_checkpointing,
                        train_doc_encoder=args.train_doc_encoder, refresh_every=args.refresh_every,
                        refresh_dir=args.refresh_dir)
