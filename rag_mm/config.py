@@ -145,6 +145,13 @@ class ReaderConfig:
     # al. 2021), so that answering from memory stops paying. Applies where the target's tokens
     # appear verbatim in the gold document's tokens; other examples are left unchanged.
     counterfactual: float = 0.5
+    # Of those counterfactual answers, the share that is a random span of 1-3 word pieces from
+    # the tokenizer's vocabulary (a whole-word piece and up to two continuation pieces, at most
+    # max_target_tokens - 1) instead of another example's answer. Another example's answer is
+    # always a training target; a random span teaches the copy of answers that never are,
+    # including words split into several pieces: on the demo, every never-trained answer of
+    # two pieces (`zebras` = `zebra ##s`) failed with the gold document without it.
+    novel_spans: float = 0.5
     # fid: weight of KL(copy sources || softmax(doc scores)), how the scores are trained
     distill_weight: float = 1.0
     # fid: in training, put each example's documents in a random order, so that a slot's
@@ -173,6 +180,8 @@ class ReaderConfig:
                              "sources; set copy=True (--copy) or use reader='rag'")
         if not 0.0 <= self.counterfactual <= 1.0:
             raise ValueError(f"counterfactual must be in [0, 1], got {self.counterfactual}")
+        if not 0.0 <= self.novel_spans <= 1.0:
+            raise ValueError(f"novel_spans must be in [0, 1], got {self.novel_spans}")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if self.rerank and self.kind != "rag":

@@ -33,7 +33,14 @@ from torch import nn
 from rag_mm.config import ModelConfig
 from rag_mm.doc_encoder import DocumentEncoder
 from rag_mm.layers import Block, VisionTower, decoder_attention, init_weights
-from rag_mm.reader import CopyPointer, mixture_logprobs, substitute_answers, target_logprobs
+from rag_mm.reader import (
+    CopyPointer,
+    mixture_logprobs,
+    random_spans,
+    span_vocabulary,
+    substitute_answers,
+    target_logprobs,
+)
 from rag_mm.rescorer import Rescorer
 from rag_mm.retriever import (
     InMemoryBackend,
@@ -90,6 +97,7 @@ class RetrievalUnit(nn.Module):
         self.last_queries: torch.Tensor | None = None  # the latest training batch's q, detached
         self.backend: RetrievalBackend | None = None
         self._doc_tokens: dict[int, list[int]] = {}
+        self._span_vocabulary: tuple[list[int], list[int]] | None = None  # novel_spans
         self.shared_negative_keys = np.zeros(0, dtype=np.int64)
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, keys) cache
 
@@ -381,25 +389,38 @@ class RetrievalUnit(nn.Module):
                        ) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
         """`batch` and the document rows with counterfactual answers (`ReaderConfig.
         counterfactual`, `rag_mm.reader.substitute_answers`): an example whose gold document
-        holds its target's tokens verbatim may get another example's answer, in that
-        document and as its target; the rest are unchanged."""
+        holds its target's tokens verbatim may get another example's answer or a random span
+        of word pieces (`ReaderConfig.novel_spans`), in that document and as its target; the
+        rest are unchanged."""
         targets, mask = batch["target_ids"], batch["target_mask"].bool()
         sep = self.tokenizer.sep_token_id
         answers = []
         for row, row_mask in zip(targets.tolist(), mask.tolist()):
             tokens = [t for t, m in zip(row, row_mask) if m]
             answers.append(tokens[:-1] if tokens and tokens[-1] == sep else tokens)
+        reader, spans = self.config.reader, None
+        if reader.novel_spans > 0:
+            if self._span_vocabulary is None:
+                self._span_vocabulary = span_vocabulary(self.tokenizer)
+            spans = random_spans(len(answers), *self._span_vocabulary,
+                                 max_pieces=self.config.max_target_tokens - 1)
         rows, donors = substitute_answers(
             self.document_rows(keys), keys, batch["gold_keys"].cpu().numpy(), answers,
-            rate=self.config.reader.counterfactual, max_doc_tokens=self.config.max_doc_tokens)
+            rate=reader.counterfactual, max_doc_tokens=self.config.max_doc_tokens,
+            spans=spans, span_rate=reader.novel_spans)
         changed = [i for i, j in enumerate(donors) if j >= 0]
         if changed:
-            donor = torch.as_tensor([donors[i] for i in changed], device=targets.device)
-            rows_changed = torch.as_tensor(changed, device=targets.device)
-            batch = dict(batch)
-            for name in ("target_ids", "target_mask"):
-                batch[name] = batch[name].clone()
-                batch[name][rows_changed] = batch[name][donor]
+            new_ids, new_mask = targets.clone(), batch["target_mask"].clone()
+            for i in changed:
+                j = donors[i]
+                if j < len(answers):  # another example's answer
+                    new_ids[i], new_mask[i] = targets[j], batch["target_mask"][j]
+                else:  # a random span, closed by [SEP]
+                    row = spans[j - len(answers)] + [sep]
+                    new_ids[i], new_mask[i] = 0, 0
+                    new_ids[i, : len(row)] = torch.tensor(row, device=targets.device)
+                    new_mask[i, : len(row)] = 1
+            batch = {**batch, "target_ids": new_ids, "target_mask": new_mask}
         return batch, rows
 
     def forward(self, batch: dict[str, torch.Tensor], *,

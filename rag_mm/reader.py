@@ -105,7 +105,8 @@ def find_span(tokens: list[int], span: list[int]) -> int:
 
 
 def substitute_answers(doc_rows: list[list[int]], keys, gold, answers: list[list[int]], *,
-                       rate: float, max_doc_tokens: int) -> tuple[list[list[int]], list[int]]:
+                       rate: float, max_doc_tokens: int, spans: list[list[int]] | None = None,
+                       span_rate: float = 0.0) -> tuple[list[list[int]], list[int]]:
     """Counterfactual answers for one batch.
 
     doc_rows: document tokens per (example, slot), B * k rows in example order; keys (B, k)
@@ -113,12 +114,15 @@ def substitute_answers(doc_rows: list[list[int]], keys, gold, answers: list[list
     example's target tokens without [SEP]. With probability `rate`, an example whose gold
     document is read and holds its answer verbatim gets another example's (different)
     answer, drawn uniformly, spliced into that document in place of its own, if the new
-    answer still fits in `max_doc_tokens`. Returns the new rows and, per example, the index
-    of the example whose answer it now has (-1: unchanged). Uses torch's global RNG."""
+    answer still fits in `max_doc_tokens`; with probability `span_rate` the new answer is
+    instead `spans[i]` (a random span, `random_spans`). Returns the new rows and, per example,
+    the index of the example whose answer it now has, `batch + i` for its span (-1:
+    unchanged). Uses torch's global RNG."""
     batch, k = keys.shape
     donors = [-1] * batch
     rows = list(doc_rows)
     draws = torch.rand(batch).tolist()
+    use_span = (torch.rand(batch) < span_rate).tolist() if spans and span_rate > 0 else [False] * batch
     for i in range(batch):
         if draws[i] >= rate or gold[i] < 0:
             continue
@@ -128,12 +132,45 @@ def substitute_answers(doc_rows: list[list[int]], keys, gold, answers: list[list
         row = rows[i * k + slots[0]]
         start = find_span(row, answers[i])
         others = [j for j in range(batch) if answers[j] and answers[j] != answers[i]]
+        if use_span[i] and spans[i] != answers[i]:
+            others = [batch + i]
         if start < 0 or not others:
             continue
         j = others[int(torch.randint(len(others), ()).item())]
-        if start + len(answers[j]) > max_doc_tokens:
+        answer = spans[i] if j >= batch else answers[j]
+        if start + len(answer) > max_doc_tokens:
             continue
-        new = row[:start] + answers[j] + row[start + len(answers[i]):]
+        new = row[:start] + answer + row[start + len(answers[i]):]
         rows[i * k + slots[0]] = new[:max_doc_tokens]
         donors[i] = j
     return rows, donors
+
+
+def span_vocabulary(tokenizer) -> tuple[list[int], list[int]]:
+    """(whole-word pieces, continuation pieces) of a WordPiece-style vocabulary: alphabetic
+    pieces of at least 2 letters, `##` marking a continuation; special tokens excluded."""
+    special = set(tokenizer.all_special_ids)
+    words, pieces = [], []
+    for token, index in tokenizer.get_vocab().items():
+        if index in special:
+            continue
+        if token.startswith("##") and token[2:].isalpha() and len(token) >= 4:
+            pieces.append(index)
+        elif token.isalpha() and token.isascii() and len(token) >= 2:
+            words.append(index)
+    return sorted(words), sorted(pieces)
+
+
+def random_spans(count: int, words: list[int], pieces: list[int], max_pieces: int
+                 ) -> list[list[int]]:
+    """`count` random answers: a whole-word piece, then 0, 1 or 2 continuation pieces (each
+    equally likely, at most `max_pieces` in all; no continuation when the vocabulary has
+    none). Uses torch's global RNG."""
+    spans = []
+    extra = torch.randint(0, 3, (count,)).tolist()
+    for n in extra:
+        span = [words[int(torch.randint(len(words), ()).item())]]
+        for _ in range(min(n, max_pieces - 1) if pieces else 0):
+            span.append(pieces[int(torch.randint(len(pieces), ()).item())])
+        spans.append(span)
+    return spans

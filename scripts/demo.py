@@ -1,7 +1,8 @@
 """The end-to-end demo: every step of the framework on embedded defaults, resumable.
 
     python scripts/demo.py [--out demo_out] [--steps 700] [--warmup-steps 6000] [--size demo]
-                           [--reader rag|fid] [--no-copy] [--counterfactual 0.5] [--rerank]
+                           [--reader rag|fid] [--no-copy] [--counterfactual 0.5] [--novel-spans 0.5]
+                           [--rerank] [--no-rescore]
 
 1. generate the synthetic multimodal knowledge task       (scripts/make_demo_data.py)
 2. embed the corpus with MiniLM and build the FAISS index (scripts/build_index.py)
@@ -66,6 +67,8 @@ def main(argv=None) -> None:
     p.add_argument("--reader", default="rag", choices=["rag", "fid"])
     p.add_argument("--copy", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--counterfactual", type=float, default=0.5)
+    p.add_argument("--novel-spans", type=float, default=0.5,
+                   help="share of the counterfactual answers that are random word-piece spans")
     p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=False,
                    help="rag reader: mix documents by softmax(score + the generator's relevance "
                         "logit) (default off)")
@@ -90,6 +93,7 @@ def main(argv=None) -> None:
         run("pretrain.py", *common, "--mode", "rag", "--max-steps", rag_steps,
             "--retriever-warmup-steps", args.warmup_steps, "--reader", args.reader,
             "--copy" if args.copy else "--no-copy", "--counterfactual", args.counterfactual,
+            "--novel-spans", args.novel_spans,
             "--rerank" if args.rerank else "--no-rerank",
             "--rescore" if args.rescore else "--no-rescore",
             "--out", rag_run, *resume(rag_run))

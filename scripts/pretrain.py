@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--counterfactual", type=float, default=None,
                    help="training-time rate of counterfactual answers swapped into the gold "
                         "document and the target (default 0.5; 0 = off)")
+    p.add_argument("--novel-spans", type=float, default=None,
+                   help="share of the counterfactual answers that are random spans of 1-3 word "
+                        "pieces instead of another example's answer (default 0.5; 0 = off)")
     p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=False,
                    help="rag reader: mix the documents by softmax(retriever score + the "
                         "generator's relevance logit) (default off; fid refuses it)")
@@ -121,7 +124,7 @@ def main(argv=None) -> Path:
                        retriever_warmup_steps=args.retriever_warmup_steps,
                        use_doc_images=args.use_doc_images, vision_dir=args.vision_dir,
                        reader=args.reader, copy=args.copy, counterfactual=args.counterfactual,
-                       rerank=args.rerank,
+                       rerank=args.rerank, novel_spans=args.novel_spans,
                        rescore=default_rescore(args) if args.rescore is None else args.rescore,
                        activation_checkpointing=args.activation_checkpointing,
                        train_doc_encoder=args.train_doc_encoder, refresh_every=args.refresh_every,
@@ -162,6 +165,7 @@ def main(argv=None) -> Path:
                    "copy": args.copy, "counterfactual": module.config.reader.counterfactual,
                    "rerank": module.config.reader.rerank,
                    "rescore": module.config.retriever.rescore,
+                   "novel_spans": module.config.reader.novel_spans,
                    "status": status,
                    "steps": trainer.global_step, "max_steps": args.max_steps,
                    "seconds": round(time.time() - start, 1),

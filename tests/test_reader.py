@@ -334,3 +334,37 @@ def test_a_tiny_reader_follows_a_swapped_index_and_copies_answers_never_trained(
 def _forever(loader_fn):
     while True:
         yield from loader_fn()
+
+
+def test_novel_spans_are_random_word_pieces_spliced_into_the_gold_document_and_target():
+    """novel_spans=1: every counterfactual answer is a random span of 1-3 word pieces (a whole
+    word, then continuations), in the gold document in place of the answer and as the target
+    closed by [SEP]; the other documents are unchanged."""
+    from rag_mm.reader import random_spans, span_vocabulary
+
+    tok = load_tokenizer(None)
+    words, pieces = span_vocabulary(tok)
+    torch.manual_seed(0)
+    spans = random_spans(300, words, pieces, max_pieces=3)
+    assert {len(s) for s in spans} == {1, 2, 3}
+    vocab = {i: t for t, i in tok.get_vocab().items()}
+    for span in spans:
+        assert not vocab[span[0]].startswith("##") and all(
+            vocab[p].startswith("##") for p in span[1:])
+    assert {len(s) for s in random_spans(50, words, pieces, max_pieces=1)} == {1}
+
+    model, cities = _tiny("rag", counterfactual=1.0, novel_spans=1.0)
+    batch = _batch(model.config, cities, [0, 1, 2, 3])
+    retrieval = model.retrieval
+    keys = retrieval.slots(retrieval.retrieve(batch))[0]
+    stored = retrieval.document_rows(keys)
+    new_batch, rows = retrieval.counterfactual(batch, keys)
+    k, sep = keys.shape[1], tok.sep_token_id
+    for i in range(4):
+        target = new_batch["target_ids"][i][new_batch["target_mask"][i].bool()].tolist()
+        assert target[-1] == sep and 1 <= len(target) - 1 <= model.config.max_target_tokens - 1
+        span = target[:-1]
+        assert tok.decode(span).replace(" ", "") not in cities  # not a batch answer
+        gold_slot = i * k + list(keys[i]).index(i)
+        assert find_span(rows[gold_slot], span) >= 0
+        assert all(rows[r] == stored[r] for r in range(i * k, (i + 1) * k) if r != gold_slot)

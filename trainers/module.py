@@ -70,6 +70,8 @@ class RAGModule(L.LightningModule):
             relevance logit of each (`ReaderConfig.rerank`; rag reader only, off by default).
         refresh_dir: where refreshed indexes go (default: the trainer's
             `default_root_dir/index_refresh`).
+        novel_spans: the share of counterfactual answers that are random word-piece spans
+            instead of another example's answer (default: `ReaderConfig`'s, 0.5).
         rescore: order the over-retrieved candidates by a second, trained score before the
             reader takes the top-k (`rag_mm.rescorer`; text-vector indexes, a frozen text
             tower; off here, on in the recipes).
@@ -84,7 +86,8 @@ class RAGModule(L.LightningModule):
                  shard_index: bool = False, reader: str = "rag", copy: bool = True,
                  counterfactual: float | None = None, train_doc_encoder: bool = False,
                  refresh_every: int | None = None, refresh_dir: str | None = None,
-                 rerank: bool = False, rescore: bool = False) -> None:
+                 rerank: bool = False, rescore: bool = False,
+                 novel_spans: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_refresh_settings(refresh_every, train_doc_encoder, index_dir, mode, shard_index)
@@ -103,6 +106,7 @@ class RAGModule(L.LightningModule):
             base.reader, kind=reader, copy=copy,
             counterfactual=(base.reader.counterfactual if counterfactual is None
                             else counterfactual),
+            novel_spans=base.reader.novel_spans if novel_spans is None else novel_spans,
             rerank=rerank,
         )
         self.config = replace(base, retriever=retriever, use_doc_images=use_doc_images,
