@@ -20,7 +20,8 @@ returned with
 The candidates are ordered by `r`, the first `top_k` are read, and `r` is the document score
 of the reader's marginal; the retriever loss adds the same InfoNCE for `(q', d')` as for
 `(q, stored)`. The token states are computed once per document (no gradient: the text tower
-is frozen) and cached, so a step costs the tower on `B x num_candidates` cached states.
+is frozen; one document per forward, so they do not depend on the batch) and cached, so a
+step costs the tower on `B x num_candidates` cached states.
 Nothing here knows a task's words.
 """
 
@@ -101,15 +102,11 @@ class Rescorer(nn.Module):
         texts = [doc["text"] for doc in read_documents(np.array(missing, dtype=np.int64))]
         ids = tokenizer(texts, truncation=True, max_length=tower.pooling.max_length)["input_ids"]
         device = next(tower.parameters()).device
-        for start in range(0, len(ids), 64):  # each document alone in its row: padding-free
-            chunk = ids[start:start + 64]
-            width = max(len(x) for x in chunk)
-            input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, tokens in enumerate(chunk):
-                input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                mask[row, : len(tokens)] = 1
-            hidden = tower.model(input_ids=input_ids.to(device),
-                                 attention_mask=mask.to(device)).last_hidden_state.float().cpu()
-            for row, (key, tokens) in enumerate(zip(missing[start:start + 64], chunk)):
-                self._states[key] = hidden[row, : len(tokens)].clone()
+        for key, tokens in zip(missing, ids):
+            # one document per forward: its states must not depend on which other documents
+            # were new in the same step (padding changes the matmul shapes, so the rounding),
+            # so a resumed run with a fresh cache computes what the uninterrupted one did
+            input_ids = torch.tensor([tokens], dtype=torch.long, device=device)
+            hidden = tower.model(input_ids=input_ids,
+                                 attention_mask=torch.ones_like(input_ids)).last_hidden_state
+            self._states[key] = hidden[0].float().cpu()

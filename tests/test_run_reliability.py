@@ -64,7 +64,8 @@ def fit(demo: Path, out: Path, *, extra=(), resume: bool = False, max_nonfinite:
     L.seed_everything(0)
     data = RAGDataModule(demo / "data", index_dir=str(demo / "index"), model_size="tiny",
                          batch_size=BATCH)
-    module = RAGModule(size="tiny", index_dir=str(demo / "index"), retriever_warmup_steps=WARMUP)
+    module = RAGModule(size="tiny", index_dir=str(demo / "index"), retriever_warmup_steps=WARMUP,
+                       rescore=True)  # as pretrain.py runs it: its cached states must resume too
     callbacks = [*extra, *run_callbacks(out / "checkpoints", every_n_steps=every,
                                         max_nonfinite=max_nonfinite)]
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False,

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ["--config", "configs/demo_rag.yaml", "--config", "configs/pipeline_2x2.yaml"]
@@ -114,7 +115,9 @@ def one_process_test(demo_task: Path, checkpoint: Path) -> dict[str, float]:
     from trainers.data import RAGDataModule
     from trainers.module import RAGModule
 
-    module = RAGModule(size="tiny", mode="rag", index_dir=str(demo_task / "index"))
+    recipe = yaml.safe_load((ROOT / "configs" / "demo_rag.yaml").read_text())["model"]
+    module = RAGModule(size="tiny", mode="rag", index_dir=str(demo_task / "index"),
+                       rescore=recipe["rescore"], novel_spans=recipe["novel_spans"])
     state = {"state_dict": module.state_dict()}
     dcp.load(state, checkpoint_id=checkpoint)
     module.load_state_dict(state["state_dict"])
