@@ -160,6 +160,7 @@ def cmd_source_case(args) -> None:
 def cmd_published(args) -> None:
     from trainers.partition.published import (
         HELD_OUT,
+        MPT_TABLES,
         PUBLISHED_RUNS,
         compare,
         format_comparison,
@@ -167,14 +168,25 @@ def cmd_published(args) -> None:
 
     rows = [compare(run) for run in PUBLISHED_RUNS]
     held_out = [compare(run) for run in HELD_OUT]
+    tables = [compare(run, rank=False) for run in MPT_TABLES]
     print(format_comparison(rows))
     print("\nheld out (not used to fit):")
     print(format_comparison(held_out))
+    print(f"\nthe rest of the MPT tables ({len(tables)} runs, not ranked):")
+    for gpu in ("H100 80GB", "A100 80GB", "A100 40GB"):
+        errors = [r["error"] for r in tables if gpu in r["run"]]
+        within = sum(abs(e) < 0.20 for e in errors)
+        print(f"  {gpu}: {within} of {len(errors)} within 20 % "
+              f"({min(errors):+.1%} to {max(errors):+.1%})")
+    missed = [r for r in tables if abs(r["error"]) >= 0.20]
+    if missed:
+        print(format_comparison(missed).replace("(not ranked)", ""))
     if args.json:
         Path(args.json).write_text(json.dumps([
-            {**{k: v for k, v in row.items() if k != "best"}, "held_out": out,
-             "best": step_dict(row["best"]) if row["best"] else None}
-            for out, group in ((False, rows), (True, held_out)) for row in group], indent=1))
+            {**{k: v for k, v in row.items() if k != "best"}, "held_out": name == "held_out",
+             "set": name, "best": step_dict(row["best"]) if row["best"] else None}
+            for name, group in (("published", rows), ("held_out", held_out),
+                                ("mpt_tables", tables)) for row in group], indent=1))
 
 
 def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = False) -> None:

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
-from trainers.partition.gpt import GPTShape, TrainLayout, estimate_step, memory_per_gpu
+from trainers.partition.gpt import (
+    GPTShape,
+    TrainLayout,
+    estimate_step,
+    memory_per_gpu,
+    rank_layouts,
+)
 from trainers.partition.hardware import (
     GPUS,
     Cluster,
@@ -101,17 +108,27 @@ def test_one_gpu_step_by_hand():
     shape = GPTShape(num_layers=1, hidden=1024, num_heads=8, seq_len=1024, vocab=1024,
                      dropout=False)
     e = estimate_step(shape, ONE_GPU, TrainLayout(global_batch=1))
-    # forward GEMMs QKV, out, up, down + 8 heads x 2 attention GEMMs + 2 x 32 sbh bytes of
-    # elementwise traffic, times 3 (backward = 2 x forward): 0.71740 ms; logits GEMM x 3 +
-    # fp32 loss traffic: 0.05144 ms; Adam over 13 635 584 parameters (32 B each at 80 % of
-    # 1555 GB/s): 0.35075 ms.
-    assert e.time_s["compute"] == pytest.approx(0.71740e-3 + 0.05144e-3, rel=1e-4)
+    # Materialised attention: forward GEMMs QKV, out, up, down + 8 heads x 2 attention GEMMs
+    # (0.044180 ms) + 2 x 32 sbh bytes of elementwise traffic, times 3 (backward = 2 x
+    # forward): 0.71740 ms; logits GEMM x 3 + fp32 loss traffic: 0.05144 ms; Adam over
+    # 13 635 584 parameters (32 B each at 80 % of 1555 GB/s): 0.35075 ms.
+    # Materialised, the layer also stores its 8 x 1024^2 bf16 scores (2 a s^2 b bytes = 16
+    # sbh), so the elementwise traffic is 2 x 48 sbh: + 3 x 2 x 16 sbh / (0.8 x 1555 GB/s)
+    # = 0.080910 ms.
+    materialised = estimate_step(replace(shape, flash_attention=False), ONE_GPU,
+                                 TrainLayout(global_batch=1))
+    assert materialised.time_s["compute"] == pytest.approx(
+        0.71740e-3 + 0.080910e-3 + 0.05144e-3, rel=1e-4)
+    # FlashAttention instead of the 2 x 8 attention GEMMs: the causal half of 2 x 2 s^2 d
+    # per head, 0.5 x 4 x 8 x 1024^2 x 128 = 2.147 GFLOP at 0.325 of 312 TFLOP/s = 0.021178
+    # ms forward, 2.5 x that backward: 0.71740 - 3 x 0.044180 + 3.5 x 0.021178 = 0.65898 ms.
+    assert e.time_s["compute"] == pytest.approx(0.65898e-3 + 0.05144e-3, rel=1e-4)
     assert e.time_s["optimizer"] == pytest.approx(0.35075e-3, rel=1e-4)
-    assert e.step_s == pytest.approx(1.11959e-3, rel=1e-4)
-    assert e.tokens_per_s == pytest.approx(1024 / 1.11959e-3, rel=1e-4)
+    assert e.step_s == pytest.approx(1.06117e-3, rel=1e-4)
+    assert e.tokens_per_s == pytest.approx(1024 / 1.06117e-3, rel=1e-4)
     # model FLOPs: 3 x (2 x 12 h^2 + 4 s h + 2 h V) per token x 1024 tokens
     flops = 3 * (2 * 12 * 1024**2 + 4 * 1024**2 + 2 * 1024**2) * 1024
-    assert e.tflops_per_gpu == pytest.approx(flops / 1.11959e-3 / 1e12, rel=1e-4)
+    assert e.tflops_per_gpu == pytest.approx(flops / 1.06117e-3 / 1e12, rel=1e-4)
 
 
 def test_full_recompute_runs_megatrons_eq_3_flops():
@@ -246,15 +263,22 @@ def test_unknown_gpu_names_the_flag_and_the_known_ones():
 # trainers/partition/README.md, "Calibration"): DeepSpeed ZeRO-3 over 2240 GPUs is slower
 # than the model of its collectives and their copies predicts.
 MISSED = {"GPT 529.6B ZeRO-3, 2240 A100": -0.218}
-# Held-out runs (never used to fit): the errors the README's held-out block prints.
-HELD_OUT_ERRORS = {"MPT-70b FSDP, 64 H100 80GB": -0.080, "MPT-30b FSDP, 32 H100 80GB": -0.036,
-                   "MPT-13b FSDP, 64 H100 80GB": -0.273, "MPT-70b FSDP, 64 A100 80GB": -0.009,
-                   "MPT-70b FSDP, 128 A100 40GB": -0.054, "MPT-30b FSDP, 128 A100 40GB": 0.020,
-                   "MPT-13b FSDP, 128 A100 40GB": 0.057, "MPT-7b FSDP, 128 A100 40GB": 0.059,
-                   "MPT-3b FSDP, 64 H100 80GB": -0.136, "MPT-1b FSDP, 64 H100 80GB": -0.081,
-                   "MPT-760m FSDP, 32 H100 80GB": -0.067, "MPT-3b FSDP, 128 A100 40GB": -0.026,
-                   "MPT-1b FSDP, 128 A100 40GB": 0.018, "MPT-760m FSDP, 128 A100 40GB": 0.029,
-                   "MPT-350m FSDP, 128 A100 40GB": 0.207, "MPT-125m FSDP, 128 A100 40GB": 0.093}
+# Held-out runs (no constant fitted on them): the errors the README's held-out block prints.
+HELD_OUT_ERRORS = {"MPT-70b FSDP, 64 H100 80GB": -0.059, "MPT-30b FSDP, 32 H100 80GB": -0.036,
+                   "MPT-13b FSDP, 64 H100 80GB": -0.142, "MPT-70b FSDP, 64 A100 80GB": -0.009,
+                   "MPT-70b FSDP, 128 A100 40GB": -0.042, "MPT-30b FSDP, 128 A100 40GB": 0.012,
+                   "MPT-13b FSDP, 128 A100 40GB": 0.014, "MPT-7b FSDP, 128 A100 40GB": 0.004,
+                   "MPT-3b FSDP, 64 H100 80GB": -0.123, "MPT-1b FSDP, 64 H100 80GB": -0.109,
+                   "MPT-760m FSDP, 32 H100 80GB": -0.105, "MPT-3b FSDP, 128 A100 40GB": -0.070,
+                   "MPT-1b FSDP, 128 A100 40GB": -0.052, "MPT-760m FSDP, 128 A100 40GB": -0.060,
+                   "MPT-350m FSDP, 128 A100 40GB": -0.066, "MPT-125m FSDP, 128 A100 40GB": -0.153}
+# The rest of MosaicML's three tables: the rows missed by more than 20 %, with their error
+# (README, "The rest of the MPT tables"); every other one of the 175 is within 20 %.
+MPT_TABLE_MISSES = {"MPT-30b FSDP, 8 H100 80GB, sequence 8192": -0.233,
+                    "MPT-30b FSDP, 8 A100 80GB, sequence 8192": -0.223,
+                    "MPT-760m FSDP, 8 A100 80GB, sequence 512": -0.227,
+                    "MPT-70b FSDP, 64 A100 40GB": -0.252,
+                    "MPT-1b FSDP, 32 A100 40GB": -0.209}
 
 
 @pytest.mark.parametrize("run", CALIBRATION + CHECKS, ids=lambda run: run.name)
@@ -271,23 +295,39 @@ def test_published_runs(run):
 
 @pytest.mark.parametrize("run", HELD_OUT, ids=lambda run: run.name)
 def test_held_out_runs(run):
-    """Published runs no constant was fitted on: the error is what the README prints (the
-    target is not asserted: these rows report how the model generalises), the published
-    layout fits, and the ranking's first layout fits and is at least as fast."""
+    """Published runs no constant was fitted on: the error is what the README prints and
+    within 20 %, the published layout fits, and the ranking's first layout fits and is at
+    least as fast."""
     row = compare(run)
     assert row["error"] == pytest.approx(HELD_OUT_ERRORS[run.name], abs=0.0015)
+    assert abs(row["error"]) < 0.20
     best = row["best"]
     assert row["fits"]
     assert best.fits and best.step_s <= row["predicted_s"] * (1 + 1e-9)
 
 
+def test_the_rest_of_the_mpt_tables():
+    """All 191 rows of the three tables: 16 held out above, these 175 besides. Each is
+    within 20 % of its published step but the listed misses, and its layout fits."""
+    from trainers.partition.published import MPT_TABLES
+
+    assert len(MPT_TABLES) == 175
+    errors = {}
+    for run in MPT_TABLES:
+        row = compare(run, rank=False)
+        assert row["fits"], run.name
+        errors[run.name] = row["error"]
+    missed = {name: round(error, 3) for name, error in errors.items() if abs(error) >= 0.20}
+    assert missed == MPT_TABLE_MISSES
+
+
 def test_held_out_h100_network_alternative():
     """The H100 table names no network: at the A100 tables' 1600 Gb/s per node instead of
-    the DGX H100's 3200, the 13b row's all-gathers outlast its compute (README)."""
+    the DGX H100's 3200, the 13b row is predicted -6.6 % (README)."""
     from trainers.partition.published import mosaicml_runs
 
     run = next(r for r in mosaicml_runs(1600.0) if r.name == "MPT-13b FSDP, 64 H100 80GB")
-    assert compare(run, rank=False)["error"] == pytest.approx(-0.199, abs=0.0015)
+    assert compare(run, rank=False)["error"] == pytest.approx(-0.066, abs=0.0015)
 
 
 def test_source_case_gives_the_readme_figures():
@@ -296,27 +336,30 @@ def test_source_case_gives_the_readme_figures():
     shape = GPTShape(num_layers=96, hidden=16384, num_heads=128, seq_len=2048, vocab=51200)
     case = source_case(shape, 512)
     ratios = {row["earlier"]: round(row["ratio"], 3) for row in case["rows"]}
-    assert ratios == {"tp=128 across 16 nodes": 0.112, "tp=16 across 2 nodes, pp=8": 0.663,
-                      "tp=16 across 2 nodes, dp=8": 0.517}
-    assert round(case["pipeline"].step_s, 2) == 84.97
+    assert ratios == {"tp=128 across 16 nodes": 0.111, "tp=16 across 2 nodes, pp=8": 0.661,
+                      "tp=16 across 2 nodes, dp=8": 0.515}
+    assert round(case["pipeline"].step_s, 2) == 84.11
     overlapped = source_case(shape, 512, overlap_tp_comm=True)
-    assert [round(row["ratio"], 3) for row in overlapped["rows"]] == [0.111, 0.765, 0.566]
+    assert [round(row["ratio"], 3) for row in overlapped["rows"]] == [0.112, 0.758, 0.565]
 
 
 def test_overlapped_tp_comm_hides_the_backward_half():
     # tp = 8 in a node, h = 8192: a layer's weight-gradient GEMMs (1.90 ms, as long as its
-    # forward ones) outlast its two backward all-reduces (2 x 0.35 ms): only the forward
-    # two stay exposed
+    # forward ones) outlast its two backward all-reduces (2 x 0.35 ms): the forward two stay
+    # exposed
     shape = GPTShape(num_layers=4, hidden=8192, num_heads=64, seq_len=2048, vocab=51200)
     cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=8)
     exposed = estimate_step(shape, cluster, TrainLayout(tp=8, global_batch=1))
     hidden = estimate_step(shape, cluster, TrainLayout(tp=8, global_batch=1,
                                                        overlap_tp_comm=True))
-    assert hidden.time_s["tp_comm"] == pytest.approx(exposed.time_s["tp_comm"] / 2)
     # one all-reduce of 2 x 2048 x 8192 bytes over 8 GPUs: 2 x 7/8 x 33.6 MB / 210 GB/s
     # + 14 x 5 us; 4 per layer, 4 layers
-    one = 2 * 7 / 8 * 2 * 2048 * 8192 / 210e9 + 14 * 5e-6
+    nvlink = 2 * 7 / 8 * 2 * 2048 * 8192 / 210e9
+    one = nvlink + 14 * 5e-6
     assert exposed.time_s["tp_comm"] == pytest.approx(16 * one)
+    # the backward two hidden, but the GEMMs lose 0.6 (OVERLAP_NVLINK_COST) of their NVLink
+    # time
+    assert hidden.time_s["tp_comm"] == pytest.approx(8 * one + 0.6 * 8 * nvlink)
 
 
 def test_estimate_cli_writes_the_json_keys(tmp_path, capsys):
@@ -512,9 +555,14 @@ def test_zero3_collectives_per_unit_by_hand():
     assert serial.time_s["fsdp_gather_exposed"] == pytest.approx(comm, rel=1e-9)
     assert serial.step_s - base.step_s == pytest.approx(
         comm - base.time_s["fsdp_gather_exposed"], rel=1e-9)
-    # overlapped (prefetch): only what outlasts the micro-batch's compute
+    # overlapped (prefetch): the collectives outlast both phases' compute (a third of them
+    # is longer than all of it), so what is exposed is their excess, plus 0.6
+    # (OVERLAP_NVLINK_COST) of the NVLink share of the part that ran behind the compute
+    compute = base.time_s["compute"]
+    assert comm / 3 > compute
+    share = 7 / 8 * (2 * params / 3) / 210e9 / ring(2 * params / 3)
     assert base.time_s["fsdp_gather_exposed"] == pytest.approx(
-        max(0.0, comm - base.time_s["compute"]), rel=1e-9)
+        comm - compute + 0.6 * compute * share, rel=1e-9)
     # DeepSpeed: 4 submodules a layer (norms below the 1e5 persistence threshold stay
     # whole) + embedding = 9 units; full recomputation gathers each a third time
     # DeepSpeed's list collectives also move each unit through HBM: a gather zero-fills its
@@ -549,6 +597,37 @@ def test_zero3_collectives_per_unit_by_hand():
         TrainLayout(global_batch=16, zero=3, zero3_unit="block")
 
 
+def test_overlapped_collective_costs_its_nvlink_share_by_hand():
+    """A collective behind compute adds what outlasts the compute, plus 0.6
+    (OVERLAP_NVLINK_COST, Lee et al. 2025) of its NVLink part that ran behind it."""
+    from trainers.partition.gpt import overlapped_seconds
+
+    # 4 s of collective (3 s of it NVLink transfer) behind 10 s of compute: hidden, but
+    # 0.6 x 3 s taken from the compute
+    assert overlapped_seconds(4.0, 3.0, 10.0) == pytest.approx(1.8)
+    # behind 2 s: 2 s outlast it, and half of it (2 of 4 s) ran behind: 0.6 x 2 x 3 / 4
+    assert overlapped_seconds(4.0, 3.0, 2.0) == pytest.approx(2.0 + 0.9)
+    assert overlapped_seconds(4.0, 0.0, 10.0) == 0.0  # all network: hidden for free
+    assert overlapped_seconds(0.0, 0.0, 1.0) == 0.0
+
+
+def test_flash_attention_has_no_selective_recomputation():
+    """FlashAttention keeps no scores, so selective recomputation costs and saves nothing
+    (the ranking leaves it out); materialised attention recomputes its core."""
+    flash = GPTShape(num_layers=4, hidden=1024, num_heads=8, seq_len=2048, vocab=1000)
+    cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=8)
+    none, selective = (estimate_step(flash, cluster, TrainLayout(tp=8, global_batch=8,
+                                                                 recompute=r))
+                       for r in ("none", "selective"))
+    assert selective.step_s == none.step_s and selective.memory_gib == none.memory_gib
+    materialised = replace(flash, flash_attention=False)
+    assert (estimate_step(materialised, cluster, TrainLayout(tp=8, global_batch=8,
+                                                             recompute="selective")).step_s
+            > estimate_step(materialised, cluster, TrainLayout(tp=8, global_batch=8)).step_s)
+    ranked = rank_layouts(flash, cluster, 8)
+    assert ranked and all("selective" not in e.description for e in ranked)
+
+
 def test_zero3_overlap_is_per_phase_by_hand():
     """FSDP's forward all-gathers overlap only forward compute, the backward's gathers and
     reduce-scatters only backward compute (PyTorch FSDP notes, "FSDP Prefetch Nuances").
@@ -579,7 +658,13 @@ def test_zero3_overlap_is_per_phase_by_hand():
     gathers, collectives = 3 * ring(2 * params / 3), 6 * ring(2 * params / 3)
     assert gathers > forward and collectives < backward
     assert gathers + collectives < full.time_s["compute"]  # a whole-step overlap hides all
-    assert full.time_s["fsdp_gather_exposed"] == pytest.approx(gathers - forward, rel=1e-9)
+    # exposed: the forward gathers' excess; and the compute loses 0.6 (OVERLAP_NVLINK_COST)
+    # of the hidden collectives' NVLink share: all of the backward's, the forward's for the
+    # part of them that ran behind the forward
+    nvlink = 7 / 8 * (2 * params / 3) / 210e9
+    share = nvlink / ring(2 * params / 3)
+    assert full.time_s["fsdp_gather_exposed"] == pytest.approx(
+        gathers - forward + 0.6 * forward * share + 0.6 * 6 * nvlink, rel=1e-9)
 
 
 def test_measured_device_is_agreed_across_ranks(monkeypatch):

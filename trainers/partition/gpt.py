@@ -7,7 +7,10 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
 * Compute per layer: every GEMM of the layer with its per-GPU shape (tokens x hidden x
   hidden/tp ...), timed by an additive roofline (``hardware.gemm_seconds``); backward is
   two GEMMs per forward one; elementwise work moves the layer's activations through HBM.
-  Recomputation adds a forward (full) or the attention core (selective).
+  The attention core is FlashAttention's fused kernel (its causal FLOPs at the GPU's
+  ``flash_share`` of the peak, backward 2.5 x forward) or, materialised, two batched GEMMs
+  with the s x s scores through HBM. Recomputation adds a forward (full) or the
+  materialised attention core (selective; flash attention has nothing to recompute).
 * Tensor parallelism: 2 all-reduces of the layer's (b, s, h) activation forward and 2
   backward (reduce-scatter + all-gather of the same volume under sequence parallelism),
   on NVLink when tp fits in a node, else hierarchical over the network; the backward ones
@@ -24,7 +27,9 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   prefetched behind the compute of the same phase, forward or backward, or in series with
   it; the runtime's FSDP2 under pipelining reduce-scatters once a step and holds whole
   weights and gradients meanwhile); the
-  once-a-step reduction overlapped with the last micro-batch's backward or not.
+  once-a-step reduction overlapped with the last micro-batch's backward or not. A
+  collective overlapped with compute still costs it ``hardware.OVERLAP_NVLINK_COST`` of its
+  NVLink transfer time (``overlapped_seconds``).
 * Optimizer: Adam's update reads and writes 16 bytes per local parameter (memory bound).
 * Memory per GPU: weights, gradients, fp32 master + Adam moments (ZeRO/FSDP sharded over
   dp), activations per Korthikanti et al. 2022 (eq. 1-6) for the micro-batches in flight.
@@ -33,13 +38,16 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from trainers.partition import hardware
 from trainers.partition.hardware import (
     RESERVED_GIB,
     Cluster,
     gemm_seconds,
     group_nodes,
     memory_seconds,
+    ring_nvlink_seconds,
     ring_seconds,
 )
 
@@ -335,6 +343,18 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
     return dp
 
 
+# FlashAttention's backward runs five matmuls of the forward's size to its two (it recomputes
+# the scores), so 2.5 x its forward FLOPs (Dao 2023, FlashAttention-2, sec. 4.1).
+FLASH_BACKWARD_RATIO = 2.5
+
+
+def flash_attention_flops(shape: GPTShape, micro: int, tp: int) -> float:
+    """Forward FLOPs FlashAttention runs for one layer and micro-batch on one GPU: Q K^T and
+    P V, 2 s^2 d each per head, over the causal half of the blocks."""
+    s = shape.seq_len
+    return 0.5 * 2 * 2 * micro * shape.num_heads / tp * s * s * shape.head_dim
+
+
 def _layer_forward_s(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> dict:
     """One layer, one micro-batch, one GPU: GEMM, attention core and elementwise forward
     seconds, and one tensor-parallel all-reduce of the activation."""
@@ -347,16 +367,20 @@ def _layer_forward_s(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> 
                             count=2 if shape.gated_mlp else 1)  # MLP up (and gate)
              + gemm_seconds(tokens, h, shape.ffn / tp, gpu))  # MLP down
     heads = b * a / tp
-    core = (gemm_seconds(s, s, shape.head_dim, gpu, count=heads)  # Q K^T
-            + gemm_seconds(s, shape.head_dim, s, gpu, count=heads))  # P V
+    if shape.flash_attention:  # one fused kernel; the causal mask skips half the blocks
+        core = flash_attention_flops(shape, b, tp) / (gpu.peak_tflops * 1e12 * gpu.flash_share)
+    else:  # Megatron's: two batched GEMMs, the s x s scores through HBM between them
+        core = (gemm_seconds(s, s, shape.head_dim, gpu, count=heads)  # Q K^T
+                + gemm_seconds(s, shape.head_dim, s, gpu, count=heads))  # P V
     # Elementwise kernels write what they produce and read it again once (2x the bytes a
     # layer keeps without recomputation).
     saved = shape.activation_bytes(b, tp, layout.sequence_parallel, "none")
     elementwise = memory_seconds(2 * saved, gpu)
     nodes = group_nodes(cluster, tp, 1)
     allreduce = ring_seconds(2 * tokens * h, tp, nodes, cluster, factor=2)
+    allreduce_nvlink = ring_nvlink_seconds(2 * tokens * h, tp, nodes, cluster, factor=2)
     return {"gemm": gemms, "attention": core, "elementwise": elementwise,
-            "allreduce": allreduce}
+            "allreduce": allreduce, "allreduce_nvlink": allreduce_nvlink}
 
 
 def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tuple[float, float,
@@ -366,9 +390,11 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
     f = _layer_forward_s(shape, cluster, layout)
     forward = f["gemm"] + f["attention"] + f["elementwise"]
     compute = 3 * forward  # backward: dgrad + wgrad per GEMM, elementwise twice
+    if shape.flash_attention:  # its backward recomputes the scores: 2.5 x its forward
+        compute += (FLASH_BACKWARD_RATIO - 2) * f["attention"]
     backward_comm = 2 * f["allreduce"]
-    if layout.overlap_tp_comm:  # hidden behind the weight-gradient GEMMs (= forward GEMMs)
-        backward_comm = max(0.0, backward_comm - f["gemm"])
+    if layout.overlap_tp_comm:  # behind the weight-gradient GEMMs (= forward GEMMs)
+        backward_comm = overlapped_seconds(backward_comm, 2 * f["allreduce_nvlink"], f["gemm"])
     comm = 2 * f["allreduce"] + backward_comm
     tokens = layout.microbatch * shape.seq_len
     layer_flops = (2 * (shape.layer_params - 4 * shape.hidden) * tokens
@@ -378,8 +404,8 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
         compute += forward
         comm += 2 * f["allreduce"]
         ran += layer_flops
-    elif layout.recompute == "selective":
-        compute += f["attention"]
+    elif layout.recompute == "selective" and not shape.flash_attention:
+        compute += f["attention"]  # flash attention keeps no scores to recompute
         ran += 4 * tokens * shape.seq_len * shape.hidden / layout.tp
     return compute, comm, ran
 
@@ -526,10 +552,22 @@ def zero3_gathers(layout: TrainLayout) -> int:
     return 3 if layout.zero3_unit == "module" and layout.recompute == "full" else 2
 
 
+class DataParallelComm(NamedTuple):
+    """Data-parallel communication seconds, each with its NVLink part (``*_nvlink``): the
+    gradient reduction per step, and ZeRO-3's per micro-batch collectives in the forward
+    and in the backward."""
+
+    grad_reduce: float = 0.0
+    forward: float = 0.0
+    backward: float = 0.0
+    grad_reduce_nvlink: float = 0.0
+    forward_nvlink: float = 0.0
+    backward_nvlink: float = 0.0
+
+
 def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
-                m: int) -> tuple[float, float, float]:
-    """(gradient reduction per step, ZeRO-3 communication per micro-batch in the forward,
-    and in the backward) seconds.
+                m: int) -> DataParallelComm:
+    """The data-parallel collectives of a step (``DataParallelComm``).
 
     ZeRO-3 gathers every unit's parameters for its forward and again for its backward, and
     reduce-scatters its gradient, every micro-batch (Rajbhandari et al. 2020, sec. 7.2.2:
@@ -539,29 +577,49 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
     gather, the reduce-scatters unless deferred) runs in the backward.
     """
     if dp == 1:
-        return 0.0, 0.0, 0.0
+        return DataParallelComm()
     params = _stage_params(shape, layout)
     nodes = group_nodes(cluster, dp, layout.tp * layout.pp)
     weight_bytes, _, _, reduced_bytes = state_bytes(layout)
     grad_bytes = params * reduced_bytes
+
+    def ring(num_bytes: float, factor: float) -> tuple[float, float]:
+        return (ring_seconds(num_bytes, dp, nodes, cluster, factor=factor),
+                ring_nvlink_seconds(num_bytes, dp, nodes, cluster, factor=factor))
+
     if layout.zero == 0:
-        return ring_seconds(grad_bytes, dp, nodes, cluster, factor=2), 0.0, 0.0
-    if layout.zero < 3:
-        reduce_scatter = ring_seconds(grad_bytes, dp, nodes, cluster, factor=1)
-        gather = ring_seconds(params * weight_bytes, dp, nodes, cluster, factor=1)
-        return reduce_scatter + gather, 0.0, 0.0  # updated parameters gathered once a step
+        total, nvlink = ring(grad_bytes, 2)
+        return DataParallelComm(grad_reduce=total, grad_reduce_nvlink=nvlink)
+    if layout.zero < 3:  # reduce-scatter, and the updated parameters gathered, once a step
+        (rs, rs_nv), (ag, ag_nv) = ring(grad_bytes, 1), ring(params * weight_bytes, 1)
+        return DataParallelComm(grad_reduce=rs + ag, grad_reduce_nvlink=rs_nv + ag_nv)
     units = zero3_units(shape, layout)
-    gather = ring_seconds(_gathered_bytes(shape, layout) / units, dp, nodes, cluster, factor=1)
-    reduce_scatter = ring_seconds(grad_bytes / units, dp, nodes, cluster, factor=1)
+    gather, gather_nv = ring(_gathered_bytes(shape, layout) / units, 1)
+    reduce_scatter, reduce_scatter_nv = ring(grad_bytes / units, 1)
     if layout.zero3_unit == "module":  # DeepSpeed's list collectives copy through HBM
         gather += memory_seconds(DEEPSPEED_GATHER_HBM_PASSES * params * weight_bytes / units,
                                  cluster.gpu)
         reduce_scatter += memory_seconds(DEEPSPEED_REDUCE_SCATTER_HBM_PASSES * grad_bytes
                                          / units, cluster.gpu)
-    backward_gathers = units * (zero3_gathers(layout) - 1) * gather
+    later = units * (zero3_gathers(layout) - 1)  # the backward's gathers
     if layout.deferred_grad_sync:  # one reduce-scatter per unit, after the last backward
-        return units * reduce_scatter, units * gather, backward_gathers
-    return 0.0, units * gather, backward_gathers + units * reduce_scatter
+        return DataParallelComm(units * reduce_scatter, units * gather, later * gather,
+                                units * reduce_scatter_nv, units * gather_nv,
+                                later * gather_nv)
+    return DataParallelComm(0.0, units * gather, later * gather + units * reduce_scatter,
+                            0.0, units * gather_nv,
+                            later * gather_nv + units * reduce_scatter_nv)
+
+
+def overlapped_seconds(comm: float, nvlink: float, compute: float) -> float:
+    """What a collective of ``comm`` seconds (``nvlink`` of them NVLink transfer) run behind
+    ``compute`` seconds of kernels adds to them: the part that outlasts the compute, plus
+    ``hardware.OVERLAP_NVLINK_COST`` of the hidden part's NVLink share (NCCL's kernels copy
+    over NVLink on the GPU's own SMs, taken from the compute they overlap)."""
+    if comm <= 0.0:
+        return 0.0
+    hidden = min(comm, compute)
+    return comm - hidden + hardware.OVERLAP_NVLINK_COST * hidden * nvlink / comm
 
 
 def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> StepEstimate:
@@ -575,21 +633,25 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     # Busiest rank per micro-batch: the last one (its layers and the logits).
     rank_compute = layers * layer_compute + head
     rank_comm = layers * layer_comm
-    grad_reduce, zero3_forward, zero3_backward = _dp_seconds(shape, cluster, layout, dp, m)
+    dpc = _dp_seconds(shape, cluster, layout, dp, m)
+    grad_reduce = dpc.grad_reduce
     if layout.overlap_zero3:
         # FSDP / FSDP2 prefetch hides ZeRO-3's collectives behind compute up to its length,
         # phase by phase: a forward all-gather is issued during the forward and overlaps
         # forward compute only (PyTorch FSDP notes, "FSDP Prefetch Nuances"); the backward's
         # gathers and reduce-scatters overlap backward compute (recomputation included).
         forward_compute = _forward_seconds(shape, cluster, layout)
-        exposed_gathers = (max(0.0, zero3_forward - forward_compute)
-                           + max(0.0, zero3_backward - (rank_compute - forward_compute)))
+        exposed_gathers = (
+            overlapped_seconds(dpc.forward, dpc.forward_nvlink, forward_compute)
+            + overlapped_seconds(dpc.backward, dpc.backward_nvlink,
+                                 rank_compute - forward_compute))
     else:
-        exposed_gathers = zero3_forward + zero3_backward
+        exposed_gathers = dpc.forward + dpc.backward
     per_micro = rank_compute + rank_comm + _p2p_seconds(shape, cluster, layout) + exposed_gathers
     pipeline = (m + (p - 1) / v) * per_micro
     if layout.overlap_grad_reduce:
-        grad_reduce = max(0.0, grad_reduce - layers * layer_compute * 2 / 3)
+        grad_reduce = overlapped_seconds(grad_reduce, dpc.grad_reduce_nvlink,
+                                         layers * layer_compute * 2 / 3)
     params = _stage_params(shape, layout) / (dp if layout.zero >= 1 else 1)
     optimizer = memory_seconds(params * 16 * 2, cluster.gpu)  # Adam: read + write 16 B/param
     step = pipeline + grad_reduce + optimizer
@@ -621,7 +683,7 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     the attention and MLP weights gathered in bf16 (``bf16_matmul_params``).
     logit_bytes: the loss's logit bytes for every candidate (``TrainLayout.logit_bytes``).
     """
-    if runtime:
+    if runtime or shape.flash_attention:  # the runtime has none; flash: the same as none
         recompute = tuple(r for r in recompute if r != "selective")
     n = cluster.num_gpus
     for tp in (d for d in range(1, n + 1) if n % d == 0):

@@ -46,6 +46,26 @@ NETWORK_LATENCY_S = 15e-6
 # Memory the framework cannot use for tensors: CUDA context, NCCL buffers, cuBLAS
 # workspace, allocator fragmentation (an assumption, stated as such).
 RESERVED_GIB = 3.0
+# Compute that a collective run behind it takes back, per second of the collective's NVLink
+# transfer. NCCL moves data between the GPUs of a node with its own kernels, on the SMs and
+# HBM the overlapped GEMMs use; between nodes the NIC moves it (GPUDirect RDMA). Lee et al.
+# 2025 ("Characterizing Compute-Communication Overlap in GPU-Accelerated Distributed Deep
+# Learning", arXiv:2507.03114; GPT and Llama training on 4 A100 / H100 / MI250 / MI210)
+# measured the overlapped compute 18.9 % slower on average than alone (40 % at most), and
+# compute and communication in series 10.2 % slower on average than overlapped: so the
+# communication took C = 1.102 x 1.189 - 1 = 0.31 of the compute, and the slowdown,
+# 0.189, is 0.6 of it. Taken from those two averages, not fitted (README, "Calibration").
+OVERLAP_NVLINK_COST = 0.6
+# Share of the dense peak that FlashAttention's kernels reach, forward and backward, per
+# GPU: see ``GPU.flash_share``. Dao 2023 ("FlashAttention-2", arXiv:2307.08691): the first
+# FlashAttention reaches 25-40 % of A100's peak, FlashAttention-2 50-73 %; Shah et al. 2024
+# ("FlashAttention-3", arXiv:2407.08608): FlashAttention-2 reaches 35 % of H100's.
+# The published flash-attention runs here (MosaicML's MPT, 2023) ran llm-foundry's Triton
+# FlashAttention (``attn_impl: triton``, of the first FlashAttention's generation), so
+# A100 is costed at the middle of that range, 0.325; a kernel of that generation keeps on
+# H100 the share FlashAttention-2 keeps, 35 / 61.5 (the middle of 50-73) = 0.57 of it.
+A100_FLASH_SHARE = (0.25 + 0.40) / 2
+AMPERE_KERNEL_ON_HOPPER = 0.35 / ((0.50 + 0.73) / 2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,11 +80,12 @@ class GPU:
     nvlink_gb_per_s: float
     node_network_gbps: float
     mamf_share: float  # measured best bf16 GEMM rate / peak (A100_MAMF_SHARE, ...)
+    flash_share: float  # FlashAttention's FLOP rate / peak (A100_FLASH_SHARE, ...)
     source: str
 
     def __post_init__(self) -> None:
         for key in ("peak_tflops", "memory_gib", "hbm_gb_per_s", "nvlink_gb_per_s",
-                    "node_network_gbps", "mamf_share"):
+                    "node_network_gbps", "mamf_share", "flash_share"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"GPU {self.name}: {key}={getattr(self, key)} must be > 0")
 
@@ -85,22 +106,24 @@ GPUS = {
     # NVLink 3 600 GB/s both ways; DGX A100: 8 x 200 Gb/s HDR InfiniBand for compute.
     "a100-40gb": GPU(name="a100-40gb", peak_tflops=312.0, memory_gib=40.0, hbm_gb_per_s=1555.0,
                      nvlink_gb_per_s=300.0, node_network_gbps=1600.0,
-                     mamf_share=A100_MAMF_SHARE,
+                     mamf_share=A100_MAMF_SHARE, flash_share=A100_FLASH_SHARE,
                      source="NVIDIA A100 datasheet; DGX A100 user guide"),
     "a100-80gb": GPU(name="a100-80gb", peak_tflops=312.0, memory_gib=80.0, hbm_gb_per_s=2039.0,
                      nvlink_gb_per_s=300.0, node_network_gbps=1600.0,
-                     mamf_share=A100_MAMF_SHARE,
+                     mamf_share=A100_MAMF_SHARE, flash_share=A100_FLASH_SHARE,
                      source="NVIDIA A100 datasheet; DGX A100 user guide"),
     # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 with sparsity), 3.35 TB/s,
     # NVLink 4 900 GB/s both ways; DGX H100: 8 x 400 Gb/s NDR.
     "h100-80gb": GPU(name="h100-80gb", peak_tflops=989.0, memory_gib=80.0, hbm_gb_per_s=3350.0,
                      nvlink_gb_per_s=450.0, node_network_gbps=3200.0,
                      mamf_share=H100_MAMF_SHARE,
+                     flash_share=A100_FLASH_SHARE * AMPERE_KERNEL_ON_HOPPER,
                      source="NVIDIA H100 SXM datasheet; DGX H100 user guide"),
     # NVIDIA H200 SXM datasheet: same compute as H100, 141 GB HBM3e at 4.8 TB/s; the same
     # GH100 chip, so H100's MAMF share (the later MAMF table's H100/H200 row).
     "h200": GPU(name="h200", peak_tflops=989.0, memory_gib=141.0, hbm_gb_per_s=4800.0,
                 nvlink_gb_per_s=450.0, node_network_gbps=3200.0, mamf_share=H100_MAMF_SHARE,
+                flash_share=A100_FLASH_SHARE * AMPERE_KERNEL_ON_HOPPER,
                 source="NVIDIA H200 SXM datasheet; HGX H200"),
 }
 
@@ -180,6 +203,18 @@ def ring_seconds(num_bytes: float, size: int, nodes: int, cluster: Cluster, *,
     inter = (factor * (nodes - 1) / nodes * num_bytes / per_node
              / cluster.network_bytes_per_s_per_gpu)
     return intra + inter + steps * NETWORK_LATENCY_S
+
+
+def ring_nvlink_seconds(num_bytes: float, size: int, nodes: int, cluster: Cluster, *,
+                        factor: float) -> float:
+    """The NVLink bandwidth part of ``ring_seconds`` (its latency and network parts left
+    out): the bytes NCCL's own kernels copy between the GPUs of a node."""
+    if size <= 1 or num_bytes <= 0:
+        return 0.0
+    per_node = size if nodes <= 1 else max(1, size // nodes)
+    if per_node <= 1:
+        return 0.0
+    return factor * (per_node - 1) / per_node * num_bytes / cluster.nvlink_bytes_per_s
 
 
 def gemm_seconds(m: float, n: float, k: float, gpu: GPU, *, count: float = 1.0) -> float:
