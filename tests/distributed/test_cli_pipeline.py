@@ -114,6 +114,7 @@ def one_process_test(demo_task: Path, checkpoint: Path) -> dict[str, float]:
 
     from trainers.data import RAGDataModule
     from trainers.module import RAGModule
+    from trainers.run.checkpoints import load_module
 
     recipe = yaml.safe_load((ROOT / "configs" / "demo_rag.yaml").read_text())["model"]
     module = RAGModule(size="tiny", mode="rag", index_dir=str(demo_task / "index"),
@@ -121,6 +122,11 @@ def one_process_test(demo_task: Path, checkpoint: Path) -> dict[str, float]:
     state = {"state_dict": module.state_dict()}
     dcp.load(state, checkpoint_id=checkpoint)
     module.load_state_dict(state["state_dict"])
+    # scripts/evaluate.py's reader gives the same weights from the CLI's checkpoint (whose
+    # hyperparameters carry LightningCLI's `_instantiator`)
+    read = load_module(checkpoint, index_dir=str(demo_task / "index")).state_dict()
+    assert read.keys() == state["state_dict"].keys()
+    assert all(torch.equal(read[k], v) for k, v in state["state_dict"].items())
     data = RAGDataModule(str(demo_task / "data"), index_dir=str(demo_task / "index"),
                          model_size="tiny", batch_size=BATCH)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

@@ -220,6 +220,8 @@ def load_module(path: str | Path, **overrides):
     from torch.distributed.checkpoint import load
 
     hparams = dict(torch.load(meta, map_location="cpu", weights_only=False)["hyper_parameters"])
+    # LightningCLI records how it built the module; load_from_checkpoint drops it too
+    hparams.pop("_instantiator", None)
     hparams.update(overrides)
     module = RAGModule(**hparams)
     module.configure_model()  # built on the meta device: materialised, then overwritten
