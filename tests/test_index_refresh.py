@@ -447,6 +447,9 @@ class _ThreadRanks:
         class Member:
             leader = rank == 0
 
+            def __init__(self) -> None:
+                self.rank = rank
+
             def agree(self, values):
                 group.values[rank] = values
                 group.barrier.wait()
@@ -497,3 +500,149 @@ def test_a_refreshed_index_another_rank_cannot_open_fails_on_every_rank(demo, tm
     assert "could not be loaded on another rank" in caplog.text  # rank 0
     assert "a filesystem every node sees" in caplog.text
     assert caplog.text.count("still using") == 2
+
+
+class _Tower:
+    """Test-only: a document tower whose weights `after_step` copies."""
+
+    def __init__(self) -> None:
+        self.text = SimpleNamespace(model=torch.nn.Linear(2, 2))
+
+
+class _Model:
+    """Test-only: what the refresh hooks touch of a model (`attach` may raise)."""
+
+    def __init__(self, path, tower=None, attach_error=None) -> None:
+        self.retrieval = SimpleNamespace(backend=SimpleNamespace(path=path), doc_encoder=tower)
+        self.config = SimpleNamespace(retriever=SimpleNamespace(num_candidates=4))
+        self.attach_error = attach_error
+
+    def attach(self, backend, check_encoder=True):
+        if self.attach_error is not None:
+            raise self.attach_error
+        self.retrieval.backend = backend
+
+
+def _two_ranks(root, models, prepare, steps):
+    """Rank 0 and rank 1 (threads agreeing through `_ThreadRanks`) run `prepare(rank,
+    refresh)` then the boundary of each step in `steps`; what each raised, per rank."""
+    ranks = _ThreadRanks(2)
+    refreshes = [IndexRefresh(2, root, sync=ranks.rank(r)) for r in range(2)]
+    raised: list = [None, None]
+
+    def run(rank: int) -> None:
+        try:
+            prepare(rank, refreshes[rank])
+            for step in steps:
+                refreshes[rank].at_step_boundary(step, models[rank])
+        except Exception as err:  # noqa: BLE001 - what the test checks
+            raised[rank] = err
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a rank hangs in the agreement"
+    return raised
+
+
+def test_a_refresh_folder_error_on_the_leader_is_raised_on_every_rank(tmp_path, caplog):
+    """Rank 0 cannot write its refresh folder when it starts the build after step 2 (the
+    folder is a file): rank 0 alone raises in `after_step`; held, it reaches rank 1 through
+    the agreement of step 2's boundary, where both raise instead of rank 1 waiting there."""
+    root = tmp_path / "refresh"
+    root.write_text("not a folder")
+    models = [_Model(tmp_path / "index", tower=_Tower()) for _ in range(2)]
+
+    def prepare(rank, refresh):
+        refresh.after_step(2, models[rank])  # raises on rank 0 before the fix; held here
+
+    with caplog.at_level(logging.INFO, logger="trainers.refresh"):
+        raised = _two_ranks(root, models, prepare, [2, 3])
+    assert isinstance(raised[1], RuntimeError), raised  # rank 1: who failed, at which step
+    assert str(raised[1]) == ("index refresh: rank 0 raised in its refresh hook at step 2 (its "
+                              "log has the error); every rank stops at the boundary before step 2")
+    assert isinstance(raised[0], NotADirectoryError), raised  # rank 0: its own exception
+    assert "raised on rank 0 after step 2, starting the refresh" in raised[0].__notes__[0]
+    assert "rank 0 raised at step 2: NotADirectoryError" in caplog.text
+
+
+def test_a_failed_swap_on_the_leader_is_raised_on_every_rank_at_the_next_boundary(tmp_path):
+    """Both ranks agree to swap before step 3; rank 0's attach raises after that agreement.
+    Held, it is raised on both ranks at the next one (before step 4)."""
+    from retrieval_index.refresh import RefreshResult
+
+    root = tmp_path / "refresh"
+    models = [_Model(tmp_path / "index", attach_error=ValueError("the new index has dim 8, "
+                                                                 "the query encoder 16")),
+              _Model(tmp_path / "index")]
+    fresh = object()
+    done = RefreshResult(True, root / "index-step0000002", 1.5, index=fresh)
+
+    def prepare(rank, refresh):  # as after_step(2) and rank 1's finished load leave them
+        refresh.in_flight, refresh.job_step, refresh.announced = True, 2, 2
+        if rank == 0:
+            refresh.job = SimpleNamespace(poll=lambda: done)
+        else:
+            refresh.loader = SimpleNamespace(done=True, error=None, index=fresh)
+
+    raised = _two_ranks(root, models, prepare, [3, 4, 5])
+    assert models[1].retrieval.backend is fresh  # rank 1 swapped before step 3
+    assert isinstance(raised[0], ValueError) and "dim 8" in str(raised[0]), raised
+    assert "raised on rank 0 at the boundary before step 3" in raised[0].__notes__[0]
+    assert isinstance(raised[1], RuntimeError) and str(raised[1]).startswith(
+        "index refresh: rank 0 raised in its refresh hook at step 3"), raised
+    assert str(raised[1]).endswith("every rank stops at the boundary before step 4")
+
+
+def test_an_error_held_after_the_last_boundary_is_raised_when_training_ends(tmp_path):
+    """One process: an error in `after_step` is raised at the next boundary, and one held
+    after the last boundary by `stop` (on_train_end)."""
+    root = tmp_path / "refresh"
+    root.write_text("not a folder")
+    model = _Model(tmp_path / "index", tower=_Tower())
+    refresh = IndexRefresh(1, root)
+    refresh.after_step(1, model)
+    with pytest.raises(NotADirectoryError):
+        refresh.at_step_boundary(1, model)
+    refresh.after_step(2, model)  # in flight from step 1: nothing starts
+    refresh.in_flight = False
+    refresh.after_step(3, model)
+    with pytest.raises(NotADirectoryError) as raised:
+        refresh.stop()
+    assert "raised on rank 0 after step 3" in raised.value.__notes__[0]
+    refresh.stop()  # raised once
+
+
+def test_a_resumed_run_removes_the_refresh_folders_a_killed_run_left_unfinished(tmp_path):
+    """What a SIGKILL leaves (a build cut short: manifest "building" or none; a snapshot
+    being written) is removed by the leader's IndexRefresh, with snapshots and logs; complete
+    indexes and their snapshots stay; another rank removes nothing."""
+    import json
+
+    root = tmp_path / "refresh"
+
+    def folder(step: int, status: str | None, *, index=True, encoder=True, log=True) -> Path:
+        path = root / f"index-step{step:07d}"
+        if index:
+            path.mkdir(parents=True)
+            if status is not None:
+                (path / "manifest.json").write_text(json.dumps({"status": status}))
+        if encoder:
+            (root / f"{path.name}.encoder").mkdir(parents=True)
+        if log:
+            (root / f"{path.name}.log").write_text("...")
+        return path
+
+    complete = folder(2, "complete")
+    building = folder(4, "building")
+    no_manifest = folder(6, None)
+    snapshot_only = folder(8, None, index=False, log=False)
+    entries = sorted(p.name for p in root.iterdir())
+    IndexRefresh(2, root, sync=SimpleNamespace(leader=False, rank=1))
+    assert sorted(p.name for p in root.iterdir()) == entries  # not the leader
+    refresh = IndexRefresh(2, root)
+    assert refresh.remove_unfinished() == []  # done at construction
+    assert sorted(p.name for p in root.iterdir()) == [
+        complete.name, f"{complete.name}.encoder", f"{complete.name}.log"]
+    for path in (building, no_manifest, snapshot_only):
+        assert not path.exists() and not Path(f"{path}.encoder").exists()

@@ -12,8 +12,9 @@
   rank 0 (which holds the retrieval unit: pipeline stage 0) snapshots the tower and runs the
   job; the ranks holding the tower gather FSDP2 / tensor-parallel shards with `full_tensor()`
   at the same step (whether a refresh starts depends on agreed state only). At every step
-  boundary every rank joins one all-reduce of 5 integers (`TorchSync`): rank 0's "index of
-  step s built" (or "failed"), and each searching rank's "loaded". When rank 0 announces, the
+  boundary every rank joins one all-reduce of 6 integers (`TorchSync`): rank 0's "index of
+  step s built" (or "failed"), each searching rank's "loaded", and any rank's "my refresh hook
+  raised" (see the last point). When rank 0 announces, the
   other searching ranks load `root/index-step{s}` in a thread; once every one has it, all swap
   before the same step, so every replica searches the same index at every step. This needs
   `root` to be the same folder on every rank: one node, any local disk; several nodes, a
@@ -32,13 +33,23 @@
   in use stays the run's index;
 - the checkpoint records the index in use (`retrieval_index.refresh.index_record`: path and
   manifest sha256) and the refresh counters; a resumed fit searches that index again, on
-  every rank (each reads the record); a refresh in flight at the save is not resumed.
+  every rank (each reads the record); a refresh in flight at the save is not resumed. The
+  folders a killed run left unfinished (an `index-step*` folder whose manifest does not say
+  "complete", with its snapshot and log) are removed when the leader's `IndexRefresh` is made;
+- an exception in a hook on one rank (starting a build, copying the tower, swapping, writing
+  the refresh folder) is held until the next step boundary's all-reduce, which every rank
+  joins as always: there every rank raises (the failing one its own exception, with a note
+  naming the rank and step; the others a `RuntimeError` naming the failing rank and step)
+  instead of waiting in the all-reduce for a rank that left. The failing rank finishes the
+  step it is in first (its peers wait for it in that step's collectives). One held after the
+  last boundary is raised by `stop`, on that rank (no peer waits for it).
 
 Not built: a refresh of a sharded index (`shard_index=True`, refused by name).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -65,6 +76,7 @@ class LocalSync:
     """One process: it runs the refreshes and searches; the agreement is its own values."""
 
     leader = True
+    rank = 0
 
     def agree(self, values: list[int]) -> list[int]:
         return list(values)
@@ -80,7 +92,8 @@ class TorchSync:
 
         self.device = device
         self.group = group
-        self.leader = dist.get_rank() == leader_rank
+        self.rank = dist.get_rank()
+        self.leader = self.rank == leader_rank
 
     def agree(self, values: list[int]) -> list[int]:
         import torch
@@ -92,6 +105,7 @@ class TorchSync:
 
 
 NOT_SEARCHING = 1 << 62  # a rank without the retrieval unit never holds a swap back
+RANK_SLOTS = 1 << 20  # a held failure is agreed as step * RANK_SLOTS + rank + 1 (0: none)
 
 
 class _Load:
@@ -145,6 +159,9 @@ class IndexRefresh:
         self.events: list[dict] = []  # one per finished refresh (swapped or failed)
         self._queries: deque[np.ndarray] = deque(maxlen=sample)
         self._pending: dict = {}
+        self._error: tuple[int, Exception] | None = None  # raised here, not yet agreed
+        if self.leader:
+            self.remove_unfinished()
 
     def out_dir(self, step: int) -> Path:
         return self.root / f"index-step{step:07d}"
@@ -154,26 +171,47 @@ class IndexRefresh:
         """After a training batch: remember its queries; if it ended optimizer step `step`
         (`stepped`: not a micro-batch inside gradient accumulation), maybe start a refresh.
         Every rank calls this after every batch; whether a refresh starts depends on agreed
-        state only, so the ranks that hold the document tower gather it at the same step."""
+        state only, so the ranks that hold the document tower gather it at the same step.
+        An exception is held for the next step boundary (see the module doc)."""
         unit = model.retrieval
-        queries = getattr(unit, "last_queries", None)
-        if queries is not None:
-            self._queries.extend(queries.float().cpu().numpy())
+        try:
+            queries = getattr(unit, "last_queries", None)
+            if queries is not None:
+                self._queries.extend(queries.float().cpu().numpy())
+        except Exception as err:  # noqa: BLE001 - raised on every rank at the next boundary
+            self._hold(step, f"after step {step}", err)
         if not stepped or step % self.every or self.in_flight:
             return
         self.in_flight = True
         self.job_step = step
+        try:
+            weights = self._snapshot(unit)
+            if self.leader:
+                self._start(step, unit, weights)
+        except Exception as err:  # noqa: BLE001 - raised on every rank at the next boundary
+            self._hold(step, f"after step {step}, starting the refresh", err)
+
+    def _snapshot(self, unit) -> dict | None:
+        """The leader's CPU copy of the document tower's weights (None where no tower is held).
+        A DTensor's `full_tensor()` is a collective of every holder, in the same order: a
+        holder whose copy failed still joins the others' (its error is raised after them)."""
         tower = getattr(unit, "doc_encoder", None)
-        weights = None
-        if tower is not None:  # this rank holds the document tower (or a shard of it)
-            weights = {}
-            for name, value in tower.text.model.state_dict().items():
-                if hasattr(value, "full_tensor"):  # an FSDP2 / tensor-parallel DTensor: every
-                    value = value.full_tensor()  # holder calls this, in the same order
-                if self.leader:
+        if tower is None:
+            return None
+        weights, error = {}, None
+        for name, value in tower.text.model.state_dict().items():
+            if hasattr(value, "full_tensor"):  # an FSDP2 / tensor-parallel DTensor
+                value = value.full_tensor()
+            if self.leader and error is None:
+                try:
                     weights[name] = value.detach().to("cpu", copy=True)
-        if not self.leader:
-            return
+                except Exception as err:  # noqa: BLE001 - raised after the last gather
+                    error = err
+        if error is not None:
+            raise error
+        return weights
+
+    def _start(self, step: int, unit, weights: dict | None) -> None:
         if weights is None:
             raise RuntimeError("index refresh: the leading rank (global rank 0) holds no document "
                                "tower; it must hold the retrieval unit (pipeline stage 0)")
@@ -186,10 +224,32 @@ class IndexRefresh:
                                     threads=self.threads, nice=self.nice)
 
     def at_step_boundary(self, step: int, model) -> dict[str, float]:
-        """Before step `step` runs: agree with the other ranks (one all-reduce of 5 integers;
+        """Before step `step` runs: agree with the other ranks (one all-reduce of 6 integers;
         nothing in one process) on a finished refresh and swap it in on every searching rank
-        once all have it loaded; the metrics to log."""
+        once all have it loaded; the metrics to log. Raises, on every rank, when a rank held
+        an exception from its hooks since the last boundary (see the module doc)."""
         backend = getattr(model.retrieval, "backend", None)
+        result, values = None, [0, 0, 0, 0, 0]
+        try:
+            result, values = self._local_state(backend)
+        except Exception as err:  # noqa: BLE001 - raised on every rank just below
+            self._hold(step, f"at the boundary before step {step}", err)
+        *agreed, failure = self.sync.agree([*values, self._failure_code()])
+        if failure:
+            self._raise_failure(step, failure)
+        try:
+            self._decide(step, model, backend, result, agreed)
+        except Exception as err:  # noqa: BLE001 - raised on every rank at the next boundary
+            self._hold(step, f"at the boundary before step {step}", err)
+        metrics = {"refresh/steps_since": float(step - self.snapshot_step),
+                   "refresh/count": float(self.refreshes),
+                   "refresh/failures": float(self.failures), **self._pending}
+        self._pending = {}
+        return metrics
+
+    def _local_state(self, backend) -> tuple:
+        """This rank's poll of the build and (or) the load: the result, and the values to agree
+        on ([built, failed, -ready, load_failed, millis]; MAX over ranks)."""
         result = self.job.poll() if self.job is not None else None
         built = failed = millis = 0
         if result is not None:
@@ -208,8 +268,11 @@ class IndexRefresh:
                 else 0
             load_failed = self.announced if loader is not None and loader.done and loader.error \
                 else 0
-        built, failed, ready, load_failed, millis = self.sync.agree(
-            [built, failed, -ready, load_failed, millis])
+        return result, [built, failed, -ready, load_failed, millis]
+
+    def _decide(self, step: int, model, backend, result, agreed: list[int]) -> None:
+        """What every rank does with the agreed values: fail, swap or announce a refresh."""
+        built, failed, ready, load_failed, millis = agreed
         ready = -ready
         if failed:
             self._failed(step, backend, millis / 1000, result.error if result is not None else
@@ -227,11 +290,34 @@ class IndexRefresh:
             self.announced = built
             if backend is not None and not self.leader:
                 self.loader = _Load(self.out_dir(built))
-        metrics = {"refresh/steps_since": float(step - self.snapshot_step),
-                   "refresh/count": float(self.refreshes),
-                   "refresh/failures": float(self.failures), **self._pending}
-        self._pending = {}
-        return metrics
+
+    # -- an exception in a hook ------------------------------------------------------------------
+    def _hold(self, step: int, where: str, err: Exception) -> None:
+        """Keep `err` for the next agreement: a rank raising now would leave the others
+        waiting for it in that all-reduce. The first one held counts."""
+        if self._error is None:
+            err.add_note(f"index refresh: raised on rank {self.sync.rank} {where}")
+            self._error = (step, err)
+
+    def _failure_code(self) -> int:
+        return 0 if self._error is None else self._error[0] * RANK_SLOTS + self.sync.rank + 1
+
+    def _raise_failure(self, step: int, code: int) -> None:
+        """Every rank, at the boundary before step `step`: a rank's hook raised (`code`, the
+        agreed MAX of the held failures: the latest step's highest rank)."""
+        if self._error is not None:
+            self._raise_held(f"every rank stops at the boundary before step {step}")
+        failed_step, rank = divmod(code - 1, RANK_SLOTS)
+        raise RuntimeError(f"index refresh: rank {rank} raised in its refresh hook at step "
+                           f"{failed_step} (its log has the error); every rank stops at the "
+                           f"boundary before step {step}")
+
+    def _raise_held(self, what: str) -> None:
+        failed_step, err = self._error
+        self._error = None
+        log.error(f"index refresh: rank {self.sync.rank} raised at step {failed_step}: "
+                  f"{type(err).__name__}: {err}; {what}")
+        raise err
 
     def _resolved(self) -> None:
         """The refresh in flight is over on every rank (swapped or failed)."""
@@ -280,16 +366,38 @@ class IndexRefresh:
         built = sorted(p for p in self.root.glob("index-step*") if p.suffix == "")
         for path in built[: -self.keep]:
             if path != keep_path:
-                shutil.rmtree(path, ignore_errors=True)
-                shutil.rmtree(encoder_dir(path), ignore_errors=True)
-                path.with_name(path.name + ".log").unlink(missing_ok=True)
+                _remove_refresh(path)
+
+    def remove_unfinished(self) -> list[Path]:
+        """Remove what an interrupted run left unfinished under `root`: each `index-step*`
+        folder whose manifest does not say "complete" (the build's own completion marker),
+        with its snapshot folder and log, and a snapshot or log whose index folder is missing.
+        Never searched (a resumed run searches the complete index its checkpoint records; a
+        refresh at the same step rebuilds), they would count among the `keep` newest and hold
+        a snapshot's weights. The index folders removed."""
+        names = {p.name.split(".")[0] for p in self.root.glob("index-step*")}
+        unfinished = [self.root / name for name in sorted(names)
+                      if not _complete(self.root / name)]
+        for path in unfinished:
+            _remove_refresh(path)
+        if unfinished:
+            log.info(f"index refresh: removed {len(unfinished)} unfinished refresh folder(s) an "
+                     f"interrupted run left in {self.root}: {', '.join(p.name for p in unfinished)}")
+        return unfinished
 
     def stop(self, in_use=None, timeout: float = 10.0) -> None:
         """Training is over: end a refresh still running without waiting for it (its child is
         terminated, its thread joined for at most `timeout` s, its folders and log removed; see
         `RefreshJob.stop`). One that finished after the last step boundary was never searched:
         its index is removed too. `in_use`: the index the run ends with (for the log line).
-        Only the leader has a job; the other ranks drop what they were loading."""
+        Only the leader has a job; the other ranks drop what they were loading. Then an
+        exception a hook held after the last step boundary is raised, on its rank alone (no
+        peer waits for it in an agreement any more)."""
+        self._end_job(in_use, timeout)
+        if self._error is not None:
+            self._raise_held("raised when training ended (after the last step boundary)")
+
+    def _end_job(self, in_use, timeout: float) -> None:
         job, self.job = self.job, None
         self.loader = None
         self.in_flight = False
@@ -333,6 +441,21 @@ class IndexRefresh:
         self.snapshot_step = state["snapshot_step"]
         self.refreshes = state["refreshes"]
         self.failures = state["failures"]
+
+
+def _complete(index_dir: Path) -> bool:
+    """Whether `index_dir`'s manifest says its build finished (`retrieval_index.job`)."""
+    try:
+        return json.loads((index_dir / "manifest.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError):  # no manifest yet, or one cut short
+        return False
+
+
+def _remove_refresh(index_dir: Path) -> None:
+    """A refreshed index folder, its snapshot folder and its log."""
+    shutil.rmtree(index_dir, ignore_errors=True)
+    shutil.rmtree(encoder_dir(index_dir), ignore_errors=True)
+    index_dir.with_name(index_dir.name + ".log").unlink(missing_ok=True)
 
 
 def checkpoint_record(backend, refresh: IndexRefresh | None) -> dict | None:
