@@ -15,11 +15,35 @@ vectors also embed images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
 from rag_mm.text_encoder import TextEncoder
+
+
+def encode_by_key(keys: np.ndarray, like: torch.Tensor, cache: dict, cache_size: int,
+                  compute: Callable[[list[int]], list],
+                  encode: Callable[[list], torch.Tensor]) -> torch.Tensor:
+    """Rows of shape keys.shape + (dim,), one per key: each distinct key >= 0 encoded once,
+    zeros for -1 (looked up as key 0). `cache` maps a key to what `encode` needs of it;
+    `compute(missing keys) -> their items, in order` fills it (emptied first when it would
+    grow past `cache_size`); `encode(items) -> (distinct keys, dim)`, one row per distinct key
+    in ascending order, on `like`'s device, gives the dtype (multiplied by a mask of `like`'s
+    dtype)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    flat = keys.reshape(-1)
+    unique, inverse = np.unique(np.maximum(flat, 0), return_inverse=True)
+    missing = [int(k) for k in unique if int(k) not in cache]
+    if missing:
+        if len(cache) + len(missing) > cache_size:
+            cache.clear()
+        cache.update(zip(missing, compute(missing)))
+    out = encode([cache[int(k)] for k in unique])[torch.as_tensor(inverse, device=like.device)]
+    out = out * torch.as_tensor(flat >= 0, device=like.device, dtype=like.dtype)[:, None]
+    return out.view(*keys.shape, out.shape[-1])
 
 
 class DocumentEncoder(nn.Module):
@@ -44,20 +68,13 @@ class DocumentEncoder(nn.Module):
         """Vectors of shape keys.shape + (dim,) in `like`'s device and dtype: each distinct key
         >= 0 encoded once (its text read with `documents(keys) -> [{"text": ...}]`), zeros for
         -1."""
-        keys = np.asarray(keys, dtype=np.int64)
-        flat = keys.reshape(-1)
-        unique, inverse = np.unique(np.maximum(flat, 0), return_inverse=True)
-        missing = [int(k) for k in unique if int(k) not in self._tokens]
-        if missing:
-            if len(self._tokens) + len(missing) > self.cache_size:
-                self._tokens.clear()
-            texts = [doc["text"] for doc in documents(np.array(missing, dtype=np.int64))]
-            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-            self._tokens.update(zip(missing, ids))
-        vectors = self._encode([self._tokens[int(k)] for k in unique], like.device)
-        out = vectors.to(like.dtype)[torch.as_tensor(inverse, device=like.device)]
-        out = out * torch.as_tensor(flat >= 0, device=like.device, dtype=like.dtype)[:, None]
-        return out.view(*keys.shape, self.dim)
+        return encode_by_key(keys, like, self._tokens, self.cache_size,
+                             lambda missing: self._tokenize(missing, documents),
+                             lambda ids: self._encode(ids, like.device).to(like.dtype))
+
+    def _tokenize(self, keys: list[int], documents) -> list[list[int]]:
+        texts = [doc["text"] for doc in documents(np.array(keys, dtype=np.int64))]
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
     def _encode(self, ids: list[list[int]], device: torch.device) -> torch.Tensor:
         width = max(len(x) for x in ids)

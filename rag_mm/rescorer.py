@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rag_mm.doc_encoder import encode_by_key
 from rag_mm.text_encoder import TextEncoder
 
 
@@ -70,20 +71,21 @@ class Rescorer(nn.Module):
         """`d'` for `keys` (any shape; -1 gives zeros) in `like`'s device and dtype; the token
         states of documents not cached yet are computed with `tower` (texts read with
         `read_documents(keys) -> [{"text": ...}]`, tokenized as the index embedded them)."""
-        keys = np.asarray(keys, dtype=np.int64)
-        flat = keys.reshape(-1)
-        unique, inverse = np.unique(np.maximum(flat, 0), return_inverse=True)
-        self._compute_missing([int(k) for k in unique], read_documents, tower, tokenizer)
-        states = [self._states[int(k)] for k in unique]
+        return encode_by_key(keys, like, self._states, self.cache_size,
+                             lambda missing: self._token_states(missing, read_documents, tower,
+                                                                tokenizer),
+                             lambda states: self._pool_states(states, like))
+
+    def _pool_states(self, states: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Cached (T_n, D) token states, padded into one batch in `like`'s device and dtype,
+        pooled: (N, D)."""
         width = max(len(s) for s in states)
         hidden = like.new_zeros(len(states), width, states[0].shape[-1])
         mask = torch.zeros(len(states), width, dtype=torch.bool, device=like.device)
         for row, state in enumerate(states):
             hidden[row, : len(state)] = state.to(like.device, like.dtype)
             mask[row, : len(state)] = True
-        vectors = self.pool(hidden, mask)[torch.as_tensor(inverse, device=like.device)]
-        vectors = vectors * torch.as_tensor(flat >= 0, device=like.device, dtype=like.dtype)[:, None]
-        return vectors.view(*keys.shape, -1)
+        return self.pool(hidden, mask)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, T, D) token states and their (N, T) mask -> (N, D) unit vectors."""
@@ -92,21 +94,19 @@ class Rescorer(nn.Module):
         return F.normalize(pooled.mean(1) + self.mix(pooled.flatten(1)), dim=-1)
 
     @torch.no_grad()
-    def _compute_missing(self, keys: list[int], read_documents, tower: TextEncoder,
-                         tokenizer) -> None:
-        missing = [k for k in keys if k not in self._states]
-        if not missing:
-            return
-        if len(self._states) + len(missing) > self.cache_size:
-            self._states.clear()
-        texts = [doc["text"] for doc in read_documents(np.array(missing, dtype=np.int64))]
+    def _token_states(self, keys: list[int], read_documents, tower: TextEncoder,
+                      tokenizer) -> list[torch.Tensor]:
+        """The frozen tower's (T, D) token states of documents `keys`, on the CPU in float32."""
+        texts = [doc["text"] for doc in read_documents(np.array(keys, dtype=np.int64))]
         ids = tokenizer(texts, truncation=True, max_length=tower.pooling.max_length)["input_ids"]
         device = next(tower.parameters()).device
-        for key, tokens in zip(missing, ids):
+        states = []
+        for tokens in ids:
             # one document per forward: its states must not depend on which other documents
             # were new in the same step (padding changes the matmul shapes, so the rounding),
             # so a resumed run with a fresh cache computes what the uninterrupted one did
             input_ids = torch.tensor([tokens], dtype=torch.long, device=device)
             hidden = tower.model(input_ids=input_ids,
                                  attention_mask=torch.ones_like(input_ids)).last_hidden_state
-            self._states[key] = hidden[0].float().cpu()
+            states.append(hidden[0].float().cpu())
+        return states
