@@ -30,16 +30,17 @@ def encode_by_key(keys: np.ndarray, like: torch.Tensor, cache: dict, cache_size:
     """Rows of shape keys.shape + (dim,), one per key: each distinct key >= 0 encoded once,
     zeros for -1 (looked up as key 0). `cache` maps a key to what `encode` needs of it;
     `compute(missing keys) -> their items, in order` fills it (emptied first when it would
-    grow past `cache_size`); `encode(items) -> (distinct keys, dim)`, one row per distinct key
-    in ascending order, on `like`'s device, gives the dtype (multiplied by a mask of `like`'s
-    dtype)."""
+    grow past `cache_size`; then every key of this call is missing); `encode(items) ->
+    (distinct keys, dim)`, one row per distinct key in ascending order, on `like`'s device,
+    gives the dtype (multiplied by a mask of `like`'s dtype)."""
     keys = np.asarray(keys, dtype=np.int64)
     flat = keys.reshape(-1)
     unique, inverse = np.unique(np.maximum(flat, 0), return_inverse=True)
     missing = [int(k) for k in unique if int(k) not in cache]
+    if missing and len(cache) + len(missing) > cache_size:
+        cache.clear()  # this call's cached keys too: computed again with the missing ones
+        missing = [int(k) for k in unique]
     if missing:
-        if len(cache) + len(missing) > cache_size:
-            cache.clear()
         cache.update(zip(missing, compute(missing)))
     out = encode([cache[int(k)] for k in unique])[torch.as_tensor(inverse, device=like.device)]
     out = out * torch.as_tensor(flat >= 0, device=like.device, dtype=like.dtype)[:, None]

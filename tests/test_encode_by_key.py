@@ -36,7 +36,8 @@ def test_minus_one_gives_zeros_and_a_repeated_key_the_same_row():
                         calls.encode)
     assert out.shape == (2, 3, DIM) and out.dtype == torch.float32
     assert torch.equal(out[:, 1], torch.zeros(2, DIM))  # -1: exactly zero
-    assert torch.equal(out[0, 0], out[0, 2]) and torch.equal(out[0, 0], torch.tensor([3, 3.5, 3.25]))
+    assert torch.equal(out[0, 0], out[0, 2])
+    assert torch.equal(out[0, 0], torch.tensor([3, 3.5, 3.25]))
     assert torch.equal(out[1, 0], torch.tensor([8, 8.5, 8.25]))
     assert torch.equal(out[1, 2], torch.tensor([1, 1.5, 1.25]))
     # each distinct key once, ascending (-1 is looked up as key 0, then zeroed)
@@ -54,3 +55,14 @@ def test_cached_keys_are_not_computed_again_and_the_cache_is_emptied_past_its_si
     out = encode_by_key(np.array([5, 6]), like, cache, 4, calls.compute, calls.encode)  # 3 + 2 > 4
     assert sorted(cache) == [5, 6] and calls.computed[-1] == [5, 6]
     assert torch.equal(out[:, 0], torch.tensor([5.0, 6.0]))
+
+
+def test_a_call_that_empties_the_cache_computes_its_cached_keys_again():
+    """Keys 1 and 2 cached, then a call of 2, 3, 4, 5 (2 + 3 new > 4): the cache is emptied, so
+    2 is computed again with the new ones (it was looked up after the emptying: KeyError)."""
+    calls, cache = Recorder(), {}
+    like = torch.zeros(1)
+    encode_by_key(np.array([1, 2]), like, cache, 4, calls.compute, calls.encode)
+    out = encode_by_key(np.array([5, 2, 3, 4]), like, cache, 4, calls.compute, calls.encode)
+    assert calls.computed == [[1, 2], [2, 3, 4, 5]] and sorted(cache) == [2, 3, 4, 5]
+    assert torch.equal(out[:, 0], torch.tensor([5.0, 2.0, 3.0, 4.0]))
