@@ -381,8 +381,9 @@ class IndexRefresh:
         for path in unfinished:
             _remove_refresh(path)
         if unfinished:
+            names = ", ".join(p.name for p in unfinished)
             log.info(f"index refresh: removed {len(unfinished)} unfinished refresh folder(s) an "
-                     f"interrupted run left in {self.root}: {', '.join(p.name for p in unfinished)}")
+                     f"interrupted run left in {self.root}: {names}")
         return unfinished
 
     def stop(self, in_use=None, timeout: float = 10.0) -> None:
