@@ -97,6 +97,7 @@ class RetrievalUnit(nn.Module):
         self.last_queries: torch.Tensor | None = None  # the latest training batch's q, detached
         self.backend: RetrievalBackend | None = None
         self._doc_tokens: dict[int, list[int]] = {}
+        self.doc_token_cache_size = 200_000  # documents whose token ids stay cached
         self._span_vocabulary: tuple[list[int], list[int]] | None = None  # novel_spans
         self.shared_negative_keys = np.zeros(0, dtype=np.int64)
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, keys) cache
@@ -294,8 +295,9 @@ class RetrievalUnit(nn.Module):
         missing = [k for k in keys if k not in self._doc_tokens]
         if not missing:
             return
-        if len(self._doc_tokens) > 200_000:
-            self._doc_tokens.clear()
+        if len(self._doc_tokens) + len(missing) > self.doc_token_cache_size:
+            self._doc_tokens.clear()  # these keys' cached tokens too: read again below
+            missing = list(keys)
         texts = [d["text"] for d in self._require_backend().documents(np.array(missing))]
         encoded = self.tokenizer(
             texts, add_special_tokens=False, truncation=True, max_length=self.config.max_doc_tokens

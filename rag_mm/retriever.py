@@ -147,11 +147,12 @@ class QueryEncoder(nn.Module):
             return self.text(prompt_ids, prompt_mask)
         keys = [row.tobytes() for row in (prompt_ids * prompt_mask).cpu().numpy()]
         missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        if missing and len(self._text_cache) + len(missing) > self.cache_size:
+            self._text_cache.clear()  # this batch's cached prompts too: embedded again below
+            missing = list(dict.fromkeys(keys))
         if missing:
             rows = torch.tensor([keys.index(k) for k in missing], device=prompt_ids.device)
             fresh = self._embed_in_chunks(prompt_ids[rows], prompt_mask[rows])
-            if len(self._text_cache) + len(missing) > self.cache_size:
-                self._text_cache.clear()
             self._text_cache.update(zip(missing, fresh))
         return torch.stack([self._text_cache[k] for k in keys])
 

@@ -251,3 +251,25 @@ def test_shared_negatives_are_training_gold_keys_capped_and_train_only(backend):
     assert evaluated[0][1] > 0 and not torch.equal(evaluated[0][0], with_pool)
     with pytest.raises(ValueError, match="shared_negatives"):
         replace(config.retriever, shared_negatives=-1)
+
+
+def test_caches_that_overflow_recompute_the_batch_they_serve(tiny):
+    """A batch whose new entries push a cache past its size empties it and computes the whole
+    batch again: before, the batch's already-cached entries were gone (a KeyError for the
+    frozen prompt embeddings, empty documents for the token cache)."""
+    batch = synthetic_batch(tiny.config, 3)
+    encoder = tiny.retrieval.query_encoder
+    encoder.cache_size = 2
+    first = encoder.embed_text(batch["prompt_ids"][:2], batch["prompt_mask"][:2])
+    both = encoder.embed_text(batch["prompt_ids"][1:], batch["prompt_mask"][1:])  # 1 cached
+    direct = encoder.text(batch["prompt_ids"], batch["prompt_mask"])
+    torch.testing.assert_close(first, direct[:2])
+    torch.testing.assert_close(both, direct[1:])
+    retrieval = tiny.retrieval
+    retrieval.doc_token_cache_size = 2
+    keys = np.array([[0, 1], [1, 2]])
+    expected = [tiny.retrieval.tokenizer(d["text"], add_special_tokens=False, truncation=True,
+                                         max_length=tiny.config.max_doc_tokens)["input_ids"]
+                for d in retrieval._require_backend().documents(np.array([0, 1, 1, 2]))]
+    assert retrieval.document_rows(keys[:1]) == expected[:2]
+    assert retrieval.document_rows(keys) == expected  # key 2 overflows the cache

@@ -296,7 +296,8 @@ class IndexRefresh:
         """Keep `err` for the next agreement: a rank raising now would leave the others
         waiting for it in that all-reduce. The first one held counts."""
         if self._error is None:
-            err.add_note(f"index refresh: raised on rank {self.sync.rank} {where}")
+            if hasattr(err, "add_note"):  # Python 3.11+; the log line names it anyway
+                err.add_note(f"index refresh: raised on rank {self.sync.rank} {where}")
             self._error = (step, err)
 
     def _failure_code(self) -> int:
