@@ -194,12 +194,10 @@ def ring_seconds(num_bytes: float, size: int, nodes: int, cluster: Cluster, *,
     if size <= 1 or num_bytes <= 0:
         return 0.0
     steps = factor * (size - 1)
+    intra = ring_nvlink_seconds(num_bytes, size, nodes, cluster, factor=factor)
     if nodes <= 1:
-        return (factor * (size - 1) / size * num_bytes / cluster.nvlink_bytes_per_s
-                + steps * NVLINK_LATENCY_S)
+        return intra + steps * NVLINK_LATENCY_S
     per_node = max(1, size // nodes)
-    intra = (factor * (per_node - 1) / per_node * num_bytes / cluster.nvlink_bytes_per_s
-             if per_node > 1 else 0.0)
     inter = (factor * (nodes - 1) / nodes * num_bytes / per_node
              / cluster.network_bytes_per_s_per_gpu)
     return intra + inter + steps * NETWORK_LATENCY_S
