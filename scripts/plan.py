@@ -136,7 +136,9 @@ def cmd_estimate(args) -> None:
 def cmd_layouts(args) -> None:
     shape, per_example = _shape(args)
     ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example,
-                          runtime=args.runtime, logit_bytes=args.logit_bytes)
+                          runtime=args.runtime, logit_bytes=args.logit_bytes,
+                          overlap_grad_reduce=args.overlap_grad_reduce,
+                          overlap_tp_comm=args.overlap_tp_comm)
     print(format_steps(ranked, top=args.top))
     if args.json:
         Path(args.json).write_text(json.dumps([step_dict(e) for e in ranked[:args.top]],
@@ -161,6 +163,7 @@ def cmd_published(args) -> None:
     from trainers.partition.published import (
         HELD_OUT,
         MPT_TABLES,
+        NVIDIA_DGXC,
         PUBLISHED_RUNS,
         compare,
         format_comparison,
@@ -181,12 +184,16 @@ def cmd_published(args) -> None:
     missed = [r for r in tables if abs(r["error"]) >= 0.20]
     if missed:
         print(format_comparison(missed).replace("(not ranked)", ""))
+    dgxc = [compare(run) for run in NVIDIA_DGXC]
+    print("\nheld out, second set (NVIDIA DGX Cloud benchmarks, H100 BF16; predicted once):")
+    print(format_comparison(dgxc))
     if args.json:
         Path(args.json).write_text(json.dumps([
-            {**{k: v for k, v in row.items() if k != "best"}, "held_out": name == "held_out",
-             "set": name, "best": step_dict(row["best"]) if row["best"] else None}
+            {**{k: v for k, v in row.items() if k != "best"},
+             "held_out": name in ("held_out", "nvidia_dgxc"), "set": name, "best": step_dict(row["best"]) if row["best"] else None}
             for name, group in (("published", rows), ("held_out", held_out),
-                                ("mpt_tables", tables)) for row in group], indent=1))
+                                ("mpt_tables", tables), ("nvidia_dgxc", dgxc))
+            for row in group], indent=1))
 
 
 def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = False) -> None:
@@ -266,6 +273,11 @@ def _add_shape_commands(sub) -> None:
                                          "recompute, ZeRO) layouts")
     _shape_and_cluster_flags(lay)
     lay.add_argument("--top", type=int, default=15)
+    framework = lay.add_argument_group("what the framework overlaps (every candidate)")
+    framework.add_argument("--overlap-grad-reduce", action="store_true",
+                           help="data-parallel gradient reduction behind the last backward")
+    framework.add_argument("--overlap-tp-comm", action="store_true",
+                           help="backward tensor-parallel all-reduces behind weight gradients")
     _logit_bytes_flag(lay)
     lay.set_defaults(func=cmd_layouts)
     case = sub.add_parser("source-case", help="16x8 A100: tp across nodes vs pipeline "

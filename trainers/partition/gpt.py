@@ -673,9 +673,14 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
 
 def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                       recompute=RECOMPUTE, zero=(0, 1, 3), microbatches=(1, 2, 4, 8),
-                      runtime: bool = False, logit_bytes: int = 4):
+                      runtime: bool = False, logit_bytes: int = 4,
+                      overlap_grad_reduce: bool = False, overlap_tp_comm: bool = False):
     """Every layout worth ranking: tp within a node dividing the heads, pp dividing the
     layers, each schedule, micro-batch size, recomputation and ZeRO stage.
+
+    overlap_grad_reduce, overlap_tp_comm: what the framework can overlap, given to every
+    candidate (``TrainLayout``'s fields of the same names): features of the software the
+    layout will run on, not choices of layout.
 
     runtime: only what this project's runtime trains: fp32 parameters under autocast,
     FSDP2 with deferred sync over dp (zero 3) or no sharding at dp = 1, activation
@@ -709,7 +714,9 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                                               and shape.seq_len % tp == 0,
                                               fp32_params=runtime, deferred_grad_sync=runtime,
                                               bf16_matmul_params=runtime,
-                                              logit_bytes=logit_bytes)
+                                              logit_bytes=logit_bytes,
+                                              overlap_grad_reduce=overlap_grad_reduce,
+                                              overlap_tp_comm=overlap_tp_comm and tp > 1)
 
 
 def _schedules(shape: GPTShape, pp: int, m: int):
@@ -718,8 +725,11 @@ def _schedules(shape: GPTShape, pp: int, m: int):
         return
     if m >= pp:
         yield "1f1b", 1
-        for v in (2, 3, 4):
-            if m % pp == 0 and shape.num_layers % (pp * v) == 0:
+        if m % pp:  # the interleaved schedule takes the micro-batches in groups of pp
+            return
+        per_stage = shape.num_layers // pp
+        for v in range(2, per_stage + 1):  # down to one layer per model chunk
+            if per_stage % v == 0:
                 yield "interleaved_1f1b", v
 
 
