@@ -8,6 +8,7 @@ the index directory and the encoder identity it was trained against.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,13 @@ from rag_mm.config import MODES, model_config
 from rag_mm.model import RAGModel, build_model
 from trainers.data import ROW_VALID
 from trainers.parallel.checkpointing import apply_activation_checkpointing
+
+# Two Lightning warnings that every run printed and that ask nothing of the user: the frozen
+# towers (the index's document encoder, the frozen text tower) are in eval mode by design,
+# and Lightning's own tree utilities use a torch API that torch has deprecated.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start "
+                        r"of training")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class RAGModule(L.LightningModule):

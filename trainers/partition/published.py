@@ -16,6 +16,8 @@ prediction): H100's GEMM share from an independent GEMM measurement
 after two rows still missed, FlashAttention costed as its kernel (``GPU.flash_share``) and
 the NVLink cost of overlapped collectives (``hardware.OVERLAP_NVLINK_COST``). ``MPT_TABLES``
 is every other row of the same three tables (``mpt_tables.py``), checked likewise.
+``NVIDIA_DGXC`` (NVIDIA's DGX Cloud benchmark recipes: Megatron-Core on H100) is a second
+held-out set, added after all of that and predicted once with the model unchanged.
 """
 
 from __future__ import annotations

@@ -160,7 +160,9 @@ class RunCheckpoints(Checkpoint):
         previous = self.saved_step
         self.saved_step = step  # recorded inside the checkpoint: resuming it does not re-save it
         try:
-            trainer.save_checkpoint(partial)  # a collective under the parallel strategy
+            # a collective under the parallel strategy; weights_only=False (the full state,
+            # optimizer and loops included) said outright, so Lightning does not log it
+            trainer.save_checkpoint(partial, weights_only=False)
         except BaseException:
             self.saved_step = previous
             raise
