@@ -92,7 +92,11 @@ def _shape(args) -> tuple[GPTShape, int]:
     if args.layers is None:
         from trainers.partition.models import gpt_shape
 
-        return gpt_shape(args.model)
+        shape, per_example = gpt_shape(args.model)
+        if args.attention is not None:  # else the size's own: SDPA, FlashAttention-2
+            shape = replace(shape, flash_attention=args.attention != "materialized",
+                            flash_kernel=_flash_kernel(args.attention))
+        return shape, per_example
     missing = [flag for flag, value in (("--hidden", args.hidden), ("--heads", args.heads),
                                         ("--seq-len", args.seq_len), ("--vocab", args.vocab))
                if value is None]
@@ -101,7 +105,12 @@ def _shape(args) -> tuple[GPTShape, int]:
     return GPTShape(num_layers=args.layers, hidden=args.hidden, num_heads=args.heads,
                     num_kv_heads=args.kv_heads, ffn_hidden=args.ffn_hidden,
                     gated_mlp=args.gated_mlp, seq_len=args.seq_len, vocab=args.vocab,
-                    flash_attention=args.attention == "flash"), 1
+                    flash_attention=args.attention != "materialized",
+                    flash_kernel=_flash_kernel(args.attention or "flash")), 1
+
+
+def _flash_kernel(attention: str) -> str:
+    return "flash" if attention == "materialized" else attention
 
 
 def _cluster(args) -> Cluster:
@@ -208,9 +217,12 @@ def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = 
     model.add_argument("--gated-mlp", action="store_true", help="SwiGLU: three MLP matrices")
     model.add_argument("--seq-len", type=int)
     model.add_argument("--vocab", type=int)
-    model.add_argument("--attention", choices=["flash", "materialized"], default="flash",
-                       help="flash: scores never stored; materialized: Megatron's fused "
-                            "softmax keeps them")
+    model.add_argument("--attention", choices=["flash", "flash2", "flash3", "materialized"],
+                       help="flash: scores never stored, at the first FlashAttention's rate "
+                            "(what the calibration runs used; the default with --layers); "
+                            "flash2 / flash3: the same at FlashAttention-2's / -3's (Hopper "
+                            "only; flash2 is the default with --model: torch's SDPA); "
+                            "materialized: Megatron's fused softmax keeps them")
     cluster = p.add_argument_group("cluster")
     cluster.add_argument("--gpu", default="a100-80gb", help=f"one of {', '.join(GPUS)}")
     if not source_case:

@@ -130,6 +130,32 @@ def test_one_gpu_step_by_hand():
     # model FLOPs: 3 x (2 x 12 h^2 + 4 s h + 2 h V) per token x 1024 tokens
     flops = 3 * (2 * 12 * 1024**2 + 4 * 1024**2 + 2 * 1024**2) * 1024
     assert e.tflops_per_gpu == pytest.approx(flops / 1.06117e-3 / 1e12, rel=1e-4)
+    # FlashAttention-2 at 0.615 of peak: 2.147 GFLOP in 0.011192 ms forward, so the compute
+    # is 3.5 x (0.021178 - 0.011192) ms = 0.034951 ms less
+    flash2 = estimate_step(replace(shape, flash_kernel="flash2"), ONE_GPU,
+                           TrainLayout(global_batch=1))
+    assert flash2.time_s["compute"] == pytest.approx(
+        0.65898e-3 - 0.034951e-3 + 0.05144e-3, rel=1e-4)
+
+
+def test_flash_kernel_rates_are_the_sourced_ones():
+    """First generation: A100 0.325, Hopper x 0.57; FlashAttention-2: A100 0.615, Hopper
+    0.35; FlashAttention-3: Hopper 0.35 x 1.75 = 0.6125 and nothing on A100 (refused,
+    naming where it runs)."""
+    h100, h200 = GPUS["h100-80gb"], GPUS["h200"]
+    assert A100_40.attention_share("flash") == pytest.approx(0.325)
+    assert h100.attention_share("flash") == pytest.approx(0.325 * 0.35 / 0.615)
+    assert A100_40.attention_share("flash2") == pytest.approx(0.615)
+    assert h100.attention_share("flash2") == h200.attention_share("flash2") == 0.35
+    assert h200.attention_share("flash3") == pytest.approx(0.6125)
+    with pytest.raises(ValueError, match=r"--attention flash3: no rate for a100-40gb \(valid "
+                                         r"here: flash, flash2, materialized; flash3 runs on "
+                                         r"h100-80gb, h200\)"):
+        A100_40.attention_share("flash3")
+    with pytest.raises(ValueError, match=r"--attention 'flash4': valid: flash, flash2, "
+                                         r"flash3, materialized"):
+        GPTShape(num_layers=1, hidden=64, num_heads=1, seq_len=8, vocab=8,
+                 flash_kernel="flash4")
 
 
 def test_full_recompute_runs_megatrons_eq_3_flops():
@@ -437,6 +463,9 @@ SHAPE_FLAGS = ["--layers", "8", "--hidden", "512", "--heads", "8", "--seq-len", 
     ("estimate", ["--global-batch", "12", "--microbatch", "2"],
      r"--global-batch 12 is not divisible by dp 8 x --microbatch 2 = 16; use a multiple of 16"),
     ("estimate", ["--hidden", "500"], r"--hidden 500 is not divisible by --heads 8"),
+    ("estimate", ["--gpu", "a100-80gb", "--global-batch", "8", "--attention", "flash3"],
+     (r"--attention flash3: no rate for a100-80gb \(valid here: flash, flash2, materialized; "
+      r"flash3 runs on h100-80gb, h200\)")),
 ])
 def test_cli_refuses_bad_input_in_one_line(command, flags, message, capsys):
     """Every refusal names the flag and what is valid; exit 2, no traceback."""

@@ -90,6 +90,9 @@ class GPTShape:
     ffn_hidden: MLP width (None: 4 x hidden). gated_mlp: SwiGLU (three MLP matrices).
     flash_attention: attention scores never stored (no s x s tensors); else Megatron's
         fused softmax materialises them (the 5as/h term of Korthikanti et al.).
+    flash_kernel: which FlashAttention sets the attention core's rate
+        (``hardware.FLASH_KERNELS``, ``GPU.attention_share``): "flash" (the first
+        generation, what every published flash run here used), "flash2" or "flash3".
     dropout: dropout masks kept for backward (GPT-3 style models).
     """
 
@@ -102,6 +105,7 @@ class GPTShape:
     ffn_hidden: int | None = None
     gated_mlp: bool = False
     flash_attention: bool = True
+    flash_kernel: str = "flash"
     dropout: bool = True
     tied_embeddings: bool = True
 
@@ -114,6 +118,9 @@ class GPTShape:
         if self.hidden % self.num_heads:
             raise ValueError(f"--hidden {self.hidden} is not divisible by --heads "
                              f"{self.num_heads}; use a head count that divides it")
+        if self.flash_kernel not in hardware.FLASH_KERNELS:
+            raise ValueError(f"--attention {self.flash_kernel!r}: valid: "
+                             f"{', '.join(hardware.FLASH_KERNELS)}, materialized")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"--kv-heads {self.kv_heads} must divide --heads {self.num_heads}")
 
@@ -368,7 +375,8 @@ def _layer_forward_s(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> 
              + gemm_seconds(tokens, h, shape.ffn / tp, gpu))  # MLP down
     heads = b * a / tp
     if shape.flash_attention:  # one fused kernel; the causal mask skips half the blocks
-        core = flash_attention_flops(shape, b, tp) / (gpu.peak_tflops * 1e12 * gpu.flash_share)
+        core = flash_attention_flops(shape, b, tp) / (
+            gpu.peak_tflops * 1e12 * gpu.attention_share(shape.flash_kernel))
     else:  # Megatron's: two batched GEMMs, the s x s scores through HBM between them
         core = (gemm_seconds(s, s, shape.head_dim, gpu, count=heads)  # Q K^T
                 + gemm_seconds(s, shape.head_dim, s, gpu, count=heads))  # P V

@@ -66,6 +66,14 @@ OVERLAP_NVLINK_COST = 0.6
 # H100 the share FlashAttention-2 keeps, 35 / 61.5 (the middle of 50-73) = 0.57 of it.
 A100_FLASH_SHARE = (0.25 + 0.40) / 2
 AMPERE_KERNEL_ON_HOPPER = 0.35 / ((0.50 + 0.73) / 2)
+# Later kernels, for runs that use them (``GPTShape.flash_kernel``; not used by any published
+# row of the calibration or held-out sets): FlashAttention-2 at the middle of its 50-73 % of
+# A100's peak and at 35 % of H100's (Dao 2023; Shah et al. 2024); FlashAttention-3 (Hopper
+# only) 1.5-2.0 x FlashAttention-2 on H100 (Shah et al. 2024, abstract), the middle of that.
+A100_FLASH2_SHARE = (0.50 + 0.73) / 2
+HOPPER_FLASH2_SHARE = 0.35
+HOPPER_FLASH3_SHARE = HOPPER_FLASH2_SHARE * (1.5 + 2.0) / 2
+FLASH_KERNELS = ("flash", "flash2", "flash3")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,12 +90,34 @@ class GPU:
     mamf_share: float  # measured best bf16 GEMM rate / peak (A100_MAMF_SHARE, ...)
     flash_share: float  # FlashAttention's FLOP rate / peak (A100_FLASH_SHARE, ...)
     source: str
+    flash2_share: float | None = None  # FlashAttention-2's (None: not measured on this GPU)
+    flash3_share: float | None = None  # FlashAttention-3's (None: it does not run here)
 
     def __post_init__(self) -> None:
         for key in ("peak_tflops", "memory_gib", "hbm_gb_per_s", "nvlink_gb_per_s",
                     "node_network_gbps", "mamf_share", "flash_share"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"GPU {self.name}: {key}={getattr(self, key)} must be > 0")
+        for key in ("flash2_share", "flash3_share"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"GPU {self.name}: {key}={getattr(self, key)} must be > 0")
+
+    def attention_share(self, kernel: str) -> float:
+        """The share of the peak FlashAttention ``kernel`` reaches on this GPU
+        (``FLASH_KERNELS``: "flash" the first generation, "flash2", "flash3"); refused,
+        naming what is valid, where this GPU has no rate for it."""
+        share = self._attention_shares().get(kernel)
+        if share is None:
+            here = [k for k, v in self._attention_shares().items() if v]
+            where = [g.name for g in GPUS.values() if g._attention_shares().get(kernel)]
+            runs_on = f"; {kernel} runs on {', '.join(where)}" if where else ""
+            raise ValueError(f"--attention {kernel}: no rate for {self.name} (valid here: "
+                             f"{', '.join(here)}, materialized{runs_on})")
+        return share
+
+    def _attention_shares(self) -> dict[str, float | None]:
+        return {"flash": self.flash_share, "flash2": self.flash2_share,
+                "flash3": self.flash3_share}
 
     @property
     def gemm_share(self) -> float:
@@ -107,10 +137,12 @@ GPUS = {
     "a100-40gb": GPU(name="a100-40gb", peak_tflops=312.0, memory_gib=40.0, hbm_gb_per_s=1555.0,
                      nvlink_gb_per_s=300.0, node_network_gbps=1600.0,
                      mamf_share=A100_MAMF_SHARE, flash_share=A100_FLASH_SHARE,
+                     flash2_share=A100_FLASH2_SHARE,
                      source="NVIDIA A100 datasheet; DGX A100 user guide"),
     "a100-80gb": GPU(name="a100-80gb", peak_tflops=312.0, memory_gib=80.0, hbm_gb_per_s=2039.0,
                      nvlink_gb_per_s=300.0, node_network_gbps=1600.0,
                      mamf_share=A100_MAMF_SHARE, flash_share=A100_FLASH_SHARE,
+                     flash2_share=A100_FLASH2_SHARE,
                      source="NVIDIA A100 datasheet; DGX A100 user guide"),
     # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 with sparsity), 3.35 TB/s,
     # NVLink 4 900 GB/s both ways; DGX H100: 8 x 400 Gb/s NDR.
@@ -118,12 +150,14 @@ GPUS = {
                      nvlink_gb_per_s=450.0, node_network_gbps=3200.0,
                      mamf_share=H100_MAMF_SHARE,
                      flash_share=A100_FLASH_SHARE * AMPERE_KERNEL_ON_HOPPER,
+                     flash2_share=HOPPER_FLASH2_SHARE, flash3_share=HOPPER_FLASH3_SHARE,
                      source="NVIDIA H100 SXM datasheet; DGX H100 user guide"),
     # NVIDIA H200 SXM datasheet: same compute as H100, 141 GB HBM3e at 4.8 TB/s; the same
     # GH100 chip, so H100's MAMF share (the later MAMF table's H100/H200 row).
     "h200": GPU(name="h200", peak_tflops=989.0, memory_gib=141.0, hbm_gb_per_s=4800.0,
                 nvlink_gb_per_s=450.0, node_network_gbps=3200.0, mamf_share=H100_MAMF_SHARE,
                 flash_share=A100_FLASH_SHARE * AMPERE_KERNEL_ON_HOPPER,
+                flash2_share=HOPPER_FLASH2_SHARE, flash3_share=HOPPER_FLASH3_SHARE,
                 source="NVIDIA H200 SXM datasheet; HGX H200"),
 }
 

@@ -38,8 +38,9 @@ def profile_rag(name: str, *, analytic: bool, batch_size: int = 2, runs: int = 5
 
 def gpt_shape(name: str):
     """The decoder of ``rag_mm`` size ``name`` as a ``gpt.GPTShape`` (its fused sequence
-    length; SDPA attention, so no stored scores; no dropout), and the sequences a training
-    example becomes (one per document read)."""
+    length; torch's SDPA attention, so no stored scores, at FlashAttention-2's rate: SDPA's
+    flash backend is FlashAttention-2 since torch 2.2; no dropout), and the sequences a
+    training example becomes (one per document read)."""
     from rag_mm.config import model_config
     from trainers.partition.gpt import GPTShape
 
@@ -48,5 +49,5 @@ def gpt_shape(name: str):
     shape = GPTShape(num_layers=gen.num_layers, hidden=gen.hidden_size, num_heads=gen.num_heads,
                      seq_len=config.seq_len, vocab=gen.vocab_size,
                      ffn_hidden=int(gen.mlp_ratio * gen.hidden_size), flash_attention=True,
-                     dropout=False, tied_embeddings=gen.tie_embeddings)
+                     flash_kernel="flash2", dropout=False, tied_embeddings=gen.tie_embeddings)
     return shape, config.docs_per_query
