@@ -285,10 +285,12 @@ def _add_shape_commands(sub) -> None:
                                          "recompute, ZeRO) layouts")
     _shape_and_cluster_flags(lay)
     lay.add_argument("--top", type=int, default=15)
-    framework = lay.add_argument_group("what the framework overlaps (every candidate)")
-    framework.add_argument("--overlap-grad-reduce", action="store_true",
+    framework = lay.add_argument_group(
+        "what the framework overlaps (default: each layout ranked both ways; a pick that "
+        "needs it says grad-overlap / tp-overlap)")
+    framework.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction,
                            help="data-parallel gradient reduction behind the last backward")
-    framework.add_argument("--overlap-tp-comm", action="store_true",
+    framework.add_argument("--overlap-tp-comm", action=argparse.BooleanOptionalAction,
                            help="backward tensor-parallel all-reduces behind weight gradients")
     _logit_bytes_flag(lay)
     lay.set_defaults(func=cmd_layouts)

@@ -377,19 +377,42 @@ def test_second_held_out_set_nvidia_dgxc():
 
 def test_interleaving_is_ranked_down_to_one_layer_per_chunk():
     """Megatron's interleaved schedule takes any number of chunks per rank that divides
-    its layers (NeMo runs 96 layers on 8 ranks in 12 chunks of one layer); the candidates
-    carry the framework's overlap options."""
+    its layers (NeMo runs 96 layers on 8 ranks in 12 chunks of one layer)."""
     from trainers.partition.gpt import candidate_layouts
 
     shape = GPTShape(num_layers=96, hidden=1024, num_heads=8, seq_len=256, vocab=1000)
     cluster = Cluster(gpu=A100_40, num_nodes=8, gpus_per_node=8)
-    layouts = [lay for lay in candidate_layouts(shape, cluster, 64, overlap_tp_comm=True,
-                                                overlap_grad_reduce=True)
+    layouts = [lay for lay in candidate_layouts(shape, cluster, 64)
                if lay.pp == 8 and lay.tp == 8 and lay.microbatch == 1]
     assert {lay.virtual_stages for lay in layouts} == {1, 2, 3, 4, 6, 12}
-    assert all(lay.overlap_tp_comm and lay.overlap_grad_reduce for lay in layouts)
-    tp1 = next(candidate_layouts(shape, cluster, 64, overlap_tp_comm=True))
-    assert tp1.tp == 1 and not tp1.overlap_tp_comm  # nothing to overlap without tp
+
+
+def test_framework_overlaps_are_ranked_both_ways_unless_stated():
+    """By default every layout is ranked with and without each overlap its comm allows
+    (tp > 1, dp > 1), the description naming the ones it needs; stated, every candidate
+    has it; the runtime's candidates have neither."""
+    from trainers.partition.gpt import candidate_layouts
+
+    shape = GPTShape(num_layers=8, hidden=1024, num_heads=8, seq_len=256, vocab=1000)
+    cluster = Cluster(gpu=A100_40, num_nodes=2, gpus_per_node=8)
+
+    def variants(**options):
+        return {(lay.overlap_grad_reduce, lay.overlap_tp_comm)
+                for lay in candidate_layouts(shape, cluster, 64, **options)
+                if (lay.tp, lay.pp, lay.microbatch, lay.recompute, lay.zero) == (2, 1, 1,
+                                                                                 "none", 1)}
+
+    assert variants() == {(False, False), (False, True), (True, False), (True, True)}
+    assert variants(overlap_grad_reduce=True, overlap_tp_comm=False) == {(True, False)}
+    assert variants(runtime=True) == set()  # the runtime's ZeRO is 3
+    assert {(lay.overlap_grad_reduce, lay.overlap_tp_comm)
+            for lay in candidate_layouts(shape, cluster, 64, runtime=True)} == {(False, False)}
+    one_replica = {lay.overlap_grad_reduce for lay in candidate_layouts(shape, cluster, 16)
+                   if lay.tp * lay.pp == 16}
+    assert one_replica == {False}  # dp = 1: no gradient reduction to overlap
+    both = TrainLayout(tp=2, global_batch=64, zero=1, overlap_grad_reduce=True,
+                       overlap_tp_comm=True)
+    assert both.describe(8) == "dp=8 pp=1 tp=2 mb=1 m=8 1f1b zero=1 tp-overlap grad-overlap"
 
 
 def test_held_out_h100_network_alternative():

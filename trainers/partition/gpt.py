@@ -285,6 +285,7 @@ class TrainLayout:
             extras += ["bf16-gather"] if self.fp32_params and self.bf16_matmul_params else []
         extras += ["sp"] if self.sequence_parallel else []
         extras += ["tp-overlap"] if self.overlap_tp_comm else []
+        extras += ["grad-overlap"] if self.overlap_grad_reduce and dp > 1 else []
         return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
                 f"m={self.global_batch // (dp * self.microbatch)} {self.schedule}{v} "
                 + " ".join(extras)).strip()
@@ -682,13 +683,16 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
 def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                       recompute=RECOMPUTE, zero=(0, 1, 3), microbatches=(1, 2, 4, 8),
                       runtime: bool = False, logit_bytes: int = 4,
-                      overlap_grad_reduce: bool = False, overlap_tp_comm: bool = False):
+                      overlap_grad_reduce: bool | None = None,
+                      overlap_tp_comm: bool | None = None):
     """Every layout worth ranking: tp within a node dividing the heads, pp dividing the
     layers, each schedule, micro-batch size, recomputation and ZeRO stage.
 
-    overlap_grad_reduce, overlap_tp_comm: what the framework can overlap, given to every
-    candidate (``TrainLayout``'s fields of the same names): features of the software the
-    layout will run on, not choices of layout.
+    overlap_grad_reduce, overlap_tp_comm: what the framework overlaps (``TrainLayout``'s
+    fields of the same names), features of the software the layout will run on: True or
+    False for every candidate, or None (the default) to rank each layout both ways, so a
+    pick that needs the overlap says so in its description. The runtime's are its own
+    (neither).
 
     runtime: only what this project's runtime trains: fp32 parameters under autocast,
     FSDP2 with deferred sync over dp (zero 3) or no sharding at dp = 1, activation
@@ -698,6 +702,8 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     """
     if runtime or shape.flash_attention:  # the runtime has none; flash: the same as none
         recompute = tuple(r for r in recompute if r != "selective")
+    grad_overlaps = (False,) if runtime else _both(overlap_grad_reduce)
+    tp_overlaps = (False,) if runtime else _both(overlap_tp_comm)
     n = cluster.num_gpus
     for tp in (d for d in range(1, n + 1) if n % d == 0):
         if shape.num_heads % tp or shape.kv_heads % tp or tp > cluster.gpus_per_node:
@@ -715,16 +721,21 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                         for z in ((3 if dp > 1 else 0,) if runtime else zero):
                             if z and dp == 1:
                                 continue
-                            yield TrainLayout(tp=tp, pp=pp, dp=dp, global_batch=global_batch,
-                                              microbatch=mb, schedule=schedule,
-                                              virtual_stages=v, recompute=rc, zero=z,
-                                              sequence_parallel=tp > 1
-                                              and shape.seq_len % tp == 0,
-                                              fp32_params=runtime, deferred_grad_sync=runtime,
-                                              bf16_matmul_params=runtime,
-                                              logit_bytes=logit_bytes,
-                                              overlap_grad_reduce=overlap_grad_reduce,
-                                              overlap_tp_comm=overlap_tp_comm and tp > 1)
+                            for grad_overlap in (grad_overlaps if dp > 1 else (False,)):
+                                for tp_overlap in (tp_overlaps if tp > 1 else (False,)):
+                                    yield TrainLayout(
+                                        tp=tp, pp=pp, dp=dp, global_batch=global_batch,
+                                        microbatch=mb, schedule=schedule, virtual_stages=v,
+                                        recompute=rc, zero=z,
+                                        sequence_parallel=tp > 1 and shape.seq_len % tp == 0,
+                                        fp32_params=runtime, deferred_grad_sync=runtime,
+                                        bf16_matmul_params=runtime, logit_bytes=logit_bytes,
+                                        overlap_grad_reduce=grad_overlap,
+                                        overlap_tp_comm=tp_overlap)
+
+
+def _both(option: bool | None) -> tuple[bool, ...]:
+    return (False, True) if option is None else (option,)
 
 
 def _schedules(shape: GPTShape, pp: int, m: int):

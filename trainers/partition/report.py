@@ -66,10 +66,12 @@ def format_step(e: StepEstimate, shape: GPTShape) -> str:
 
 def format_steps(ranked: list[StepEstimate], top: int = 15) -> str:
     fitting = [e for e in ranked if e.fits]
+    width = max([58] + [len(e.description) + 1 for e in fitting[:top]])
     lines = [f"{len(ranked)} layouts, {len(fitting)} fit; best {min(top, len(fitting))}:",
-             f"{'#':>3} {'layout':<58}{'step s':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'GiB/GPU':>9}"]
+             (f"{'#':>3} {'layout':<{width}}{'step s':>9}{'tokens/s':>12}{'TFLOP/s':>9}"
+              f"{'GiB/GPU':>9}")]
     for i, e in enumerate(fitting[:top], 1):
-        lines.append(f"{i:>3} {e.description:<58}{e.step_s:>9.3f}{e.tokens_per_s:>12,.0f}"
+        lines.append(f"{i:>3} {e.description:<{width}}{e.step_s:>9.3f}{e.tokens_per_s:>12,.0f}"
                      f"{e.tflops_per_gpu:>9.1f}{e.memory_gib:>9.2f}")
     return "\n".join(lines)
 
