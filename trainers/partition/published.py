@@ -383,11 +383,16 @@ def compare(run: PublishedRun, *, rank: bool = True) -> dict:
 
 
 def format_comparison(rows: list[dict]) -> str:
-    lines = [(f"{'run':<44}{'published s':>12}{'predicted s':>12}{'error':>8}{'GiB':>6}  "
+    """One line a run; a published layout this model puts over memory has ``!`` after its
+    GiB (and a footnote)."""
+    lines = [(f"{'run':<44}{'published s':>12}{'predicted s':>12}{'error':>8}{'GiB':>7}  "
              f"{'planner best (s, layout)':<40}")]
     for r in rows:
         best = r["best"]
         top = f"{best.step_s:8.2f}  {best.description}" if best else "(not ranked)"
+        gib = f"{r['memory_gib']:.1f}" + ("!" if not r["fits"] else " ")
         lines.append(f"{r['run']:<44}{r['published_s']:>12.2f}{r['predicted_s']:>12.2f}"
-                     f"{r['error']:>+8.1%}{r['memory_gib']:>6.1f}  {top}")
+                     f"{r['error']:>+8.1%}{gib:>7}  {top}")
+    if not all(r["fits"] for r in rows):
+        lines.append("! over the GPU's usable memory in this model (the run did train)")
     return "\n".join(lines)
