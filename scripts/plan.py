@@ -92,25 +92,26 @@ def _shape(args) -> tuple[GPTShape, int]:
     if args.layers is None:
         from trainers.partition.models import gpt_shape
 
-        shape, per_example = gpt_shape(args.model)
-        if args.attention is not None:  # else the size's own: SDPA, FlashAttention-2
-            shape = replace(shape, flash_attention=args.attention != "materialized",
-                            flash_kernel=_flash_kernel(args.attention))
-        return shape, per_example
+        shape, per_example = gpt_shape(args.model)  # its own attention: SDPA, flash2
+        return _with_attention(shape, args.attention), per_example
     missing = [flag for flag, value in (("--hidden", args.hidden), ("--heads", args.heads),
                                         ("--seq-len", args.seq_len), ("--vocab", args.vocab))
                if value is None]
     if missing:
         raise ValueError(f"--layers needs {', '.join(missing)} too (or use --model)")
-    return GPTShape(num_layers=args.layers, hidden=args.hidden, num_heads=args.heads,
-                    num_kv_heads=args.kv_heads, ffn_hidden=args.ffn_hidden,
-                    gated_mlp=args.gated_mlp, seq_len=args.seq_len, vocab=args.vocab,
-                    flash_attention=args.attention != "materialized",
-                    flash_kernel=_flash_kernel(args.attention or "flash")), 1
+    shape = GPTShape(num_layers=args.layers, hidden=args.hidden, num_heads=args.heads,
+                     num_kv_heads=args.kv_heads, ffn_hidden=args.ffn_hidden,
+                     gated_mlp=args.gated_mlp, seq_len=args.seq_len, vocab=args.vocab)
+    return _with_attention(shape, args.attention), 1
 
 
-def _flash_kernel(attention: str) -> str:
-    return "flash" if attention == "materialized" else attention
+def _with_attention(shape: GPTShape, attention: str | None) -> GPTShape:
+    """`shape` with `--attention` applied (None: the shape's own)."""
+    if attention is None:
+        return shape
+    if attention == "materialized":
+        return replace(shape, flash_attention=False)
+    return replace(shape, flash_attention=True, flash_kernel=attention)
 
 
 def _cluster(args) -> Cluster:
@@ -199,7 +200,8 @@ def cmd_published(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps([
             {**{k: v for k, v in row.items() if k != "best"},
-             "held_out": name in ("held_out", "nvidia_dgxc"), "set": name, "best": step_dict(row["best"]) if row["best"] else None}
+             "held_out": name in ("held_out", "nvidia_dgxc"), "set": name,
+             "best": step_dict(row["best"]) if row["best"] else None}
             for name, group in (("published", rows), ("held_out", held_out),
                                 ("mpt_tables", tables), ("nvidia_dgxc", dgxc))
             for row in group], indent=1))

@@ -704,6 +704,11 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
         recompute = tuple(r for r in recompute if r != "selective")
     grad_overlaps = (False,) if runtime else _both(overlap_grad_reduce)
     tp_overlaps = (False,) if runtime else _both(overlap_tp_comm)
+
+    def overlaps(dp: int, tp: int) -> list[tuple[bool, bool]]:
+        """(gradient, tensor-parallel) overlap pairs: only where there is that comm."""
+        return [(g, t) for g in (grad_overlaps if dp > 1 else (False,))
+                for t in (tp_overlaps if tp > 1 else (False,))]
     n = cluster.num_gpus
     for tp in (d for d in range(1, n + 1) if n % d == 0):
         if shape.num_heads % tp or shape.kv_heads % tp or tp > cluster.gpus_per_node:
@@ -721,17 +726,16 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                         for z in ((3 if dp > 1 else 0,) if runtime else zero):
                             if z and dp == 1:
                                 continue
-                            for grad_overlap in (grad_overlaps if dp > 1 else (False,)):
-                                for tp_overlap in (tp_overlaps if tp > 1 else (False,)):
-                                    yield TrainLayout(
-                                        tp=tp, pp=pp, dp=dp, global_batch=global_batch,
-                                        microbatch=mb, schedule=schedule, virtual_stages=v,
-                                        recompute=rc, zero=z,
-                                        sequence_parallel=tp > 1 and shape.seq_len % tp == 0,
-                                        fp32_params=runtime, deferred_grad_sync=runtime,
-                                        bf16_matmul_params=runtime, logit_bytes=logit_bytes,
-                                        overlap_grad_reduce=grad_overlap,
-                                        overlap_tp_comm=tp_overlap)
+                            for grad_overlap, tp_overlap in overlaps(dp, tp):
+                                yield TrainLayout(
+                                    tp=tp, pp=pp, dp=dp, global_batch=global_batch,
+                                    microbatch=mb, schedule=schedule, virtual_stages=v,
+                                    recompute=rc, zero=z,
+                                    sequence_parallel=tp > 1 and shape.seq_len % tp == 0,
+                                    fp32_params=runtime, deferred_grad_sync=runtime,
+                                    bf16_matmul_params=runtime, logit_bytes=logit_bytes,
+                                    overlap_grad_reduce=grad_overlap,
+                                    overlap_tp_comm=tp_overlap)
 
 
 def _both(option: bool | None) -> tuple[bool, ...]:
