@@ -293,6 +293,9 @@ def test_cli_saves_resumes_from_last_and_refuses_to_overwrite(demo, tmp_path):
     assert cli.trainer.global_step == 4 and latest(folder).name == "step-0000004.ckpt"
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         cli_main(args(5))
+    with pytest.raises(CheckpointError, match=r"continue it with --ckpt_path last, or choose "
+                                              r"another --trainer.default_root_dir$"):
+        cli_main(args(5))  # the CLI's own flags, not pretrain.py's
     tested = cli_main(["test", *args(4, "--ckpt_path", "last")[1:]])
     assert tested.trainer.ckpt_path == str(folder / LAST)  # the step-4 weights, not a new init
     with pytest.raises(CheckpointError, match="--ckpt_path last: nothing to resume"):

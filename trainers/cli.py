@@ -16,6 +16,8 @@ from trainers.data import RAGDataModule
 from trainers.module import RAGModule
 from trainers.run import Preempted, RunCheckpoints, resume_path, run_callbacks
 
+RESUME_FLAG = "--ckpt_path last"
+
 
 class RAGCLI(LightningCLI):
     """Links the model's size and index to the data module, so each is set once."""
@@ -31,7 +33,8 @@ class RAGCLI(LightningCLI):
         if checkpoints.every_n_steps is None and isinstance(interval, int):
             checkpoints.every_n_steps = interval
         if self.config_init[self.subcommand].get("ckpt_path") is None:
-            resume_path(folder, resume=False)  # refuses to write over an earlier run
+            resume_path(folder, resume=False, flag=RESUME_FLAG,  # refuses to write over
+                        folder_flag="--trainer.default_root_dir")  # an earlier run
         self._resolve_last()
 
     def _resolve_last(self) -> None:
@@ -44,7 +47,7 @@ class RAGCLI(LightningCLI):
             checkpoints = next(c for c in self.trainer.callbacks
                                if isinstance(c, RunCheckpoints))
             folder = checkpoints.resolve_dirpath(self.trainer)
-            config["ckpt_path"] = str(resume_path(folder, resume=True, flag="--ckpt_path last"))
+            config["ckpt_path"] = str(resume_path(folder, resume=True, flag=RESUME_FLAG))
 
     before_validate = before_test = before_predict = _resolve_last
 

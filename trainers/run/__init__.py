@@ -35,10 +35,11 @@ def run_callbacks(dirpath: str | Path, *, every_n_steps: int | None = None, keep
     return [Preemption(checkpoints), RandomState(), NonFiniteGuard(max_nonfinite), checkpoints]
 
 
-def resume_path(dirpath: str | Path, *, resume: bool, flag: str = "--resume") -> Path | None:
+def resume_path(dirpath: str | Path, *, resume: bool, flag: str = "--resume",
+                folder_flag: str = "--out") -> Path | None:
     """The checkpoint to resume from. With `resume`, the latest one (refused if there is
     none); without, None, and a folder that already holds a run's checkpoints is refused
-    (continue it with --resume, or choose another folder) so nothing is overwritten."""
+    (continue it with `flag`, or choose another `folder_flag`) so nothing is overwritten."""
     found = latest(dirpath)
     if resume:
         if found is None:
@@ -47,7 +48,7 @@ def resume_path(dirpath: str | Path, *, resume: bool, flag: str = "--resume") ->
         return Path(dirpath) / LAST
     if found is not None or saved_steps(dirpath):
         raise CheckpointError(f"{dirpath} already holds checkpoints of a run; continue it with "
-                              f"--resume, or choose another --out")
+                              f"{flag}, or choose another {folder_flag}")
     return None
 
 
