@@ -131,7 +131,7 @@ def cmd_estimate(args) -> None:
                          overlap_tp_comm=args.overlap_tp_comm,
                          zero3_unit=args.zero3_unit, overlap_zero3=not args.serial_zero3,
                          deferred_grad_sync=args.deferred_grad_sync,
-                         logit_bytes=args.logit_bytes)
+                         logit_bytes=args.logit_bytes, optimizer_state=args.optimizer_state)
     cluster = _cluster(args)
     if args.runtime:  # as trainers/parallel trains it
         dp = args.dp or cluster.num_gpus // (args.tp * args.pp)
@@ -147,6 +147,7 @@ def cmd_layouts(args) -> None:
     shape, per_example = _shape(args)
     ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example,
                           runtime=args.runtime, logit_bytes=args.logit_bytes,
+                          optimizer_state=args.optimizer_state,
                           overlap_grad_reduce=args.overlap_grad_reduce,
                           overlap_tp_comm=args.overlap_tp_comm)
     print(format_steps(ranked, top=args.top))
@@ -253,6 +254,13 @@ def _logit_bytes_flag(p) -> None:
                         "loss (flash-attn's CrossEntropyLoss)")
 
 
+def _optimizer_state_flag(p) -> None:
+    p.add_argument("--optimizer-state", default="fp32", choices=["fp32", "bf16"],
+                   help="Adam's state: fp32 = fp32 master copy and moments, 12 B a parameter "
+                        "(Megatron, DeepSpeed); bf16 = bf16 moments and no master copy, 4 B "
+                        "(NeMo's distributed_fused_adam with optim.dtype bf16)")
+
+
 def _add_shape_commands(sub) -> None:
     est = sub.add_parser("estimate", help="predict one layout: step, tokens/s, memory")
     _shape_and_cluster_flags(est)
@@ -282,6 +290,7 @@ def _add_shape_commands(sub) -> None:
                         help="ZeRO-3 collectives in series with compute (default: prefetched "
                              "behind it, as FSDP2)")
     _logit_bytes_flag(layout)
+    _optimizer_state_flag(layout)
     est.set_defaults(func=cmd_estimate)
     lay = sub.add_parser("layouts", help="rank (dp, pp, tp, micro-batch, schedule, "
                                          "recompute, ZeRO) layouts")
@@ -295,6 +304,7 @@ def _add_shape_commands(sub) -> None:
     framework.add_argument("--overlap-tp-comm", action=argparse.BooleanOptionalAction,
                            help="backward tensor-parallel all-reduces behind weight gradients")
     _logit_bytes_flag(lay)
+    _optimizer_state_flag(lay)
     lay.set_defaults(func=cmd_layouts)
     case = sub.add_parser("source-case", help="16x8 A100: tp across nodes vs pipeline "
                                               "across nodes")

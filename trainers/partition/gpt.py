@@ -57,6 +57,13 @@ PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 # Bytes per parameter under bf16 mixed precision with Adam (Rajbhandari et al. 2020, ZeRO,
 # section 3.1: 2 + 2 + K with K = 12: fp32 master, momentum, variance).
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
+# Adam's state per parameter by the precision it is kept in (``TrainLayout.optimizer_state``):
+# "fp32" the fp32 master copy and both moments (K = 12 above; Megatron, DeepSpeed); "bf16"
+# both moments in bf16 and no master copy, the bf16 weights updated in place: Apex's
+# DistributedFusedAdam as NeMo builds it for ``optim.dtype: bf16`` (its state buckets hold
+# exp_avg and exp_avg_sq in that dtype, and NeMo sets store_params=False when the optimizer's
+# dtype is the model's), the optimizer of NVIDIA's Nemotron-4 340B benchmark recipe.
+OPTIMIZER_STATE_BYTES = {"fp32": OPTIMIZER_BYTES, "bf16": 4}
 # Megatron-LM accumulates and all-reduces gradients in fp32 (its main_grad buffers, option
 # --accumulate-allreduce-grads-in-fp32) without ZeRO; ZeRO / FSDP reduce them in bf16.
 GRAD_REDUCE_BYTES = {0: 4, 1: 2, 2: 2, 3: 2}
@@ -76,7 +83,8 @@ def state_bytes(layout: TrainLayout) -> tuple[int, int, int, int]:
     """(weight, gradient, optimizer, reduced-gradient) bytes per parameter."""
     if layout.fp32_params:
         return FP32_WEIGHT_BYTES, FP32_GRAD_BYTES, FP32_OPTIMIZER_BYTES, FP32_GRAD_BYTES
-    return WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES, GRAD_REDUCE_BYTES[layout.zero]
+    return (WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_STATE_BYTES[layout.optimizer_state],
+            GRAD_REDUCE_BYTES[layout.zero])
 
 
 ZERO3_UNITS = ("layer", "module")
@@ -224,6 +232,9 @@ class TrainLayout:
         them; torch autocast runs cross_entropy in fp32, as this runtime's bf16-mixed), 2
         where a fused loss keeps the bf16 logits and writes a bf16 gradient (flash-attn's
         ``CrossEntropyLoss``, llm-foundry's default for MPT).
+    optimizer_state: the precision of Adam's state (``OPTIMIZER_STATE_BYTES``): "fp32"
+        (default: fp32 master copy and moments) or "bf16" (bf16 moments, no master copy);
+        with fp32_params the moments are fp32.
     deferred_grad_sync: ZeRO-3 as this project's runtime runs FSDP2 under
         ``torch.distributed.pipelining``: micro-batches back through without gradient sync
         or resharding and one reduce-scatter per unit ends the step, so parameters and
@@ -249,6 +260,7 @@ class TrainLayout:
     fp32_params: bool = False
     bf16_matmul_params: bool = False
     logit_bytes: int = 4
+    optimizer_state: str = "fp32"
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp),
@@ -271,6 +283,12 @@ class TrainLayout:
             raise ValueError(f"--zero {self.zero}: valid: 0, 1, 2, 3")
         if self.logit_bytes not in (2, 4):
             raise ValueError(f"logit_bytes={self.logit_bytes}: valid: 2 (bf16), 4 (fp32)")
+        if self.optimizer_state not in OPTIMIZER_STATE_BYTES:
+            raise ValueError(f"--optimizer-state {self.optimizer_state!r}: valid: "
+                             f"{', '.join(OPTIMIZER_STATE_BYTES)}")
+        if self.fp32_params and self.optimizer_state != "fp32":
+            raise ValueError(f"--optimizer-state {self.optimizer_state}: fp32 parameters "
+                             "(the runtime) keep fp32 moments; valid with them: fp32")
         if self.zero3_unit not in ZERO3_UNITS:
             raise ValueError(f"--zero3-unit {self.zero3_unit!r}: valid: {', '.join(ZERO3_UNITS)}")
 
@@ -284,6 +302,7 @@ class TrainLayout:
             extras += ["deferred-sync"] if self.deferred_grad_sync else []
             extras += ["bf16-gather"] if self.fp32_params and self.bf16_matmul_params else []
         extras += ["sp"] if self.sequence_parallel else []
+        extras += ["bf16-adam"] if self.optimizer_state == "bf16" else []
         extras += ["tp-overlap"] if self.overlap_tp_comm else []
         extras += ["grad-overlap"] if self.overlap_grad_reduce and dp > 1 else []
         return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
@@ -662,7 +681,9 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
         grad_reduce = overlapped_seconds(grad_reduce, dpc.grad_reduce_nvlink,
                                          layers * layer_compute * 2 / 3)
     params = _stage_params(shape, layout) / (dp if layout.zero >= 1 else 1)
-    optimizer = memory_seconds(params * 16 * 2, cluster.gpu)  # Adam: read + write 16 B/param
+    # Adam reads and writes each parameter's weight, gradient and state once
+    state = sum(state_bytes(layout)[:3])  # 16 B a parameter, 8 with bf16 state
+    optimizer = memory_seconds(params * state * 2, cluster.gpu)
     step = pipeline + grad_reduce + optimizer
     tokens = layout.global_batch * shape.seq_len
     model_flops = shape.model_flops_per_token() * tokens
@@ -683,6 +704,7 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
 def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                       recompute=RECOMPUTE, zero=(0, 1, 3), microbatches=(1, 2, 4, 8),
                       runtime: bool = False, logit_bytes: int = 4,
+                      optimizer_state: str = "fp32",
                       overlap_grad_reduce: bool | None = None,
                       overlap_tp_comm: bool | None = None):
     """Every layout worth ranking: tp within a node dividing the heads, pp dividing the
@@ -699,6 +721,8 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     checkpointing of every block or none (``recompute`` full / none), and under bf16-mixed
     the attention and MLP weights gathered in bf16 (``bf16_matmul_params``).
     logit_bytes: the loss's logit bytes for every candidate (``TrainLayout.logit_bytes``).
+    optimizer_state: the framework's Adam state precision for every candidate
+        (``TrainLayout.optimizer_state``).
     """
     if runtime or shape.flash_attention:  # the runtime has none; flash: the same as none
         recompute = tuple(r for r in recompute if r != "selective")
@@ -734,6 +758,7 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                                     sequence_parallel=tp > 1 and shape.seq_len % tp == 0,
                                     fp32_params=runtime, deferred_grad_sync=runtime,
                                     bf16_matmul_params=runtime, logit_bytes=logit_bytes,
+                                    optimizer_state=optimizer_state,
                                     overlap_grad_reduce=grad_overlap,
                                     overlap_tp_comm=tp_overlap)
 
