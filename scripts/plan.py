@@ -101,7 +101,8 @@ def _shape(args) -> tuple[GPTShape, int]:
         raise ValueError(f"--layers needs {', '.join(missing)} too (or use --model)")
     shape = GPTShape(num_layers=args.layers, hidden=args.hidden, num_heads=args.heads,
                      num_kv_heads=args.kv_heads, ffn_hidden=args.ffn_hidden,
-                     gated_mlp=args.gated_mlp, seq_len=args.seq_len, vocab=args.vocab)
+                     gated_mlp=args.gated_mlp, seq_len=args.seq_len, vocab=args.vocab,
+                     tied_embeddings=not args.untied_embeddings, dropout=not args.no_dropout)
     return _with_attention(shape, args.attention), 1
 
 
@@ -131,7 +132,9 @@ def cmd_estimate(args) -> None:
                          overlap_tp_comm=args.overlap_tp_comm,
                          zero3_unit=args.zero3_unit, overlap_zero3=not args.serial_zero3,
                          deferred_grad_sync=args.deferred_grad_sync,
-                         logit_bytes=args.logit_bytes, optimizer_state=args.optimizer_state)
+                         logit_bytes=args.logit_bytes, optimizer_state=args.optimizer_state,
+                         first_stage_layers=args.first_stage_layers,
+                         last_stage_layers=args.last_stage_layers)
     cluster = _cluster(args)
     if args.runtime:  # as trainers/parallel trains it
         dp = args.dp or cluster.num_gpus // (args.tp * args.pp)
@@ -173,6 +176,7 @@ def cmd_source_case(args) -> None:
 def cmd_published(args) -> None:
     from trainers.partition.published import (
         HELD_OUT,
+        META_LLAMA3,
         MPT_TABLES,
         NVIDIA_DGXC,
         PUBLISHED_RUNS,
@@ -198,13 +202,17 @@ def cmd_published(args) -> None:
     dgxc = [compare(run) for run in NVIDIA_DGXC]
     print("\nheld out, second set (NVIDIA DGX Cloud benchmarks, H100 BF16; predicted once):")
     print(format_comparison(dgxc))
+    llama = [compare(run) for run in META_LLAMA3]
+    print("\nheld out, third set (Meta's Llama 3 405B, H100; uneven stages, ZeRO-2):")
+    print(format_comparison(llama))
     if args.json:
         Path(args.json).write_text(json.dumps([
             {**{k: v for k, v in row.items() if k != "best"},
-             "held_out": name in ("held_out", "nvidia_dgxc"), "set": name,
+             "held_out": name in ("held_out", "nvidia_dgxc", "meta_llama3"), "set": name,
              "best": step_dict(row["best"]) if row["best"] else None}
             for name, group in (("published", rows), ("held_out", held_out),
-                                ("mpt_tables", tables), ("nvidia_dgxc", dgxc))
+                                ("mpt_tables", tables), ("nvidia_dgxc", dgxc),
+                                ("meta_llama3", llama))
             for row in group], indent=1))
 
 
@@ -218,6 +226,10 @@ def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = 
     model.add_argument("--kv-heads", type=int, help="grouped-query attention (default: --heads)")
     model.add_argument("--ffn-hidden", type=int, help="MLP width (default: 4 x --hidden)")
     model.add_argument("--gated-mlp", action="store_true", help="SwiGLU: three MLP matrices")
+    model.add_argument("--no-dropout", action="store_true",
+                       help="no dropout masks kept for backward (Llama-style models)")
+    model.add_argument("--untied-embeddings", action="store_true",
+                       help="an output layer of its own (default: tied to the embedding)")
     model.add_argument("--seq-len", type=int)
     model.add_argument("--vocab", type=int)
     model.add_argument("--attention", choices=["flash", "flash2", "flash3", "materialized"],
@@ -272,6 +284,11 @@ def _add_shape_commands(sub) -> None:
     layout.add_argument("--schedule", default="1f1b",
                         choices=["1f1b", "gpipe", "interleaved_1f1b"])
     layout.add_argument("--virtual-stages", type=int, default=1)
+    layout.add_argument("--first-stage-layers", type=int,
+                        help="layers on the first pipeline stage, the rest equal over the "
+                             "others (default: equal stages)")
+    layout.add_argument("--last-stage-layers", type=int,
+                        help="layers on the last pipeline stage (see --first-stage-layers)")
     layout.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     layout.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3],
                         help="3 = ZeRO-3 / FSDP (the runtime's FSDP2: with "

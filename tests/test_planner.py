@@ -32,6 +32,7 @@ from trainers.partition.published import (
     CALIBRATION,
     CHECKS,
     HELD_OUT,
+    META_LLAMA3,
     NVIDIA_DGXC,
     compare,
     megatron_flops,
@@ -351,7 +352,7 @@ def test_the_rest_of_the_mpt_tables():
 # NVIDIA's DGX Cloud H100 rows, predicted once with the model unchanged: the errors the
 # README's second held-out block prints. With the 340B recipe's own optimizer (bf16 Adam
 # state, read from its config after the first prediction) no published layout is over
-# memory; at fp32 state the 128-GPU one was (80.4 GiB).
+# memory; at fp32 state the 128-GPU one is (79.4 GiB).
 DGXC_ERRORS = {"GPT3-175B": (0.073, 0.085), "Nemotron-4 15B": (0.079, 0.145),
                "Nemotron-4 340B": (0.028, 0.061)}
 DGXC_OVER_MEMORY: set[str] = set()
@@ -399,6 +400,121 @@ def test_second_held_out_set_nvidia_dgxc():
             assert best.step_s <= row["predicted_s"] * (1 + 1e-9), run.name
     for model, (low, high) in DGXC_ERRORS.items():
         assert (round(min(errors[model]), 3), round(max(errors[model]), 3)) == (low, high)
+
+
+# Meta's Llama 3 405B rows (README, "A third held-out set"): the errors the README prints.
+LLAMA3_ERRORS = {"Llama 3 405B, 8192 H100 (dp 64)": -0.070,
+                 "Llama 3 405B, 16384 H100 (dp 128)": -0.087}
+
+
+def test_third_held_out_set_meta_llama3():
+    """Llama 3 405B on 8192 and 16384 H100 (126 layers on 16 stages, 7 / 8 x 14 / 7; ZeRO-2):
+    within 20 % at the errors the README prints; the published layout fits; the ranking's
+    first layout fits and is predicted at least as fast."""
+    assert [run.name for run in META_LLAMA3] == list(LLAMA3_ERRORS)
+    for run in META_LLAMA3:
+        row = compare(run)
+        assert round(row["error"], 3) == LLAMA3_ERRORS[run.name]
+        assert row["fits"], run.name
+        assert row["best"].fits and row["best"].step_s <= row["predicted_s"] * (1 + 1e-9)
+
+
+def test_uneven_stages_by_hand():
+    """10 layers on 4 stages, the first and last trimmed to 2: the middle two ranks hold 3
+    layers each and set the pace (no logits on them); the fullest GPU is the second rank
+    (3 layers, 3 micro-batches in flight under 1F1B), whose parameters are its layers'."""
+    from trainers.partition.gpt import _head_seconds, _layer_seconds, stage_layers
+
+    shape = GPTShape(num_layers=10, hidden=1024, num_heads=8, seq_len=256, vocab=1000,
+                     dropout=False)
+    cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=4)
+    layout = TrainLayout(pp=4, global_batch=8, first_stage_layers=2, last_stage_layers=2)
+    assert stage_layers(shape, layout) == (2, 3, 3, 2)
+    layer, _, _ = _layer_seconds(shape, cluster, layout)
+    assert 3 * layer > 2 * layer + _head_seconds(shape, cluster, layout)  # a middle rank
+    step = estimate_step(shape, cluster, layout)
+    assert step.time_s["compute"] == pytest.approx(8 * 3 * layer)
+    act = shape.activation_bytes(1, 1, False, "none")
+    assert step.memory_bytes["activations"] == pytest.approx(3 * act * 3)  # rank 1: p - 1
+    assert step.memory_bytes["params"] == pytest.approx(2 * 3 * shape.layer_params)
+    # only the last flag set: the other three stages share the rest equally
+    assert stage_layers(shape, replace(layout, first_stage_layers=None,
+                                       last_stage_layers=1)) == (3, 3, 3, 1)
+
+
+def test_logits_are_on_the_last_rank_only():
+    """pp = 2, 1F1B, 4 micro-batches: the first rank holds 2 micro-batches of its layers'
+    activations, the last one micro-batch's and the logits; the fuller one is reported."""
+    layout = TrainLayout(pp=2, global_batch=4)
+    for vocab in (1000, 400_000):
+        shape = GPTShape(num_layers=2, hidden=1024, num_heads=8, seq_len=256, vocab=vocab,
+                         dropout=False)
+        act = shape.activation_bytes(1, 1, False, "none")
+        logits = 2 * 4 * 256 * vocab
+        memory = memory_per_gpu(shape, layout, 1, 4)
+        assert memory["activations"] == pytest.approx(max(2 * act, act + logits))
+
+
+def test_zero2_reduce_scatters_every_micro_batch_by_hand():
+    """ZeRO-2 keeps only its gradient shard, so each of the m micro-batches' backward
+    reduce-scatters the whole gradient (in series here: no overlap), and the updated
+    parameters are all-gathered once a step; ZeRO-1 reduce-scatters once."""
+    shape = GPTShape(num_layers=4, hidden=1024, num_heads=8, seq_len=256, vocab=1000)
+    cluster = Cluster(gpu=A100_40, num_nodes=2, gpus_per_node=8)
+    params = 4 * shape.layer_params + shape.embedding_params
+    rs = ring_seconds(2 * params, 16, 2, cluster, factor=1)
+    ag = ring_seconds(2 * params, 16, 2, cluster, factor=1)
+    zero2 = estimate_step(shape, cluster, TrainLayout(global_batch=64, zero=2))  # m = 4
+    assert zero2.time_s["fsdp_gather_exposed"] == pytest.approx(4 * rs)
+    assert zero2.time_s["dp_grad_reduce"] == pytest.approx(ag)
+    zero1 = estimate_step(shape, cluster, TrainLayout(global_batch=64, zero=1))
+    assert zero1.time_s["dp_grad_reduce"] == pytest.approx(rs + ag)
+    assert zero2.memory_bytes["grads"] == pytest.approx(2 * params / 16)
+
+
+def test_layers_no_stage_count_divides_are_ranked_with_trimmed_stages():
+    """126 layers on 16 stages: 7, 8 x 14, 7, as Llama 3 405B ran; where no split evens
+    out, the pipeline depth is not offered."""
+    from trainers.partition.gpt import candidate_layouts, trimmed_stages
+
+    assert trimmed_stages(126, 16) == (7, 7)
+    assert trimmed_stages(10, 4) == (2, 2)
+    assert trimmed_stages(11, 4) == (3, 2)  # the last stage also holds the logits
+    assert trimmed_stages(96, 8) == (None, None)
+    assert trimmed_stages(9, 8) is None
+    shape = GPTShape(num_layers=10, hidden=1024, num_heads=8, seq_len=256, vocab=1000)
+    cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=8)
+    splits = {(lay.pp, lay.first_stage_layers, lay.last_stage_layers)
+              for lay in candidate_layouts(shape, cluster, 64)}
+    assert {(1, None, None), (2, None, None), (4, 2, 2)} <= splits
+    assert not any(pp == 8 for pp, _, _ in splits)  # 10 layers: 2, 1 x 6, ... no split
+    runtime = {lay.first_stage_layers for lay in candidate_layouts(shape, cluster, 64,
+                                                                  runtime=True)}
+    assert runtime == {None}  # the runtime trains equal stages only
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"pp": 4, "first_stage_layers": 2, "last_stage_layers": 3, "global_batch": 64},
+     (r"--first-stage-layers 2 \+ --last-stage-layers 3: 5 of --layers 10 left for the "
+      r"other 2 stages x --virtual-stages 1 chunks, not divisible; valid: leave a multiple "
+      r"of 2")),
+    ({"pp": 2, "first_stage_layers": 4, "last_stage_layers": 4, "global_batch": 64},
+     r": 2 of --layers 10 left for 0 other stages; valid: a sum of 10"),
+    ({"pp": 4, "first_stage_layers": 8, "last_stage_layers": 4, "global_batch": 64},
+     r": -2 of --layers 10 left"),
+    ({"pp": 3, "first_stage_layers": 1, "last_stage_layers": 1, "global_batch": 48,
+      "schedule": "interleaved_1f1b", "virtual_stages": 3},
+     r": 8 of --layers 10 left for the other 1 stages x --virtual-stages 3 chunks"),
+    ({"pp": 1, "first_stage_layers": 2, "global_batch": 64},
+     r"--first-stage-layers needs a pipeline: --pp 1, valid: >= 2"),
+    ({"pp": 4, "global_batch": 64},
+     r"--layers 10 not divisible .*or trim the first and last stage"),
+])
+def test_bad_stage_splits_name_the_flags_and_what_is_valid(flags, message):
+    shape = GPTShape(num_layers=10, hidden=1024, num_heads=8, seq_len=256, vocab=1000)
+    cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=12)
+    with pytest.raises(ValueError, match=message):
+        estimate_step(shape, cluster, TrainLayout(**flags))
 
 
 def test_interleaving_is_ranked_down_to_one_layer_per_chunk():
@@ -496,6 +612,19 @@ def test_estimate_cli_writes_the_json_keys(tmp_path, capsys):
     assert "fits: yes" in capsys.readouterr().out
 
 
+def test_estimate_cli_takes_uneven_stages_and_llama_style_shapes(capsys):
+    """--first-stage-layers / --last-stage-layers reach the layout (named in its
+    description), --untied-embeddings and --no-dropout the shape."""
+    from scripts.plan import main
+
+    main(["estimate", "--layers", "10", "--hidden", "512", "--heads", "8", "--seq-len", "256",
+          "--vocab", "1000", "--untied-embeddings", "--no-dropout", "--nodes", "1",
+          "--gpus-per-node", "4", "--pp", "4", "--first-stage-layers", "2",
+          "--last-stage-layers", "2", "--global-batch", "8"])
+    out = capsys.readouterr().out
+    assert "first-stage=2 last-stage=2" in out and "10 layers" in out
+
+
 SHAPE_FLAGS = ["--layers", "8", "--hidden", "512", "--heads", "8", "--seq-len", "256",
                "--vocab", "1000"]
 
@@ -512,6 +641,9 @@ SHAPE_FLAGS = ["--layers", "8", "--hidden", "512", "--heads", "8", "--seq-len", 
     ("estimate", ["--global-batch", "12", "--microbatch", "2"],
      r"--global-batch 12 is not divisible by dp 8 x --microbatch 2 = 16; use a multiple of 16"),
     ("estimate", ["--hidden", "500"], r"--hidden 500 is not divisible by --heads 8"),
+    ("estimate", ["--pp", "4", "--first-stage-layers", "3", "--global-batch", "8"],
+     (r"--first-stage-layers 3: 5 of --layers 8 left for the other 3 stages x "
+      r"--virtual-stages 1 chunks, not divisible; valid: leave a multiple of 3")),
     ("estimate", ["--gpu", "a100-80gb", "--global-batch", "8", "--attention", "flash3"],
      (r"--attention flash3: no rate for a100-80gb \(valid here: flash, flash2, materialized; "
       r"flash3 runs on h100-80gb, h200\)")),

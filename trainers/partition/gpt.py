@@ -20,8 +20,9 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   logits on the last) plus its point-to-point sends (1/tp of the activation from each
   tensor rank, forward and backward, once per chunk), on the network when neighbouring
   stages sit in different nodes. GPipe has the same bubble and holds all m micro-batches.
-* Data parallelism: gradient all-reduce (ZeRO 0), reduce-scatter + all-gather (ZeRO 1, 2),
-  or, every micro-batch, each unit's parameters all-gathered for forward and backward and
+* Data parallelism: gradient all-reduce (ZeRO 0), reduce-scatter + all-gather once a step
+  (ZeRO 1), the gradient reduce-scattered every micro-batch (its shard is all it keeps)
+  and the parameters all-gathered once a step (ZeRO 2), or, every micro-batch, each unit's parameters all-gathered for forward and backward and
   its gradient reduce-scattered (ZeRO 3: one ring collective per layer as FSDP2 wraps
   blocks, or per submodule as DeepSpeed hooks them, each paying its ring's latencies;
   prefetched behind the compute of the same phase, forward or backward, or in series with
@@ -32,7 +33,10 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   NVLink transfer time (``overlapped_seconds``).
 * Optimizer: Adam's update reads and writes 16 bytes per local parameter (memory bound).
 * Memory per GPU: weights, gradients, fp32 master + Adam moments (ZeRO/FSDP sharded over
-  dp), activations per Korthikanti et al. 2022 (eq. 1-6) for the micro-batches in flight.
+  dp), activations per Korthikanti et al. 2022 (eq. 1-6) for the micro-batches in flight,
+  on the fullest pipeline rank (the logits on the last only).
+* Stages: equal layer counts, or the first and last trimmed (``TrainLayout``'s
+  first_stage_layers / last_stage_layers, as Llama 3 405B ran 126 layers on 16 stages).
 """
 
 from __future__ import annotations
@@ -235,6 +239,15 @@ class TrainLayout:
     optimizer_state: the precision of Adam's state (``OPTIMIZER_STATE_BYTES``): "fp32"
         (default: fp32 master copy and moments) or "bf16" (bf16 moments, no master copy);
         with fp32_params the moments are fp32.
+    first_stage_layers, last_stage_layers: transformer layers on the first and on the last
+        pipeline rank, the rest spread equally over the others (Megatron-Core's
+        ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``):
+        trimming the stages that also hold the embedding and the logits, as Llama 3 405B's
+        126 layers ran on 16 stages (7, 8 x 14, 7). None: equal stages. Under the
+        interleaved schedule the middle ranks' layers divide into the chunks; the first
+        and last rank's chunks may be uneven (a chunk holding only the embedding or only
+        the logits, as in Llama 3's schedule and Megatron-Core's
+        ``--pipeline-model-parallel-layout``).
     deferred_grad_sync: ZeRO-3 as this project's runtime runs FSDP2 under
         ``torch.distributed.pipelining``: micro-batches back through without gradient sync
         or resharding and one reduce-scatter per unit ends the step, so parameters and
@@ -261,6 +274,8 @@ class TrainLayout:
     bf16_matmul_params: bool = False
     logit_bytes: int = 4
     optimizer_state: str = "fp32"
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp),
@@ -291,6 +306,16 @@ class TrainLayout:
                              "(the runtime) keep fp32 moments; valid with them: fp32")
         if self.zero3_unit not in ZERO3_UNITS:
             raise ValueError(f"--zero3-unit {self.zero3_unit!r}: valid: {', '.join(ZERO3_UNITS)}")
+        for flag, value in (("--first-stage-layers", self.first_stage_layers),
+                            ("--last-stage-layers", self.last_stage_layers)):
+            if value is not None and value < 0:
+                raise ValueError(f"{flag} {value}: must be >= 0")
+            if value is not None and self.pp < 2:
+                raise ValueError(f"{flag} needs a pipeline: --pp {self.pp}, valid: >= 2")
+
+    @property
+    def uneven_stages(self) -> bool:
+        return self.first_stage_layers is not None or self.last_stage_layers is not None
 
     def describe(self, dp: int) -> str:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
@@ -304,6 +329,10 @@ class TrainLayout:
         extras += ["sp"] if self.sequence_parallel else []
         extras += ["bf16-adam"] if self.optimizer_state == "bf16" else []
         extras += ["tp-overlap"] if self.overlap_tp_comm else []
+        if self.first_stage_layers is not None:
+            extras += [f"first-stage={self.first_stage_layers}"]
+        if self.last_stage_layers is not None:
+            extras += [f"last-stage={self.last_stage_layers}"]
         extras += ["grad-overlap"] if self.overlap_grad_reduce and dp > 1 else []
         return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
                 f"m={self.global_batch // (dp * self.microbatch)} {self.schedule}{v} "
@@ -330,6 +359,49 @@ class StepEstimate:
         return sum(self.memory_bytes.values()) / GIB
 
 
+def stage_layers(shape: GPTShape, layout: TrainLayout) -> tuple[int, ...]:
+    """Transformer layers on each pipeline rank, first to last (``check_layout`` has
+    checked that they add up)."""
+    p = layout.pp
+    if not layout.uneven_stages:
+        return (shape.num_layers // p,) * p
+    first, last = layout.first_stage_layers, layout.last_stage_layers
+    middle = p - (first is not None) - (last is not None)
+    rest = shape.num_layers - (first or 0) - (last or 0)
+    per = rest // middle if middle else 0
+    return ((per if first is None else first,) + (per,) * (p - 2)
+            + (per if last is None else last,))
+
+
+def _check_stages(shape: GPTShape, layout: TrainLayout) -> None:
+    """Equal stages: the layers divide into pp x v chunks. Uneven: the layers the first and
+    last stage do not take divide equally over the other stages, and into their chunks."""
+    pp, v = layout.pp, layout.virtual_stages
+    if not layout.uneven_stages:
+        chunks = pp * v
+        if shape.num_layers % chunks:
+            valid = [d for d in range(1, shape.num_layers + 1) if shape.num_layers % d == 0]
+            raise ValueError(f"--layers {shape.num_layers} not divisible by the {chunks} "
+                             f"pipeline chunks (--pp {pp} x --virtual-stages {v}); valid "
+                             f"chunk counts: {valid}, or trim the first and last stage "
+                             f"(--first-stage-layers, --last-stage-layers)")
+        return
+    first, last = layout.first_stage_layers, layout.last_stage_layers
+    set_flags = " + ".join(f"{flag} {value}" for flag, value in
+                           (("--first-stage-layers", first), ("--last-stage-layers", last))
+                           if value is not None)
+    middle = pp - (first is not None) - (last is not None)
+    rest = shape.num_layers - (first or 0) - (last or 0)
+    if rest < 0 or (middle == 0 and rest):
+        raise ValueError(f"{set_flags}: {rest} of --layers {shape.num_layers} left for "
+                         f"{middle} other stages; valid: a sum of {shape.num_layers}"
+                         + (" or less" if middle else ""))
+    if middle and (rest % middle or rest // middle % v):
+        raise ValueError(f"{set_flags}: {rest} of --layers {shape.num_layers} left for the "
+                         f"other {middle} stages x --virtual-stages {v} chunks, not "
+                         f"divisible; valid: leave a multiple of {middle * v}")
+
+
 def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
     """Raise ValueError (naming the flag and what is valid) for a layout that cannot run;
     return dp."""
@@ -339,12 +411,7 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
                  and shape.num_heads % d == 0]
         raise ValueError(f"--heads {shape.num_heads} (--kv-heads {shape.kv_heads}) not "
                          f"divisible by --tp {tp}; valid --tp: {valid}")
-    chunks = pp * layout.virtual_stages
-    if shape.num_layers % chunks:
-        valid = [d for d in range(1, shape.num_layers + 1) if shape.num_layers % d == 0]
-        raise ValueError(f"--layers {shape.num_layers} not divisible by the {chunks} pipeline "
-                         f"chunks (--pp {pp} x --virtual-stages {layout.virtual_stages}); "
-                         f"valid chunk counts: {valid}")
+    _check_stages(shape, layout)
     if cluster.num_gpus % (tp * pp):
         raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the "
                          f"{cluster.num_gpus} GPUs (--nodes x --gpus-per-node)")
@@ -456,56 +523,103 @@ def _head_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> flo
     return 3 * gemm + loss
 
 
-def _forward_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> float:
-    """The busiest rank's forward compute per micro-batch: its layers' forward and the
-    logits' (the GEMM and half the loss's traffic)."""
+def _forward_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, layers: int,
+                     logits: bool) -> float:
+    """A rank's forward compute per micro-batch: its ``layers`` layers' forward and, on the
+    last rank (``logits``), the logits' (the GEMM and half the loss's traffic)."""
     f = _layer_forward_s(shape, cluster, layout)
     gemm, loss = _head_parts(shape, cluster, layout)
-    layers = shape.num_layers // layout.pp
-    return layers * (f["gemm"] + f["attention"] + f["elementwise"]) + gemm + loss / 2
+    head = gemm + loss / 2 if logits else 0.0
+    return layers * (f["gemm"] + f["attention"] + f["elementwise"]) + head
+
+
+def _busiest_rank(shape: GPTShape, layout: TrainLayout, layer_seconds: float,
+                  head_seconds: float) -> int:
+    """The pipeline rank with the most compute per micro-batch (its layers, and the logits
+    on the last); ties go to the last rank."""
+    last = layout.pp - 1
+    times = [n * layer_seconds + (head_seconds if r == last else 0.0)
+             for r, n in enumerate(stage_layers(shape, layout))]
+    return max(range(layout.pp), key=lambda r: (times[r], r))
+
+
+def _edge_params(shape: GPTShape, layout: TrainLayout, rank: int) -> int:
+    """The embedding on the first rank, the output layer on the last (for tied weights a
+    copy, as Megatron keeps); one rank holds both when pp = 1 and they are not tied."""
+    if layout.pp == 1:
+        return shape.embedding_params * (1 if shape.tied_embeddings else 2)
+    return shape.embedding_params if rank in (0, layout.pp - 1) else 0
+
+
+def _params_rank(shape: GPTShape, layout: TrainLayout) -> int:
+    """The pipeline rank holding the most parameters; ties go to the last rank."""
+    totals = [n * shape.layer_params + _edge_params(shape, layout, r)
+              for r, n in enumerate(stage_layers(shape, layout))]
+    return max(range(layout.pp), key=lambda r: (totals[r], r))
+
+
+def _rank_params(shape: GPTShape, layout: TrainLayout, rank: int) -> float:
+    """Parameters on one pipeline rank (its layers, and the embedding on the first and the
+    output layer on the last rank), per tensor rank."""
+    layers = stage_layers(shape, layout)[rank]
+    return (layers * shape.layer_params + _edge_params(shape, layout, rank)) / layout.tp
 
 
 def _stage_params(shape: GPTShape, layout: TrainLayout) -> float:
-    """Parameters on the pipeline rank holding the most (its layers, and the embedding on
-    the first and the output layer on the last rank), per tensor rank."""
-    layers = shape.num_layers // layout.pp
-    params = layers * shape.layer_params
-    # the embedding on the first rank, the output layer on the last (for tied weights a
-    # copy, as Megatron keeps); one rank holds both when pp = 1 and they are not tied
-    edge = shape.embedding_params * (2 if layout.pp == 1 and not shape.tied_embeddings else 1)
-    return (params + edge) / layout.tp
+    """Parameters on the pipeline rank holding the most, per tensor rank."""
+    return _rank_params(shape, layout, _params_rank(shape, layout))
 
 
-def _gathered_bytes(shape: GPTShape, layout: TrainLayout) -> float:
-    """Bytes of the busiest rank's parameters once gathered whole (ZeRO-3): every weight at
-    the layout's weight bytes, or, for the runtime's bf16 FSDP2 groups, the attention and
-    MLP weights in bf16 and the rest (norms, embeddings) in fp32."""
+def _gathered_bytes(shape: GPTShape, layout: TrainLayout, rank: int | None = None) -> float:
+    """Bytes of a pipeline rank's parameters (default: the rank holding the most) once
+    gathered whole (ZeRO-3): every weight at the layout's weight bytes, or, for the
+    runtime's bf16 FSDP2 groups, the attention and MLP weights in bf16 and the rest (norms,
+    embeddings) in fp32."""
+    rank = _params_rank(shape, layout) if rank is None else rank
     weight_bytes = state_bytes(layout)[0]
-    params = _stage_params(shape, layout)
+    params = _rank_params(shape, layout, rank)
     if not (layout.fp32_params and layout.bf16_matmul_params):
         return params * weight_bytes
-    matmul = shape.num_layers // layout.pp * shape.matmul_layer_params / layout.tp
+    layers = stage_layers(shape, layout)[rank]
+    matmul = layers * shape.matmul_layer_params / layout.tp
     return params * weight_bytes - matmul * (weight_bytes - BF16_MATMUL_WEIGHT_BYTES)
 
 
-def _in_flight(layout: TrainLayout, m: int) -> float:
-    """Micro-batches of a rank's layers' activations alive at the first rank's peak."""
+def _in_flight(layout: TrainLayout, m: int, rank: int = 0) -> float:
+    """Micro-batches of a rank's layers' activations alive at its peak (the first rank's
+    is the highest)."""
     p, v = layout.pp, layout.virtual_stages
     if layout.schedule == "gpipe":
         return m
-    if v > 1:  # Korthikanti et al. 2022, section 4.2.3: x (1 + (p - 1) / (p v))
-        return p * (1 + (p - 1) / (p * v))
-    return min(p, m)
+    if v > 1:
+        # Korthikanti et al. 2022, section 4.2.3: the first rank p x (1 + (p - 1) / (p v));
+        # rank r runs 2 (p - r - 1) + (v - 1) p warm-up chunks (Megatron's interleaved
+        # schedule) and holds one more in the steady state, each 1 / v of its layers.
+        return p + (p - 1 - 2 * rank) / v
+    return min(p - rank, m)
 
 
 def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dict:
-    params = _stage_params(shape, layout)
+    """Bytes on the fullest GPU (params, grads, optimizer, activations): the pipeline rank
+    whose parameters, activations in flight and (on the last rank) logits add up to the
+    most. The candidates are the first rank (most micro-batches in flight), the second (the
+    first of the middle ranks, which hold equal layers and fewer micro-batches the later
+    they are: the fullest of them where the first stage is trimmed) and the last (the
+    logits)."""
+    ranks = sorted({0, min(1, layout.pp - 1), layout.pp - 1})
+    return max((_rank_memory(shape, layout, dp, m, r) for r in ranks),
+               key=lambda memory: sum(memory.values()))
+
+
+def _rank_memory(shape: GPTShape, layout: TrainLayout, dp: int, m: int, rank: int) -> dict:
+    params = _rank_params(shape, layout, rank)
+    layers = stage_layers(shape, layout)[rank]
     zero = layout.zero
     weight_bytes, grad_bytes, optimizer_bytes, reduced_bytes = state_bytes(layout)
     weights = params * weight_bytes / (dp if zero >= 3 else 1)
     grads = params * grad_bytes / (dp if zero >= 2 else 1)
     if zero == 3 and dp > 1 and layout.deferred_grad_sync:  # whole during the step
-        weights += _gathered_bytes(shape, layout)
+        weights += _gathered_bytes(shape, layout, rank)
         grads = params * grad_bytes
     elif zero == 3 and dp > 1:  # the unit computing and the one prefetched, gathered whole
         per_layer = zero3_units_per_layer(shape, layout)
@@ -514,15 +628,16 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
     if zero == 0:
         grads = params * reduced_bytes  # fp32 main gradients (Megatron) or fp32 grads
     optimizer = params * optimizer_bytes / (dp if zero >= 1 else 1)
-    layers = shape.num_layers // layout.pp
-    act = layers * shape.activation_bytes(layout.microbatch, layout.tp,
-                                          layout.sequence_parallel, layout.recompute)
-    act *= _in_flight(layout, m)
-    if layout.recompute == "full":  # one layer's activations rebuilt at a time
+    per_layer = shape.activation_bytes(layout.microbatch, layout.tp,
+                                       layout.sequence_parallel, layout.recompute)
+    act = layers * per_layer * _in_flight(layout, m, rank)
+    if layout.recompute == "full" and layers:  # one layer's activations rebuilt at a time
         act += shape.activation_bytes(layout.microbatch, layout.tp,
                                       layout.sequence_parallel, "none")
-    # the logits and their gradient
-    logits = 2 * layout.logit_bytes * layout.microbatch * shape.seq_len * shape.vocab / layout.tp
+    logits = 0.0
+    if rank == layout.pp - 1:  # the logits and their gradient
+        logits = (2 * layout.logit_bytes * layout.microbatch * shape.seq_len * shape.vocab
+                  / layout.tp)
     return {"params": weights, "grads": grads, "optimizer": optimizer,
             "activations": act + logits}
 
@@ -569,8 +684,10 @@ def zero3_units_per_layer(shape: GPTShape, layout: TrainLayout) -> int:
 
 
 def zero3_units(shape: GPTShape, layout: TrainLayout) -> int:
-    """Gathered units on the busiest rank: its layers' units plus the embedding."""
-    return shape.num_layers // layout.pp * zero3_units_per_layer(shape, layout) + 1
+    """Gathered units on the rank holding the most parameters: its layers' units plus the
+    embedding."""
+    layers = stage_layers(shape, layout)[_params_rank(shape, layout)]
+    return layers * zero3_units_per_layer(shape, layout) + 1
 
 
 def zero3_gathers(layout: TrainLayout) -> int:
@@ -602,7 +719,10 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
     3x the parameters per GPU; ``zero3_gathers`` for recomputation); one ring collective
     per unit and kind, so the dp - 1 step latencies are paid per unit. The forward part is
     one gather per unit; the rest (the backward's gathers, DeepSpeed's recomputation
-    gather, the reduce-scatters unless deferred) runs in the backward.
+    gather, the reduce-scatters unless deferred) runs in the backward. ZeRO-2 keeps only its
+    shard of the gradient, so each micro-batch's backward reduce-scatters the whole
+    gradient (DeepSpeed ZeRO-2, FSDP's SHARD_GRAD_OP), and the updated parameters are
+    all-gathered once a step.
     """
     if dp == 1:
         return DataParallelComm()
@@ -618,9 +738,12 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
     if layout.zero == 0:
         total, nvlink = ring(grad_bytes, 2)
         return DataParallelComm(grad_reduce=total, grad_reduce_nvlink=nvlink)
-    if layout.zero < 3:  # reduce-scatter, and the updated parameters gathered, once a step
-        (rs, rs_nv), (ag, ag_nv) = ring(grad_bytes, 1), ring(params * weight_bytes, 1)
+    (rs, rs_nv), (ag, ag_nv) = ring(grad_bytes, 1), ring(params * weight_bytes, 1)
+    if layout.zero == 1:  # reduce-scatter, and the updated parameters gathered, once a step
         return DataParallelComm(grad_reduce=rs + ag, grad_reduce_nvlink=rs_nv + ag_nv)
+    if layout.zero == 2:  # a reduce-scatter every backward, the gather once a step
+        return DataParallelComm(grad_reduce=ag, backward=rs, grad_reduce_nvlink=ag_nv,
+                                backward_nvlink=rs_nv)
     units = zero3_units(shape, layout)
     gather, gather_nv = ring(_gathered_bytes(shape, layout) / units, 1)
     reduce_scatter, reduce_scatter_nv = ring(grad_bytes / units, 1)
@@ -656,19 +779,24 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     m = layout.global_batch // (dp * layout.microbatch)
     p, v = layout.pp, layout.virtual_stages
     layer_compute, layer_comm, layer_flops = _layer_seconds(shape, cluster, layout)
-    layers = shape.num_layers // p
     head = _head_seconds(shape, cluster, layout)
-    # Busiest rank per micro-batch: the last one (its layers and the logits).
-    rank_compute = layers * layer_compute + head
+    # Busiest rank per micro-batch: the last one (its layers and the logits) unless a
+    # trimmed last stage makes it another
+    busiest = _busiest_rank(shape, layout, layer_compute, head)
+    layers = stage_layers(shape, layout)[busiest]
+    logits = busiest == p - 1
+    rank_compute = layers * layer_compute + (head if logits else 0.0)
     rank_comm = layers * layer_comm
     dpc = _dp_seconds(shape, cluster, layout, dp, m)
     grad_reduce = dpc.grad_reduce
-    if layout.overlap_zero3:
+    # ZeRO-2's per micro-batch reduce-scatter runs behind the backward as the framework's
+    # gradient reduction does (overlap_grad_reduce); ZeRO-3's by its prefetch
+    if layout.overlap_zero3 if layout.zero == 3 else layout.overlap_grad_reduce:
         # FSDP / FSDP2 prefetch hides ZeRO-3's collectives behind compute up to its length,
         # phase by phase: a forward all-gather is issued during the forward and overlaps
         # forward compute only (PyTorch FSDP notes, "FSDP Prefetch Nuances"); the backward's
         # gathers and reduce-scatters overlap backward compute (recomputation included).
-        forward_compute = _forward_seconds(shape, cluster, layout)
+        forward_compute = _forward_seconds(shape, cluster, layout, layers, logits)
         exposed_gathers = (
             overlapped_seconds(dpc.forward, dpc.forward_nvlink, forward_compute)
             + overlapped_seconds(dpc.backward, dpc.backward_nvlink,
@@ -702,13 +830,14 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
 
 
 def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
-                      recompute=RECOMPUTE, zero=(0, 1, 3), microbatches=(1, 2, 4, 8),
+                      recompute=RECOMPUTE, zero=(0, 1, 2, 3), microbatches=(1, 2, 4, 8),
                       runtime: bool = False, logit_bytes: int = 4,
                       optimizer_state: str = "fp32",
                       overlap_grad_reduce: bool | None = None,
                       overlap_tp_comm: bool | None = None):
     """Every layout worth ranking: tp within a node dividing the heads, pp dividing the
-    layers, each schedule, micro-batch size, recomputation and ZeRO stage.
+    layers (or, where it cannot, with the first and last stage trimmed:
+    ``trimmed_stages``), each schedule, micro-batch size, recomputation and ZeRO stage.
 
     overlap_grad_reduce, overlap_tp_comm: what the framework overlaps (``TrainLayout``'s
     fields of the same names), features of the software the layout will run on: True or
@@ -716,8 +845,8 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     pick that needs the overlap says so in its description. The runtime's are its own
     (neither).
 
-    runtime: only what this project's runtime trains: fp32 parameters under autocast,
-    FSDP2 with deferred sync over dp (zero 3) or no sharding at dp = 1, activation
+    runtime: only what this project's runtime trains (equal stages): fp32 parameters under
+    autocast, FSDP2 with deferred sync over dp (zero 3) or no sharding at dp = 1, activation
     checkpointing of every block or none (``recompute`` full / none), and under bf16-mixed
     the attention and MLP weights gathered in bf16 (``bf16_matmul_params``).
     logit_bytes: the loss's logit bytes for every candidate (``TrainLayout.logit_bytes``).
@@ -738,14 +867,17 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
         if shape.num_heads % tp or shape.kv_heads % tp or tp > cluster.gpus_per_node:
             continue
         for pp in (d for d in range(1, n // tp + 1) if (n // tp) % d == 0):
-            if shape.num_layers % pp:
+            split = trimmed_stages(shape.num_layers, pp)
+            if split is None or (runtime and split != (None, None)):
                 continue
+            first, last = split
+            per_stage = shape.num_layers // pp if first is None else -(-shape.num_layers // pp)
             dp = n // (tp * pp)
             for mb in microbatches:
                 if global_batch % (dp * mb):
                     continue
                 m = global_batch // (dp * mb)
-                for schedule, v in _schedules(shape, pp, m):
+                for schedule, v in _schedules(per_stage, pp, m):
                     for rc in recompute:
                         for z in ((3 if dp > 1 else 0,) if runtime else zero):
                             if z and dp == 1:
@@ -760,14 +892,31 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                                     bf16_matmul_params=runtime, logit_bytes=logit_bytes,
                                     optimizer_state=optimizer_state,
                                     overlap_grad_reduce=grad_overlap,
-                                    overlap_tp_comm=tp_overlap)
+                                    overlap_tp_comm=tp_overlap,
+                                    first_stage_layers=first, last_stage_layers=last)
 
 
 def _both(option: bool | None) -> tuple[bool, ...]:
     return (False, True) if option is None else (option,)
 
 
-def _schedules(shape: GPTShape, pp: int, m: int):
+def trimmed_stages(num_layers: int, pp: int) -> tuple[int | None, int | None] | None:
+    """How ``num_layers`` go on ``pp`` stages: (None, None) for equal stages where pp
+    divides them; else (first, last) stage layers with every other stage at
+    ceil(layers / pp) and the rest split between the first and last stage (the first one
+    more when odd: the last holds the logits); None where no such split exists."""
+    if num_layers % pp == 0:
+        return None, None
+    per_stage = -(-num_layers // pp)
+    rest = num_layers - (pp - 2) * per_stage
+    if rest < 0:
+        return None
+    first, last = rest - rest // 2, rest // 2
+    return (first, last) if first <= per_stage else None
+
+
+def _schedules(per_stage: int, pp: int, m: int):
+    """(schedule, chunks per rank) for ``per_stage`` layers on each of the middle ranks."""
     if pp == 1:
         yield "1f1b", 1
         return
@@ -775,7 +924,6 @@ def _schedules(shape: GPTShape, pp: int, m: int):
         yield "1f1b", 1
         if m % pp:  # the interleaved schedule takes the micro-batches in groups of pp
             return
-        per_stage = shape.num_layers // pp
         for v in range(2, per_stage + 1):  # down to one layer per model chunk
             if per_stage % v == 0:
                 yield "interleaved_1f1b", v

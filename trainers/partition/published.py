@@ -18,6 +18,9 @@ the NVLink cost of overlapped collectives (``hardware.OVERLAP_NVLINK_COST``). ``
 is every other row of the same three tables (``mpt_tables.py``), checked likewise.
 ``NVIDIA_DGXC`` (NVIDIA's DGX Cloud benchmark recipes: Megatron-Core on H100) is a second
 held-out set, added after all of that and predicted once with the model unchanged.
+``META_LLAMA3`` (Llama 3 405B on 8192 and 16384 H100) is a third, which the planner could
+cost only after it gained trimmed first and last stages, ZeRO-2 reduce-scattering every
+micro-batch and memory per pipeline rank (no constant changed).
 """
 
 from __future__ import annotations
@@ -363,6 +366,49 @@ def dgxc_runs() -> list[PublishedRun]:
     return runs
 
 
+# Meta's Llama 3 405B pre-training (Table 4 of the paper: the two rows without context
+# parallelism; the third, CP 16 at 131072 tokens, needs context parallelism, which the planner
+# does not model). Shape from the paper's Table 3 (126 layers, 16384 wide, SwiGLU of 53248,
+# 128 heads, 8 KV heads, vocabulary 128000 + 256 reserved = 128256), no dropout, untied
+# embeddings. Added after the DGX Cloud set, with the planner's uneven stages, per-rank
+# memory and per micro-batch ZeRO-2 (README, "A third held-out set").
+LLAMA3 = ("Llama Team, AI @ Meta 2024, The Llama 3 Herd of Models (arXiv:2407.21783), "
+          "sec. 3.3 and Table 4")
+_LLAMA3_SHAPE = GPTShape(num_layers=126, hidden=16384, num_heads=128, num_kv_heads=8,
+                         ffn_hidden=53248, gated_mlp=True, seq_len=8192, vocab=128256,
+                         dropout=False, tied_embeddings=False)
+_LLAMA3_ASSUMED = ("micro-batch 1 (batch per dp rank 32 / 16 printed, micro-batch not); "
+                   "8 model chunks a rank, one layer each (sec. 3.3.2: the first chunk of the "
+                   "first stage holds only the embedding, the last of the last stage only the "
+                   "output and loss); FSDP as ZeRO-2 (optimizer state and gradients sharded, "
+                   "parameters not resharded after the forward) with its reduce-scatter "
+                   "behind the backward; sequence parallelism; no recomputation; no "
+                   "tensor-parallel overlap; fp32 Adam state and logits; attention at the "
+                   "first FlashAttention's rate (the kernel is not named); the FLOP count "
+                   "of GPTShape.model_flops_per_token (the paper's is not stated)")
+
+
+def llama3_runs() -> list[PublishedRun]:
+    """Llama 3 405B on 8192 and 16384 H100 (``LLAMA3``): 16M tokens a step, TP 8, PP 16
+    with one layer fewer on the first and the last stage (7, 8 x 14, 7), 430 and 400 model
+    TFLOP/s per GPU."""
+    runs = []
+    for gpus, tflops in ((8192, 430.0), (16384, 400.0)):
+        dp = gpus // (8 * 16)
+        batch = 16 * 2**20 // _LLAMA3_SHAPE.seq_len  # 16M tokens: 2048 sequences
+        layout = TrainLayout(tp=8, pp=16, global_batch=batch, microbatch=1,
+                             schedule="interleaved_1f1b", virtual_stages=8, zero=2,
+                             sequence_parallel=True, overlap_grad_reduce=True,
+                             first_stage_layers=7, last_stage_layers=7)
+        flops = _LLAMA3_SHAPE.model_flops_per_token() * batch * _LLAMA3_SHAPE.seq_len
+        runs.append(PublishedRun(
+            f"Llama 3 405B, {gpus} H100 (dp {dp})", LLAMA3, _LLAMA3_SHAPE,
+            Cluster(gpu=GPUS["h100-80gb"], num_nodes=gpus // 8), layout,
+            flops / (gpus * tflops * 1e12),
+            f"{flops:.3e} FLOPs / ({gpus} GPUs x {tflops:.0f} TFLOP/s)", _LLAMA3_ASSUMED))
+    return runs
+
+
 CALIBRATION = _narayanan_table1()
 CHECKS = _narayanan_table2() + _korthikanti() + _mt_nlg() + _narayanan_zero3()
 PUBLISHED_RUNS = CALIBRATION + CHECKS
@@ -372,6 +418,8 @@ HELD_OUT = mosaicml_runs()
 MPT_TABLES = mosaicml_table_runs()
 # A second held-out set, predicted once with the model as it stood (20 runs).
 NVIDIA_DGXC = dgxc_runs()
+# A third, after the planner learned uneven stages and ZeRO-2 (2 runs).
+META_LLAMA3 = llama3_runs()
 
 
 def compare(run: PublishedRun, *, rank: bool = True) -> dict:
