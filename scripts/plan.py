@@ -123,7 +123,7 @@ def _cluster(args) -> Cluster:
 
 def cmd_estimate(args) -> None:
     shape, per_example = _shape(args)
-    layout = TrainLayout(tp=args.tp, pp=args.pp, dp=args.dp,
+    layout = TrainLayout(tp=args.tp, pp=args.pp, dp=args.dp, cp=args.cp,
                          global_batch=args.global_batch * per_example,
                          microbatch=args.microbatch, schedule=args.schedule,
                          virtual_stages=args.virtual_stages, recompute=args.recompute,
@@ -137,6 +137,9 @@ def cmd_estimate(args) -> None:
                          last_stage_layers=args.last_stage_layers)
     cluster = _cluster(args)
     if args.runtime:  # as trainers/parallel trains it
+        if args.cp > 1:
+            raise ValueError(f"--runtime with --cp {args.cp}: this project's runtime has no "
+                             "context parallelism; valid with --runtime: --cp 1")
         dp = args.dp or cluster.num_gpus // (args.tp * args.pp)
         layout = replace(layout, zero=3 if dp > 1 else 0, fp32_params=True,
                          deferred_grad_sync=True, bf16_matmul_params=True)
@@ -179,6 +182,7 @@ def cmd_published(args) -> None:
         META_LLAMA3,
         MPT_TABLES,
         NVIDIA_DGXC,
+        NVIDIA_DGXC_CP,
         PUBLISHED_RUNS,
         compare,
         format_comparison,
@@ -205,14 +209,18 @@ def cmd_published(args) -> None:
     llama = [compare(run) for run in META_LLAMA3]
     print("\nheld out, third set (Meta's Llama 3 405B, H100; uneven stages, ZeRO-2):")
     print(format_comparison(llama))
+    dgxc_cp = [compare(run) for run in NVIDIA_DGXC_CP]
+    print("\nheld out, fourth set (NVIDIA's Llama 3.1 recipes, H100 BF16, context parallel 2):")
+    print(format_comparison(dgxc_cp))
     if args.json:
         Path(args.json).write_text(json.dumps([
             {**{k: v for k, v in row.items() if k != "best"},
-             "held_out": name in ("held_out", "nvidia_dgxc", "meta_llama3"), "set": name,
+             "held_out": name in ("held_out", "nvidia_dgxc", "meta_llama3", "nvidia_dgxc_cp"),
+             "set": name,
              "best": step_dict(row["best"]) if row["best"] else None}
             for name, group in (("published", rows), ("held_out", held_out),
                                 ("mpt_tables", tables), ("nvidia_dgxc", dgxc),
-                                ("meta_llama3", llama))
+                                ("meta_llama3", llama), ("nvidia_dgxc_cp", dgxc_cp))
             for row in group], indent=1))
 
 
@@ -280,6 +288,9 @@ def _add_shape_commands(sub) -> None:
     layout.add_argument("--tp", type=int, default=1)
     layout.add_argument("--pp", type=int, default=1)
     layout.add_argument("--dp", type=int, help="default: the rest of the GPUs")
+    layout.add_argument("--cp", type=int, default=1,
+                        help="context parallelism: each sequence split over cp GPUs "
+                             "(needs flash attention)")
     layout.add_argument("--microbatch", type=int, default=1)
     layout.add_argument("--schedule", default="1f1b",
                         choices=["1f1b", "gpipe", "interleaved_1f1b"])

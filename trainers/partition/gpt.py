@@ -210,7 +210,12 @@ class GPTShape:
 class TrainLayout:
     """How the model is trained: parallel degrees, batch, schedule, memory savers.
 
-    dp: None means the rest of the cluster (GPUs / (tp x pp)).
+    dp: None means the rest of the cluster (GPUs / (tp x cp x pp)).
+    cp: context parallelism (Megatron-Core's ``--context-parallel-size``, Llama 3's CP):
+        each sequence split over cp GPUs in 2 cp load-balanced chunks, K and V passed
+        round a ring during attention; weights replicated over cp, gradients reduced and
+        ZeRO shards spread over dp x cp. Needs flash attention. Placed between pp and tp:
+        the mesh is ("dp", "pp", "cp", "tp"), Llama 3's [TP, CP, PP, DP] order.
     overlap_grad_reduce: data-parallel gradient reduction runs during the last
         micro-batch's backward (PyTorch DDP / FSDP2); else after it (Megatron 2021).
     overlap_tp_comm: the two backward tensor-parallel all-reduces of a layer run behind
@@ -258,6 +263,7 @@ class TrainLayout:
     tp: int = 1
     pp: int = 1
     dp: int | None = None
+    cp: int = 1
     global_batch: int
     microbatch: int = 1
     schedule: str = "1f1b"
@@ -278,7 +284,7 @@ class TrainLayout:
     last_stage_layers: int | None = None
 
     def __post_init__(self) -> None:
-        for flag, value in (("--tp", self.tp), ("--pp", self.pp),
+        for flag, value in (("--tp", self.tp), ("--pp", self.pp), ("--cp", self.cp),
                             ("--global-batch", self.global_batch),
                             ("--microbatch", self.microbatch),
                             ("--virtual-stages", self.virtual_stages)):
@@ -333,8 +339,10 @@ class TrainLayout:
             extras += [f"first-stage={self.first_stage_layers}"]
         if self.last_stage_layers is not None:
             extras += [f"last-stage={self.last_stage_layers}"]
-        extras += ["grad-overlap"] if self.overlap_grad_reduce and dp > 1 else []
-        return (f"dp={dp} pp={self.pp} tp={self.tp} mb={self.microbatch} "
+        extras += (["grad-overlap"] if self.overlap_grad_reduce and dp * self.cp > 1
+                   else [])
+        cp = f" cp={self.cp}" if self.cp > 1 else ""
+        return (f"dp={dp} pp={self.pp} tp={self.tp}{cp} mb={self.microbatch} "
                 f"m={self.global_batch // (dp * self.microbatch)} {self.schedule}{v} "
                 + " ".join(extras)).strip()
 
@@ -353,6 +361,7 @@ class StepEstimate:
     fits: bool
     memory_bytes: dict = field(default_factory=dict)  # params, grads, optimizer, activations
     time_s: dict = field(default_factory=dict)  # breakdown of step_s
+    layout: TrainLayout | None = None
 
     @property
     def memory_gib(self) -> float:
@@ -412,12 +421,22 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
         raise ValueError(f"--heads {shape.num_heads} (--kv-heads {shape.kv_heads}) not "
                          f"divisible by --tp {tp}; valid --tp: {valid}")
     _check_stages(shape, layout)
-    if cluster.num_gpus % (tp * pp):
-        raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the "
+    cp = layout.cp
+    if cp > 1 and not shape.flash_attention:
+        raise ValueError(f"--cp {cp} needs flash attention (--attention flash, flash2 or "
+                         "flash3); valid with --attention materialized: --cp 1")
+    if shape.seq_len % (2 * cp):
+        valid = [c for c in range(1, shape.seq_len // 2 + 1) if shape.seq_len % (2 * c) == 0]
+        raise ValueError(f"--cp {cp}: --seq-len {shape.seq_len} not divisible into 2 x {cp} "
+                         f"load-balanced chunks; valid --cp: {valid[:12]}")
+    model = tp * cp * pp
+    cps = f" x --cp {cp}" if cp > 1 else ""
+    if cluster.num_gpus % model:
+        raise ValueError(f"--tp {tp}{cps} x --pp {pp} = {model} does not divide the "
                          f"{cluster.num_gpus} GPUs (--nodes x --gpus-per-node)")
-    dp = layout.dp or cluster.num_gpus // (tp * pp)
-    if dp * tp * pp != cluster.num_gpus:
-        raise ValueError(f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, but the "
+    dp = layout.dp or cluster.num_gpus // model
+    if dp * model != cluster.num_gpus:
+        raise ValueError(f"--dp {dp} x --tp {tp}{cps} x --pp {pp} = {dp * model}, but the "
                          f"cluster has {cluster.num_gpus} GPUs; leave --dp unset for the rest")
     per_step = dp * layout.microbatch
     if layout.global_batch % per_step:
@@ -431,9 +450,9 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
     if layout.schedule == "interleaved_1f1b" and m % pp:
         raise ValueError(f"--schedule interleaved_1f1b needs micro-batches ({m}) divisible "
                          f"by --pp {pp}")
-    if layout.sequence_parallel and shape.seq_len % tp:
+    if layout.sequence_parallel and shape.seq_len % (tp * cp):
         raise ValueError(f"sequence parallel needs --seq-len {shape.seq_len} divisible by "
-                         f"--tp {tp}")
+                         f"--tp {tp}{cps}")
     return dp
 
 
@@ -451,10 +470,11 @@ def flash_attention_flops(shape: GPTShape, micro: int, tp: int) -> float:
 
 def _layer_forward_s(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> dict:
     """One layer, one micro-batch, one GPU: GEMM, attention core and elementwise forward
-    seconds, and one tensor-parallel all-reduce of the activation."""
-    gpu, tp, b = cluster.gpu, layout.tp, layout.microbatch
+    seconds, one tensor-parallel all-reduce of the activation, and (cp > 1) the forward's
+    pass of K and V round the context-parallel ring."""
+    gpu, tp, b, cp = cluster.gpu, layout.tp, layout.microbatch, layout.cp
     s, h, a = shape.seq_len, shape.hidden, shape.num_heads
-    tokens = b * s
+    tokens = b * s / cp  # this GPU's share of the micro-batch's tokens
     gemms = (gemm_seconds(tokens, (h + 2 * shape.kv_dim) / tp, h, gpu)  # QKV
              + gemm_seconds(tokens, h, h / tp, gpu)  # attention output projection
              + gemm_seconds(tokens, shape.ffn / tp, h, gpu,
@@ -462,20 +482,28 @@ def _layer_forward_s(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> 
              + gemm_seconds(tokens, h, shape.ffn / tp, gpu))  # MLP down
     heads = b * a / tp
     if shape.flash_attention:  # one fused kernel; the causal mask skips half the blocks
-        core = flash_attention_flops(shape, b, tp) / (
+        # (under cp, 1/cp of the causal blocks: Megatron-Core's load-balanced split)
+        core = flash_attention_flops(shape, b, tp) / cp / (
             gpu.peak_tflops * 1e12 * gpu.attention_share(shape.flash_kernel))
     else:  # Megatron's: two batched GEMMs, the s x s scores through HBM between them
         core = (gemm_seconds(s, s, shape.head_dim, gpu, count=heads)  # Q K^T
                 + gemm_seconds(s, shape.head_dim, s, gpu, count=heads))  # P V
     # Elementwise kernels write what they produce and read it again once (2x the bytes a
     # layer keeps without recomputation).
-    saved = shape.activation_bytes(b, tp, layout.sequence_parallel, "none")
+    saved = shape.activation_bytes(b, tp, layout.sequence_parallel, "none") / cp
     elementwise = memory_seconds(2 * saved, gpu)
     nodes = group_nodes(cluster, tp, 1)
     allreduce = ring_seconds(2 * tokens * h, tp, nodes, cluster, factor=2)
     allreduce_nvlink = ring_nvlink_seconds(2 * tokens * h, tp, nodes, cluster, factor=2)
+    # Context parallelism: each GPU's bf16 K and V block (its tokens x kv_dim / tp) goes
+    # cp - 1 steps round the ring, as an all-gather of the blocks moves it
+    kv_blocks = cp * 2 * 2 * tokens * shape.kv_dim / tp
+    cp_nodes = group_nodes(cluster, cp, tp)
+    kv = ring_seconds(kv_blocks, cp, cp_nodes, cluster, factor=1)
+    kv_nvlink = ring_nvlink_seconds(kv_blocks, cp, cp_nodes, cluster, factor=1)
     return {"gemm": gemms, "attention": core, "elementwise": elementwise,
-            "allreduce": allreduce, "allreduce_nvlink": allreduce_nvlink}
+            "allreduce": allreduce, "allreduce_nvlink": allreduce_nvlink,
+            "cp_kv": kv, "cp_kv_nvlink": kv_nvlink}
 
 
 def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tuple[float, float,
@@ -491,13 +519,19 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
     if layout.overlap_tp_comm:  # behind the weight-gradient GEMMs (= forward GEMMs)
         backward_comm = overlapped_seconds(backward_comm, 2 * f["allreduce_nvlink"], f["gemm"])
     comm = 2 * f["allreduce"] + backward_comm
-    tokens = layout.microbatch * shape.seq_len
+    # Context parallelism: the K / V ring runs behind the attention blocks it feeds (as
+    # Megatron-Core / Transformer Engine overlap each step's send with the previous block's
+    # attention); the backward passes K and V again and their gradients back
+    forward_kv = overlapped_seconds(f["cp_kv"], f["cp_kv_nvlink"], f["attention"])
+    comm += forward_kv + overlapped_seconds(2 * f["cp_kv"], 2 * f["cp_kv_nvlink"],
+                                            FLASH_BACKWARD_RATIO * f["attention"])
+    tokens = layout.microbatch * shape.seq_len / layout.cp
     layer_flops = (2 * (shape.layer_params - 4 * shape.hidden) * tokens
                    + 4 * tokens * shape.seq_len * shape.hidden) / layout.tp
     ran = 3 * layer_flops
     if layout.recompute == "full":
         compute += forward
-        comm += 2 * f["allreduce"]
+        comm += 2 * f["allreduce"] + forward_kv
         ran += layer_flops
     elif layout.recompute == "selective" and not shape.flash_attention:
         compute += f["attention"]  # flash attention keeps no scores to recompute
@@ -509,7 +543,7 @@ def _head_parts(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tuple
     """(the logits GEMM forward, the loss's reads and writes of the logits forward and
     backward) seconds (vocab-parallel GEMM, softmax cross-entropy on ``logit_bytes``
     logits)."""
-    tokens = layout.microbatch * shape.seq_len
+    tokens = layout.microbatch * shape.seq_len / layout.cp
     vocab = shape.vocab / layout.tp
     gemm = gemm_seconds(tokens, vocab, shape.hidden, cluster.gpu)
     # the logits read and written, forward and backward
@@ -614,6 +648,8 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
 def _rank_memory(shape: GPTShape, layout: TrainLayout, dp: int, m: int, rank: int) -> dict:
     params = _rank_params(shape, layout, rank)
     layers = stage_layers(shape, layout)[rank]
+    dp *= layout.cp  # the weights are replicated over cp: ZeRO shards over dp x cp
+    cp = layout.cp  # each GPU keeps its 1/cp of the sequence's activations and logits
     zero = layout.zero
     weight_bytes, grad_bytes, optimizer_bytes, reduced_bytes = state_bytes(layout)
     weights = params * weight_bytes / (dp if zero >= 3 else 1)
@@ -629,15 +665,15 @@ def _rank_memory(shape: GPTShape, layout: TrainLayout, dp: int, m: int, rank: in
         grads = params * reduced_bytes  # fp32 main gradients (Megatron) or fp32 grads
     optimizer = params * optimizer_bytes / (dp if zero >= 1 else 1)
     per_layer = shape.activation_bytes(layout.microbatch, layout.tp,
-                                       layout.sequence_parallel, layout.recompute)
+                                       layout.sequence_parallel, layout.recompute) / cp
     act = layers * per_layer * _in_flight(layout, m, rank)
     if layout.recompute == "full" and layers:  # one layer's activations rebuilt at a time
         act += shape.activation_bytes(layout.microbatch, layout.tp,
-                                      layout.sequence_parallel, "none")
+                                      layout.sequence_parallel, "none") / cp
     logits = 0.0
     if rank == layout.pp - 1:  # the logits and their gradient
         logits = (2 * layout.logit_bytes * layout.microbatch * shape.seq_len * shape.vocab
-                  / layout.tp)
+                  / layout.tp / cp)
     return {"params": weights, "grads": grads, "optimizer": optimizer,
             "activations": act + logits}
 
@@ -649,8 +685,9 @@ def _p2p_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> floa
     crosses the network, and that one sets the pace."""
     if layout.pp == 1:
         return 0.0
-    num_bytes = 2 * layout.microbatch * shape.seq_len * shape.hidden / layout.tp
-    across = layout.tp * layout.pp > cluster.gpus_per_node and cluster.num_nodes > 1
+    num_bytes = 2 * layout.microbatch * shape.seq_len * shape.hidden / layout.tp / layout.cp
+    across = (layout.tp * layout.cp * layout.pp > cluster.gpus_per_node
+              and cluster.num_nodes > 1)
     bandwidth = cluster.network_bytes_per_s_per_gpu if across else cluster.nvlink_bytes_per_s
     return 2 * layout.virtual_stages * num_bytes / bandwidth
 
@@ -724,10 +761,15 @@ def _dp_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, dp: int,
     gradient (DeepSpeed ZeRO-2, FSDP's SHARD_GRAD_OP), and the updated parameters are
     all-gathered once a step.
     """
+    # gradients are reduced over dp x cp (the weights are replicated over cp): the cp ranks
+    # tp apart, the dp ranks tp x cp x pp apart
+    nodes = min(cluster.num_nodes,
+                group_nodes(cluster, layout.cp, layout.tp)
+                * group_nodes(cluster, dp, layout.tp * layout.cp * layout.pp))
+    dp *= layout.cp
     if dp == 1:
         return DataParallelComm()
     params = _stage_params(shape, layout)
-    nodes = group_nodes(cluster, dp, layout.tp * layout.pp)
     weight_bytes, _, _, reduced_bytes = state_bytes(layout)
     grad_bytes = params * reduced_bytes
 
@@ -808,15 +850,15 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     if layout.overlap_grad_reduce:
         grad_reduce = overlapped_seconds(grad_reduce, dpc.grad_reduce_nvlink,
                                          layers * layer_compute * 2 / 3)
-    params = _stage_params(shape, layout) / (dp if layout.zero >= 1 else 1)
+    params = _stage_params(shape, layout) / (dp * layout.cp if layout.zero >= 1 else 1)
     # Adam reads and writes each parameter's weight, gradient and state once
     state = sum(state_bytes(layout)[:3])  # 16 B a parameter, 8 with bf16 state
     optimizer = memory_seconds(params * state * 2, cluster.gpu)
     step = pipeline + grad_reduce + optimizer
     tokens = layout.global_batch * shape.seq_len
     model_flops = shape.model_flops_per_token() * tokens
-    ran = (layer_flops * shape.num_layers * layout.tp + 6 * shape.hidden * shape.vocab
-           * layout.microbatch * shape.seq_len) * m * dp
+    ran = (layer_flops * shape.num_layers * layout.tp * layout.cp + 6 * shape.hidden
+           * shape.vocab * layout.microbatch * shape.seq_len) * m * dp
     memory = memory_per_gpu(shape, layout, dp, m)
     usable = (cluster.gpu.memory_gib - RESERVED_GIB) * GIB
     time = {"compute": m * rank_compute, "tp_comm": m * rank_comm,
@@ -826,7 +868,7 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     return StepEstimate(layout.describe(dp), dp, m, step, tokens / step,
                         model_flops / step / cluster.num_gpus / 1e12,
                         ran / step / cluster.num_gpus / 1e12,
-                        sum(memory.values()) <= usable, memory, time)
+                        sum(memory.values()) <= usable, memory, time, layout)
 
 
 def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
@@ -866,34 +908,63 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     for tp in (d for d in range(1, n + 1) if n % d == 0):
         if shape.num_heads % tp or shape.kv_heads % tp or tp > cluster.gpus_per_node:
             continue
-        for pp in (d for d in range(1, n // tp + 1) if (n // tp) % d == 0):
-            split = trimmed_stages(shape.num_layers, pp)
-            if split is None or (runtime and split != (None, None)):
+        for cp in context_parallel_sizes(shape, n // tp, runtime=runtime):
+            yield from _with_cp_and_tp(shape, cluster, global_batch, tp, cp, runtime=runtime,
+                                       recompute=recompute, zero=zero,
+                                       microbatches=microbatches, overlaps=overlaps,
+                                       logit_bytes=logit_bytes,
+                                       optimizer_state=optimizer_state)
+
+
+# Context-parallel degrees the ranking offers: while each GPU keeps at least this many tokens
+# of a sequence (a choice of candidates, not a cost: below it the planner is not asked
+# to weigh the ring against the attention blocks it hides behind).
+CP_MIN_TOKENS = 2048
+CP_SIZES = (1, 2, 4, 8, 16)
+
+
+def context_parallel_sizes(shape: GPTShape, gpus: int, *, runtime: bool = False):
+    """cp degrees worth ranking on ``gpus`` GPUs: 1, and with flash attention those that
+    leave a GPU at least ``CP_MIN_TOKENS`` of the sequence in 2 cp equal chunks; the
+    runtime has no context parallelism."""
+    for cp in CP_SIZES:
+        if cp == 1 or (not runtime and shape.flash_attention and gpus % cp == 0
+                       and shape.seq_len % (2 * cp) == 0
+                       and shape.seq_len // cp >= CP_MIN_TOKENS):
+            yield cp
+
+
+def _with_cp_and_tp(shape, cluster, global_batch, tp, cp, *, runtime, recompute, zero,
+                    microbatches, overlaps, logit_bytes, optimizer_state):
+    n = cluster.num_gpus
+    for pp in (d for d in range(1, n // (tp * cp) + 1) if (n // (tp * cp)) % d == 0):
+        split = trimmed_stages(shape.num_layers, pp)
+        if split is None or (runtime and split != (None, None)):
+            continue
+        first, last = split
+        per_stage = shape.num_layers // pp if first is None else -(-shape.num_layers // pp)
+        dp = n // (tp * cp * pp)
+        for mb in microbatches:
+            if global_batch % (dp * mb):
                 continue
-            first, last = split
-            per_stage = shape.num_layers // pp if first is None else -(-shape.num_layers // pp)
-            dp = n // (tp * pp)
-            for mb in microbatches:
-                if global_batch % (dp * mb):
-                    continue
-                m = global_batch // (dp * mb)
-                for schedule, v in _schedules(per_stage, pp, m):
-                    for rc in recompute:
-                        for z in ((3 if dp > 1 else 0,) if runtime else zero):
-                            if z and dp == 1:
-                                continue
-                            for grad_overlap, tp_overlap in overlaps(dp, tp):
-                                yield TrainLayout(
-                                    tp=tp, pp=pp, dp=dp, global_batch=global_batch,
-                                    microbatch=mb, schedule=schedule, virtual_stages=v,
-                                    recompute=rc, zero=z,
-                                    sequence_parallel=tp > 1 and shape.seq_len % tp == 0,
-                                    fp32_params=runtime, deferred_grad_sync=runtime,
-                                    bf16_matmul_params=runtime, logit_bytes=logit_bytes,
-                                    optimizer_state=optimizer_state,
-                                    overlap_grad_reduce=grad_overlap,
-                                    overlap_tp_comm=tp_overlap,
-                                    first_stage_layers=first, last_stage_layers=last)
+            m = global_batch // (dp * mb)
+            for schedule, v in _schedules(per_stage, pp, m):
+                for rc in recompute:
+                    for z in ((3 if dp > 1 else 0,) if runtime else zero):
+                        if z and dp * cp == 1:
+                            continue
+                        for grad_overlap, tp_overlap in overlaps(dp * cp, tp):
+                            yield TrainLayout(
+                                tp=tp, pp=pp, dp=dp, cp=cp, global_batch=global_batch,
+                                microbatch=mb, schedule=schedule, virtual_stages=v,
+                                recompute=rc, zero=z,
+                                sequence_parallel=tp > 1 and shape.seq_len % (tp * cp) == 0,
+                                fp32_params=runtime, deferred_grad_sync=runtime,
+                                bf16_matmul_params=runtime, logit_bytes=logit_bytes,
+                                optimizer_state=optimizer_state,
+                                overlap_grad_reduce=grad_overlap,
+                                overlap_tp_comm=tp_overlap,
+                                first_stage_layers=first, last_stage_layers=last)
 
 
 def _both(option: bool | None) -> tuple[bool, ...]:
@@ -931,8 +1002,11 @@ def _schedules(per_stage: int, pp: int, m: int):
 
 def rank_layouts(shape: GPTShape, cluster: Cluster, global_batch: int,
                  **options) -> list[StepEstimate]:
-    """Every candidate layout, fitting ones first, fastest first; ties to less memory."""
+    """Every candidate layout, fitting ones first, fastest first; ties to less memory, then
+    to less context parallelism (where the model prices a cp split like more data
+    parallelism, the simpler layout)."""
     estimates = [estimate_step(shape, cluster, layout)
                  for layout in candidate_layouts(shape, cluster, global_batch, **options)]
-    return sorted(estimates, key=lambda e: (not e.fits, e.step_s, e.memory_gib,
+    return sorted(estimates, key=lambda e: (not e.fits, round(e.step_s, 6),
+                                            round(e.memory_gib, 3), e.layout.cp,
                                             e.description))

@@ -409,6 +409,58 @@ def llama3_runs() -> list[PublishedRun]:
     return runs
 
 
+# NVIDIA's Llama 3.1 recipes of the same repository (NeMo 24.09, BF16), which use context
+# parallelism (CP 2): llama3.1/README_8b.md, README_70b.md, README_405b.md at 143b90d. Added
+# after the planner gained context parallelism, predicted once (README, "A fourth held-out
+# set"). The 405B rows below 576 GPUs are NVIDIA's proxy configs (7, 21, 42 layers).
+# (model, layers, TP, PP, VP, ((GPUs, GBS, step s), ...))
+_DGXC_CP_ROWS = (
+    ("Llama 3.1 8B", 32, 1, 1, 1,
+     ((8, 128, 12.91), (16, 256, 13.00), (32, 512, 13.05), (64, 1024, 13.08),
+      (128, 2048, 13.10))),
+    ("Llama 3.1 70B", 80, 4, 4, 5,
+     ((64, 128, 14.72), (128, 256, 14.73), (256, 512, 14.8), (512, 1024, 14.89),
+      (1024, 2048, 14.92), (2048, 4096, 14.98))),
+    ("Llama 3.1 405B", 7, 8, 1, 1, ((32, 126, 8.85),)),
+    ("Llama 3.1 405B", 21, 8, 3, 7, ((96, 126, 8.75),)),
+    ("Llama 3.1 405B", 42, 8, 3, 7, ((192, 252, 16.93),)),
+    ("Llama 3.1 405B", 126, 8, 9, 7, ((576, 252, 17.20), (1152, 504, 17.52),
+                                      (2304, 1008, 17.62))),
+)
+# Llama 3.1: SwiGLU, 8 KV heads, no dropout, untied embeddings, sequence 8192; 8B and 70B
+# with the Llama 3 tokenizer (128256), 405B with GPT-2's BPE as its recipe's proxy (50257,
+# padded by Megatron to a multiple of 128 x tp: 51200).
+# (hidden, heads, MLP width, vocabulary)
+_DGXC_CP_SHAPES = {
+    "Llama 3.1 8B": (4096, 32, 14336, 128256),
+    "Llama 3.1 70B": (8192, 64, 28672, 128256),
+    "Llama 3.1 405B": (16384, 128, 53248, 51200),
+}
+
+
+def dgxc_cp_runs() -> list[PublishedRun]:
+    """NVIDIA's DGX Cloud Llama 3.1 H100 BF16 rows, CP 2 (``_DGXC_CP_ROWS``), with the same
+    framework assumptions as ``dgxc_runs``."""
+    runs = []
+    for model, layers, tp, pp, v, points in _DGXC_CP_ROWS:
+        hidden, heads, ffn, vocab = _DGXC_CP_SHAPES[model]
+        shape = GPTShape(num_layers=layers, hidden=hidden, num_heads=heads, num_kv_heads=8,
+                         ffn_hidden=ffn, gated_mlp=True, seq_len=8192, vocab=vocab,
+                         dropout=False, tied_embeddings=False)
+        for gpus, batch, step in points:
+            layout = TrainLayout(tp=tp, pp=pp, cp=2, global_batch=batch, microbatch=1,
+                                 schedule="interleaved_1f1b" if v > 1 else "1f1b",
+                                 virtual_stages=v, zero=1, sequence_parallel=tp > 1,
+                                 overlap_grad_reduce=True, overlap_tp_comm=tp > 1)
+            proxy = f", {layers} layers" if model.endswith("405B") and layers < 126 else ""
+            runs.append(PublishedRun(
+                f"{model}{proxy}, {gpus} H100 (CP 2)",
+                f"{DGXC}, llama3.1/README_{model.split()[-1].lower()}.md@143b90d", shape,
+                Cluster(gpu=GPUS["h100-80gb"], num_nodes=gpus // 8), layout, step,
+                "training step time as printed", _DGXC_ASSUMED))
+    return runs
+
+
 CALIBRATION = _narayanan_table1()
 CHECKS = _narayanan_table2() + _korthikanti() + _mt_nlg() + _narayanan_zero3()
 PUBLISHED_RUNS = CALIBRATION + CHECKS
@@ -420,6 +472,8 @@ MPT_TABLES = mosaicml_table_runs()
 NVIDIA_DGXC = dgxc_runs()
 # A third, after the planner learned uneven stages and ZeRO-2 (2 runs).
 META_LLAMA3 = llama3_runs()
+# A fourth, after it learned context parallelism (17 runs).
+NVIDIA_DGXC_CP = dgxc_cp_runs()
 
 
 def compare(run: PublishedRun, *, rank: bool = True) -> dict:
