@@ -368,6 +368,13 @@ class StepEstimate:
         return sum(self.memory_bytes.values()) / GIB
 
 
+def _untrimmed(shape: GPTShape, layout: TrainLayout) -> tuple[int, int]:
+    """(stages the trimming flags leave unset, layers left for them)."""
+    first, last = layout.first_stage_layers, layout.last_stage_layers
+    return (layout.pp - (first is not None) - (last is not None),
+            shape.num_layers - (first or 0) - (last or 0))
+
+
 def stage_layers(shape: GPTShape, layout: TrainLayout) -> tuple[int, ...]:
     """Transformer layers on each pipeline rank, first to last (``check_layout`` has
     checked that they add up)."""
@@ -375,8 +382,7 @@ def stage_layers(shape: GPTShape, layout: TrainLayout) -> tuple[int, ...]:
     if not layout.uneven_stages:
         return (shape.num_layers // p,) * p
     first, last = layout.first_stage_layers, layout.last_stage_layers
-    middle = p - (first is not None) - (last is not None)
-    rest = shape.num_layers - (first or 0) - (last or 0)
+    middle, rest = _untrimmed(shape, layout)
     per = rest // middle if middle else 0
     return ((per if first is None else first,) + (per,) * (p - 2)
             + (per if last is None else last,))
@@ -399,8 +405,7 @@ def _check_stages(shape: GPTShape, layout: TrainLayout) -> None:
     set_flags = " + ".join(f"{flag} {value}" for flag, value in
                            (("--first-stage-layers", first), ("--last-stage-layers", last))
                            if value is not None)
-    middle = pp - (first is not None) - (last is not None)
-    rest = shape.num_layers - (first or 0) - (last or 0)
+    middle, rest = _untrimmed(shape, layout)
     if rest < 0 or (middle == 0 and rest):
         raise ValueError(f"{set_flags}: {rest} of --layers {shape.num_layers} left for "
                          f"{middle} other stages; valid: a sum of {shape.num_layers}"
