@@ -26,7 +26,7 @@ from trainers.errors import run_cli
 from trainers.partition.chain import MemoryModel
 from trainers.partition.draw import draw_partition, draw_timeline
 from trainers.partition.gpt import GPTShape, TrainLayout, estimate_step, rank_layouts
-from trainers.partition.hardware import GPUS, Cluster, gpu_spec
+from trainers.partition.hardware import FLASH_KERNELS, GPUS, Cluster, gpu_spec
 from trainers.partition.partition import PartitionConfig, plan_partition
 from trainers.partition.plan_io import write_json
 from trainers.partition.report import format_partition, format_step, format_steps, step_dict
@@ -240,11 +240,12 @@ def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = 
                        help="an output layer of its own (default: tied to the embedding)")
     model.add_argument("--seq-len", type=int)
     model.add_argument("--vocab", type=int)
-    model.add_argument("--attention", choices=["flash", "flash2", "flash3", "materialized"],
+    model.add_argument("--attention", choices=[*FLASH_KERNELS, "materialized"],
                        help="flash: scores never stored, at the first FlashAttention's rate "
-                            "(what the calibration runs used; the default with --layers); "
-                            "flash2 / flash3: the same at FlashAttention-2's / -3's (Hopper "
-                            "only; flash2 is the default with --model: torch's SDPA); "
+                            "(the default with --layers); flash2 / flash3: the same at "
+                            "FlashAttention-2's / -3's (-3 Hopper only; flash2 is the default "
+                            "with --model: torch's SDPA); cudnn: cuDNN's fused attention "
+                            "(Transformer Engine's with NVTE_FUSED_ATTN=1; Hopper only); "
                             "materialized: Megatron's fused softmax keeps them")
     cluster = p.add_argument_group("cluster")
     cluster.add_argument("--gpu", default="a100-80gb", help=f"one of {', '.join(GPUS)}")

@@ -104,7 +104,7 @@ class GPTShape:
         fused softmax materialises them (the 5as/h term of Korthikanti et al.).
     flash_kernel: which FlashAttention sets the attention core's rate
         (``hardware.FLASH_KERNELS``, ``GPU.attention_share``): "flash" (the first
-        generation, what every published flash run here used), "flash2" or "flash3".
+        generation, the default), "flash2", "flash3" or "cudnn" (cuDNN's fused attention).
     dropout: dropout masks kept for backward (GPT-3 style models).
     """
 

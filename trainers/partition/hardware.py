@@ -66,14 +66,26 @@ OVERLAP_NVLINK_COST = 0.6
 # H100 the share FlashAttention-2 keeps, 35 / 61.5 (the middle of 50-73) = 0.57 of it.
 A100_FLASH_SHARE = (0.25 + 0.40) / 2
 AMPERE_KERNEL_ON_HOPPER = 0.35 / ((0.50 + 0.73) / 2)
-# Later kernels, for runs that use them (``GPTShape.flash_kernel``; not used by any published
-# row of the calibration or held-out sets): FlashAttention-2 at the middle of its 50-73 % of
+# Later kernels, for runs that use them (``GPTShape.flash_kernel``; of the published rows
+# only the fourth held-out set's, which ran cuDNN's, name one): FlashAttention-2 at the middle of its 50-73 % of
 # A100's peak and at 35 % of H100's (Dao 2023; Shah et al. 2024); FlashAttention-3 (Hopper
 # only) 1.5-2.0 x FlashAttention-2 on H100 (Shah et al. 2024, abstract), the middle of that.
 A100_FLASH2_SHARE = (0.50 + 0.73) / 2
 HOPPER_FLASH2_SHARE = 0.35
 HOPPER_FLASH3_SHARE = HOPPER_FLASH2_SHARE * (1.5 + 2.0) / 2
-FLASH_KERNELS = ("flash", "flash2", "flash3")
+# cuDNN's fused attention (cuDNN 9, what Transformer Engine runs as "FusedAttention" when
+# NVTE_FUSED_ATTN=1; Hopper only here): its bars in Shah et al. 2024's figures 5 (forward,
+# causal mask) and 6 (backward), head dim 128, BF16, H100 80GB SXM5, TFLOP/s at sequence
+# 2k, 4k, 8k, 16k. Forward and backward at their 1 : 2.5 FLOPs (FLASH_BACKWARD_RATIO), the
+# time they take together: 505 TFLOP/s, 0.51 of H100's peak. The same figures put
+# FlashAttention-2 at 0.30-0.34 of it, as HOPPER_FLASH2_SHARE's 35 % says.
+HOPPER_CUDNN_FORWARD_TFLOPS = (484.0, 518.0, 529.0, 539.0)
+HOPPER_CUDNN_BACKWARD_TFLOPS = (465.0, 499.0, 518.0, 516.0)
+_BACKWARD = 2.5  # gpt.FLASH_BACKWARD_RATIO
+HOPPER_CUDNN_SHARE = (1 + _BACKWARD) / (
+    len(HOPPER_CUDNN_FORWARD_TFLOPS) / sum(HOPPER_CUDNN_FORWARD_TFLOPS)
+    + _BACKWARD * len(HOPPER_CUDNN_BACKWARD_TFLOPS) / sum(HOPPER_CUDNN_BACKWARD_TFLOPS)) / 989.0
+FLASH_KERNELS = ("flash", "flash2", "flash3", "cudnn")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,19 +104,20 @@ class GPU:
     source: str
     flash2_share: float | None = None  # FlashAttention-2's (None: not measured on this GPU)
     flash3_share: float | None = None  # FlashAttention-3's (None: it does not run here)
+    cudnn_share: float | None = None  # cuDNN's fused attention (None: not measured here)
 
     def __post_init__(self) -> None:
         for key in ("peak_tflops", "memory_gib", "hbm_gb_per_s", "nvlink_gb_per_s",
                     "node_network_gbps", "mamf_share", "flash_share"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"GPU {self.name}: {key}={getattr(self, key)} must be > 0")
-        for key in ("flash2_share", "flash3_share"):
+        for key in ("flash2_share", "flash3_share", "cudnn_share"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"GPU {self.name}: {key}={getattr(self, key)} must be > 0")
 
     def attention_share(self, kernel: str) -> float:
         """The share of the peak FlashAttention ``kernel`` reaches on this GPU
-        (``FLASH_KERNELS``: "flash" the first generation, "flash2", "flash3"); refused,
+        (``FLASH_KERNELS``: "flash" the first generation, "flash2", "flash3", "cudnn"); refused,
         naming what is valid, where this GPU has no rate for it."""
         share = self._attention_shares().get(kernel)
         if share is None:
@@ -117,7 +130,7 @@ class GPU:
 
     def _attention_shares(self) -> dict[str, float | None]:
         return {"flash": self.flash_share, "flash2": self.flash2_share,
-                "flash3": self.flash3_share}
+                "flash3": self.flash3_share, "cudnn": self.cudnn_share}
 
     @property
     def gemm_share(self) -> float:
@@ -151,6 +164,7 @@ GPUS = {
                      mamf_share=H100_MAMF_SHARE,
                      flash_share=A100_FLASH_SHARE * AMPERE_KERNEL_ON_HOPPER,
                      flash2_share=HOPPER_FLASH2_SHARE, flash3_share=HOPPER_FLASH3_SHARE,
+                     cudnn_share=HOPPER_CUDNN_SHARE,
                      source="NVIDIA H100 SXM datasheet; DGX H100 user guide"),
     # NVIDIA H200 SXM datasheet: same compute as H100, 141 GB HBM3e at 4.8 TB/s; the same
     # GH100 chip, so H100's MAMF share (the later MAMF table's H100/H200 row).
@@ -158,7 +172,7 @@ GPUS = {
                 nvlink_gb_per_s=450.0, node_network_gbps=3200.0, mamf_share=H100_MAMF_SHARE,
                 flash_share=A100_FLASH_SHARE * AMPERE_KERNEL_ON_HOPPER,
                 flash2_share=HOPPER_FLASH2_SHARE, flash3_share=HOPPER_FLASH3_SHARE,
-                source="NVIDIA H200 SXM datasheet; HGX H200"),
+                cudnn_share=HOPPER_CUDNN_SHARE, source="NVIDIA H200 SXM datasheet; HGX H200"),
 }
 
 
