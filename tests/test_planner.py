@@ -187,6 +187,19 @@ def test_bubble_is_p_minus_1_over_v_m():
         assert e.time_s["bubble"] / busy == pytest.approx(3 / (v * 8))  # (p-1) / (v m)
 
 
+def test_interleaved_in_flight_by_hand():
+    """Megatron's interleaved 1F1B on p = 4, v = 2: rank r holds 2 (p - r - 1) + (v - 1) p
+    warm-up chunks and one more, each half its layers: 5.5 micro-batches on rank 0, 4.5 on
+    rank 1; with m = p = 4 every rank runs every forward first and holds all 4 (m v
+    chunks)."""
+    from trainers.partition.gpt import _in_flight
+
+    layout = TrainLayout(pp=4, global_batch=8, schedule="interleaved_1f1b", virtual_stages=2)
+    assert [_in_flight(layout, 8, r) for r in range(4)] == [5.5, 4.5, 3.5, 2.5]
+    assert [_in_flight(layout, 4, r) for r in range(4)] == [4, 4, 4, 4]
+    assert _in_flight(replace(layout, schedule="1f1b", virtual_stages=1), 2, 0) == 2
+
+
 def test_memory_per_gpu_zero_stages_by_hand():
     shape = GPTShape(num_layers=4, hidden=1024, num_heads=8, seq_len=256, vocab=1000)
     p = shape.num_params  # pp = tp = 1: every parameter on the GPU

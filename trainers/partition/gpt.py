@@ -633,8 +633,9 @@ def _in_flight(layout: TrainLayout, m: int, rank: int = 0) -> float:
     if v > 1:
         # Korthikanti et al. 2022, section 4.2.3: the first rank p x (1 + (p - 1) / (p v));
         # rank r runs 2 (p - r - 1) + (v - 1) p warm-up chunks (Megatron's interleaved
-        # schedule) and holds one more in the steady state, each 1 / v of its layers.
-        return p + (p - 1 - 2 * rank) / v
+        # schedule) and holds one more in the steady state, each 1 / v of its layers. With
+        # m <= p every rank runs all m v forward chunks first and holds all m.
+        return m if m <= p else p + (p - 1 - 2 * rank) / v
     return min(p - rank, m)
 
 
