@@ -67,9 +67,10 @@ OVERLAP_NVLINK_COST = 0.6
 A100_FLASH_SHARE = (0.25 + 0.40) / 2
 AMPERE_KERNEL_ON_HOPPER = 0.35 / ((0.50 + 0.73) / 2)
 # Later kernels, for runs that use them (``GPTShape.flash_kernel``; of the published rows
-# only the fourth held-out set's, which ran cuDNN's, name one): FlashAttention-2 at the middle of its 50-73 % of
-# A100's peak and at 35 % of H100's (Dao 2023; Shah et al. 2024); FlashAttention-3 (Hopper
-# only) 1.5-2.0 x FlashAttention-2 on H100 (Shah et al. 2024, abstract), the middle of that.
+# only the fourth held-out set's, which ran cuDNN's, name one): FlashAttention-2 at the
+# middle of its 50-73 % of A100's peak and at 35 % of H100's (Dao 2023; Shah et al. 2024);
+# FlashAttention-3 (Hopper only) 1.5-2.0 x FlashAttention-2 on H100 (Shah et al. 2024,
+# abstract), the middle of that.
 A100_FLASH2_SHARE = (0.50 + 0.73) / 2
 HOPPER_FLASH2_SHARE = 0.35
 HOPPER_FLASH3_SHARE = HOPPER_FLASH2_SHARE * (1.5 + 2.0) / 2
@@ -78,7 +79,7 @@ HOPPER_FLASH3_SHARE = HOPPER_FLASH2_SHARE * (1.5 + 2.0) / 2
 # causal mask) and 6 (backward), head dim 128, BF16, H100 80GB SXM5, TFLOP/s at sequence
 # 2k, 4k, 8k, 16k. Forward and backward at their 1 : 2.5 FLOPs (FLASH_BACKWARD_RATIO), the
 # time they take together: 505 TFLOP/s, 0.51 of H100's peak. The same figures put
-# FlashAttention-2 at 0.30-0.34 of it, as HOPPER_FLASH2_SHARE's 35 % says.
+# FlashAttention-2 at 0.29-0.34 of it, as HOPPER_FLASH2_SHARE's 35 % says.
 HOPPER_CUDNN_FORWARD_TFLOPS = (484.0, 518.0, 529.0, 539.0)
 HOPPER_CUDNN_BACKWARD_TFLOPS = (465.0, 499.0, 518.0, 516.0)
 _BACKWARD = 2.5  # gpt.FLASH_BACKWARD_RATIO
