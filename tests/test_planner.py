@@ -983,15 +983,23 @@ def test_overlapped_collective_costs_its_nvlink_share_by_hand():
     assert overlapped_seconds(0.0, 0.0, 1.0) == 0.0
 
 
-def test_flash_attention_has_no_selective_recomputation():
-    """FlashAttention keeps no scores, so selective recomputation costs and saves nothing
-    (the ranking leaves it out); materialised attention recomputes its core."""
+def test_selective_recomputation_under_flash_attention_reruns_the_core():
+    """FlashAttention keeps no scores, so selective recomputation frees nothing; it still
+    reruns the fused attention core's forward, as Megatron-Core does: 4 layers x 8
+    micro-batches x one attention forward more, the memory unchanged (the ranking leaves it
+    out: it can only be slower); materialised attention recomputes its core too."""
+    from trainers.partition.gpt import _layer_forward_s
+
     flash = GPTShape(num_layers=4, hidden=1024, num_heads=8, seq_len=2048, vocab=1000)
     cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=8)
     none, selective = (estimate_step(flash, cluster, TrainLayout(tp=8, global_batch=8,
                                                                  recompute=r))
                        for r in ("none", "selective"))
-    assert selective.step_s == none.step_s and selective.memory_gib == none.memory_gib
+    core = _layer_forward_s(flash, cluster, TrainLayout(tp=8, global_batch=8))["attention"]
+    # the causal half of 2 x 2 s^2 d per head for 1 of the 8 heads, at 0.325 of 312 TFLOP/s
+    assert core == pytest.approx(0.5 * 4 * 2048**2 * 128 / (0.325 * 312e12))
+    assert selective.time_s["compute"] - none.time_s["compute"] == pytest.approx(4 * 8 * core)
+    assert selective.memory_gib == none.memory_gib
     materialised = replace(flash, flash_attention=False)
     assert (estimate_step(materialised, cluster, TrainLayout(tp=8, global_batch=8,
                                                              recompute="selective")).step_s

@@ -9,8 +9,9 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   two GEMMs per forward one; elementwise work moves the layer's activations through HBM.
   The attention core is FlashAttention's fused kernel (its causal FLOPs at the GPU's
   ``flash_share`` of the peak, backward 2.5 x forward) or, materialised, two batched GEMMs
-  with the s x s scores through HBM. Recomputation adds a forward (full) or the
-  materialised attention core (selective; flash attention has nothing to recompute).
+  with the s x s scores through HBM. Recomputation adds a forward (full) or the attention
+  core's forward (selective: under flash attention it frees nothing, as there are no
+  scores, and costs the rerun all the same, as Megatron-Core runs it).
 * Tensor parallelism: 2 all-reduces of the layer's (b, s, h) activation forward and 2
   backward (reduce-scatter + all-gather of the same volume under sequence parallelism),
   on NVLink when tp fits in a node, else hierarchical over the network; the backward ones
@@ -538,8 +539,13 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
         compute += forward
         comm += 2 * f["allreduce"] + forward_kv
         ran += layer_flops
-    elif layout.recompute == "selective" and not shape.flash_attention:
-        compute += f["attention"]  # flash attention keeps no scores to recompute
+    elif layout.recompute == "selective":
+        # the attention core's forward again (Korthikanti et al. sec. 4.2; with flash
+        # attention it frees no scores, but Megatron-Core still reruns the fused core, its
+        # K / V ring under cp included)
+        compute += f["attention"]
+        if shape.flash_attention:
+            comm += forward_kv
         ran += 4 * tokens * shape.seq_len * shape.hidden / layout.tp
     return compute, comm, ran
 
@@ -901,7 +907,7 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     optimizer_state: the framework's Adam state precision for every candidate
         (``TrainLayout.optimizer_state``).
     """
-    if runtime or shape.flash_attention:  # the runtime has none; flash: the same as none
+    if runtime or shape.flash_attention:  # the runtime has none; flash: none, slower
         recompute = tuple(r for r in recompute if r != "selective")
     grad_overlaps = (False,) if runtime else _both(overlap_grad_reduce)
     tp_overlaps = (False,) if runtime else _both(overlap_tp_comm)
