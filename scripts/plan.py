@@ -151,7 +151,11 @@ def cmd_estimate(args) -> None:
 
 def cmd_layouts(args) -> None:
     shape, per_example = _shape(args)
-    ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example,
+    if args.runtime and args.zero is not None:
+        raise ValueError(f"--runtime with --zero {' '.join(map(str, args.zero))}: the runtime "
+                         "shards as it trains (FSDP2 over dp); drop --zero or --runtime")
+    zero = (0, 1, 2, 3) if args.zero is None else tuple(sorted(set(args.zero)))
+    ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example, zero=zero,
                           runtime=args.runtime, logit_bytes=args.logit_bytes,
                           optimizer_state=args.optimizer_state,
                           overlap_grad_reduce=args.overlap_grad_reduce,
@@ -332,6 +336,10 @@ def _add_shape_commands(sub) -> None:
                            help="data-parallel gradient reduction behind the last backward")
     framework.add_argument("--overlap-tp-comm", action=argparse.BooleanOptionalAction,
                            help="backward tensor-parallel all-reduces behind weight gradients")
+    framework.add_argument("--zero", type=int, nargs="+", choices=[0, 1, 2, 3],
+                           help="the ZeRO stages it offers (default: all; e.g. 0 1 3 for "
+                                "Megatron-Core or DeepSpeed, which do not run ZeRO-2 under "
+                                "a pipeline)")
     _logit_bytes_flag(lay)
     _optimizer_state_flag(lay)
     lay.set_defaults(func=cmd_layouts)

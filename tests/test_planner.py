@@ -744,6 +744,22 @@ SHAPE_FLAGS = ["--layers", "8", "--hidden", "512", "--heads", "8", "--seq-len", 
                "--vocab", "1000"]
 
 
+def test_layouts_cli_ranks_only_the_zero_stages_the_framework_offers(tmp_path):
+    """`layouts --zero 0 1 3` (Megatron-Core, DeepSpeed: no ZeRO-2 under a pipeline) ranks
+    no ZeRO-2 layout; without it ZeRO-2 is among the candidates."""
+    from scripts.plan import main
+
+    seen = {}
+    for name, flags in (("all", []), ("some", ["--zero", "0", "1", "3"])):
+        out = tmp_path / f"{name}.json"
+        main(["layouts", *SHAPE_FLAGS, "--global-batch", "16", "--top", "10000", *flags,
+              "--json", str(out)])
+        seen[name] = {int(re.search(r"zero=(\d)", row["layout"])[1])
+                      if "zero=" in row["layout"] else 0
+                      for row in json.loads(out.read_text())}
+    assert seen == {"all": {0, 1, 2, 3}, "some": {0, 1, 3}}
+
+
 @pytest.mark.parametrize("command, flags, message", [
     ("estimate", ["--nodes", "3", "--gpus-per-node", "1", "--tp", "3", "--global-batch", "9"],
      r"--heads 8 \(--kv-heads 8\) not divisible by --tp 3; valid --tp: \[1, 2, 4, 8\]"),
@@ -761,6 +777,8 @@ SHAPE_FLAGS = ["--layers", "8", "--hidden", "512", "--heads", "8", "--seq-len", 
     ("estimate", ["--pp", "4", "--first-stage-layers", "3", "--global-batch", "8"],
      (r"--first-stage-layers 3: 5 of --layers 8 left for the other 3 stages x "
       r"--virtual-stages 1 chunks, not divisible; valid: leave a multiple of 3")),
+    ("layouts", ["--runtime", "--zero", "1"],
+     r"--runtime with --zero 1: the runtime shards as it trains \(FSDP2 over dp\)"),
     ("estimate", ["--gpu", "a100-80gb", "--global-batch", "8", "--attention", "flash3"],
      (r"--attention flash3: no rate for a100-80gb \(valid here: flash, flash2, materialized; "
       r"flash3 runs on h100-80gb, h200\)")),
