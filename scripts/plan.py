@@ -188,6 +188,7 @@ def cmd_published(args) -> None:
         NVIDIA_DGXC,
         NVIDIA_DGXC_CP,
         PUBLISHED_RUNS,
+        TORCHTITAN_A100,
         compare,
         format_comparison,
     )
@@ -216,15 +217,20 @@ def cmd_published(args) -> None:
     dgxc_cp = [compare(run) for run in NVIDIA_DGXC_CP]
     print("\nheld out, fourth set (NVIDIA's Llama 3.1 recipes, H100 BF16, context parallel 2):")
     print(format_comparison(dgxc_cp))
+    titan = [compare(run) for run in TORCHTITAN_A100]
+    print("\nheld out, fifth set (PyTorch's torchtitan, FSDP2 on 64 A100 80GB):")
+    print(format_comparison(titan))
     if args.json:
         Path(args.json).write_text(json.dumps([
             {**{k: v for k, v in row.items() if k != "best"},
-             "held_out": name in ("held_out", "nvidia_dgxc", "meta_llama3", "nvidia_dgxc_cp"),
+             "held_out": name in ("held_out", "nvidia_dgxc", "meta_llama3", "nvidia_dgxc_cp",
+                                  "torchtitan_a100"),
              "set": name,
              "best": step_dict(row["best"]) if row["best"] else None}
             for name, group in (("published", rows), ("held_out", held_out),
                                 ("mpt_tables", tables), ("nvidia_dgxc", dgxc),
-                                ("meta_llama3", llama), ("nvidia_dgxc_cp", dgxc_cp))
+                                ("meta_llama3", llama), ("nvidia_dgxc_cp", dgxc_cp),
+                                ("torchtitan_a100", titan))
             for row in group], indent=1))
 
 

@@ -20,7 +20,9 @@ is every other row of the same three tables (``mpt_tables.py``), checked likewis
 held-out set, added after all of that and predicted once with the model unchanged.
 ``META_LLAMA3`` (Llama 3 405B on 8192 and 16384 H100) is a third, which the planner could
 cost only after it gained trimmed first and last stages, ZeRO-2 reduce-scattering every
-micro-batch and memory per pipeline rank (no constant changed).
+micro-batch and memory per pipeline rank (no constant changed). ``NVIDIA_DGXC_CP`` (NVIDIA's
+Llama 3.1 recipes, context parallel) is a fourth, after the planner gained context
+parallelism, and ``TORCHTITAN_A100`` (PyTorch's torchtitan, FSDP2 on A100) a fifth.
 """
 
 from __future__ import annotations
@@ -468,6 +470,45 @@ def dgxc_cp_runs() -> list[PublishedRun]:
     return runs
 
 
+# PyTorch's torchtitan (FSDP2 on 64 A100 80GB, docs/performance.md at 0413364): the rows
+# whose activation checkpointing the planner expresses (none, or every block: "full"; the
+# "selective layer" and "selective op" rows checkpoint every other block or keep chosen
+# ops' outputs, which it does not). Added after the fourth set, predicted once (README, "A
+# fifth held-out set"). WPS is tokens per second per GPU: the step is local batch x
+# sequence / WPS. Attention is torch's SDPA, whose flash backend is FlashAttention-2.
+TORCHTITAN = ("PyTorch 2024, torchtitan (github.com/pytorch/torchtitan), docs/performance.md "
+              "@0413364: Llama 2 / Llama 3 with FSDP2 on 64 A100 (80GB)")
+_TORCHTITAN_ASSUMED = ("FSDP2 as torchtitan configures it: every block its own unit, "
+                       "resharded after the forward and prefetched (ZeRO-3), bf16 compute "
+                       "with fp32 sharded parameters, gradient reduce-scatter behind the "
+                       "backward; no torch.compile; the cluster's network as DGX A100's "
+                       "(8 x 200 Gb/s a node; it is not named)")
+# (name, layers, hidden, heads, KV heads, MLP width, vocabulary, sequence, local batch,
+#  activation checkpointing, WPS)
+_TORCHTITAN_ROWS = (
+    ("Llama 2 13B", 40, 5120, 40, 40, 13824, 32000, 4096, 2, "none", 2162),
+    ("Llama 2 70B", 80, 8192, 64, 8, 28672, 32000, 4096, 2, "full", 353),
+    ("Llama 3 70B", 80, 8192, 64, 8, 28672, 128256, 8192, 1, "full", 331),
+)
+
+
+def torchtitan_runs() -> list[PublishedRun]:
+    """torchtitan's FSDP2 rows on 64 A100 80GB (``TORCHTITAN``)."""
+    runs = []
+    for name, layers, hidden, heads, kv, ffn, vocab, seq, local, ac, wps in _TORCHTITAN_ROWS:
+        shape = GPTShape(num_layers=layers, hidden=hidden, num_heads=heads, num_kv_heads=kv,
+                         ffn_hidden=ffn, gated_mlp=True, seq_len=seq, vocab=vocab,
+                         dropout=False, tied_embeddings=False, flash_kernel="flash2")
+        layout = TrainLayout(global_batch=64 * local, microbatch=local, zero=3,
+                             recompute=ac, overlap_grad_reduce=True)
+        label = "no recompute" if ac == "none" else "full recompute"
+        runs.append(PublishedRun(
+            f"{name} FSDP2, {label}, 64 A100 80GB", TORCHTITAN, shape,
+            Cluster(gpu=GPUS["a100-80gb"], num_nodes=8), layout, local * seq / wps,
+            f"local batch {local} x {seq} tokens / {wps} WPS", _TORCHTITAN_ASSUMED))
+    return runs
+
+
 CALIBRATION = _narayanan_table1()
 CHECKS = _narayanan_table2() + _korthikanti() + _mt_nlg() + _narayanan_zero3()
 PUBLISHED_RUNS = CALIBRATION + CHECKS
@@ -481,6 +522,8 @@ NVIDIA_DGXC = dgxc_runs()
 META_LLAMA3 = llama3_runs()
 # A fourth, after it learned context parallelism (17 runs).
 NVIDIA_DGXC_CP = dgxc_cp_runs()
+# A fifth: FSDP2 as PyTorch's torchtitan trains (3 runs).
+TORCHTITAN_A100 = torchtitan_runs()
 
 
 def compare(run: PublishedRun, *, rank: bool = True) -> dict:
