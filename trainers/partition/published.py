@@ -369,8 +369,8 @@ def dgxc_runs() -> list[PublishedRun]:
 
 
 # Meta's Llama 3 405B pre-training (Table 4 of the paper: the two rows without context
-# parallelism; the third, CP 16 at 131072 tokens, needs context parallelism, which the planner
-# does not model). Shape from the paper's Table 3 (126 layers, 16384 wide, SwiGLU of 53248,
+# parallelism; the third, CP 16 at 131072 tokens, is left out: its published rate's FLOP
+# count, causal or full attention, moves its step 1.4x). Shape from the paper's Table 3 (126 layers, 16384 wide, SwiGLU of 53248,
 # 128 heads, 8 KV heads, vocabulary 128000 + 256 reserved = 128256), no dropout, untied
 # embeddings. Added after the DGX Cloud set, with the planner's uneven stages, per-rank
 # memory and per micro-batch ZeRO-2 (README, "A third held-out set").
