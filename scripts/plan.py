@@ -182,6 +182,7 @@ def cmd_source_case(args) -> None:
 
 def cmd_published(args) -> None:
     from trainers.partition.published import (
+        BIGSCIENCE_BLOOM,
         HELD_OUT,
         META_LLAMA3,
         MPT_TABLES,
@@ -220,17 +221,20 @@ def cmd_published(args) -> None:
     titan = [compare(run) for run in TORCHTITAN_A100]
     print("\nheld out, fifth set (PyTorch's torchtitan, FSDP2 on 64 A100 80GB):")
     print(format_comparison(titan))
+    bloom = [compare(run) for run in BIGSCIENCE_BLOOM]
+    print("\nheld out, sixth set (BLOOM 176B, Megatron-DeepSpeed on 384 A100 80GB):")
+    print(format_comparison(bloom))
     if args.json:
         Path(args.json).write_text(json.dumps([
             {**{k: v for k, v in row.items() if k != "best"},
              "held_out": name in ("held_out", "nvidia_dgxc", "meta_llama3", "nvidia_dgxc_cp",
-                                  "torchtitan_a100"),
+                                  "torchtitan_a100", "bigscience_bloom"),
              "set": name,
              "best": step_dict(row["best"]) if row["best"] else None}
             for name, group in (("published", rows), ("held_out", held_out),
                                 ("mpt_tables", tables), ("nvidia_dgxc", dgxc),
                                 ("meta_llama3", llama), ("nvidia_dgxc_cp", dgxc_cp),
-                                ("torchtitan_a100", titan))
+                                ("torchtitan_a100", titan), ("bigscience_bloom", bloom))
             for row in group], indent=1))
 
 

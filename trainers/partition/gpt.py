@@ -23,9 +23,10 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   stages sit in different nodes. GPipe has the same bubble and holds all m micro-batches.
 * Data parallelism: gradient all-reduce (ZeRO 0), reduce-scatter + all-gather once a step
   (ZeRO 1), the gradient reduce-scattered every micro-batch (its shard is all it keeps)
-  and the parameters all-gathered once a step (ZeRO 2), or, every micro-batch, each unit's parameters all-gathered for forward and backward and
-  its gradient reduce-scattered (ZeRO 3: one ring collective per layer as FSDP2 wraps
-  blocks, or per submodule as DeepSpeed hooks them, each paying its ring's latencies;
+  and the parameters all-gathered once a step (ZeRO 2), or, every micro-batch, each
+  unit's parameters all-gathered for forward and backward and its gradient
+  reduce-scattered (ZeRO 3: one ring collective per layer as FSDP2 wraps blocks, or per
+  submodule as DeepSpeed hooks them, each paying its ring's latencies;
   prefetched behind the compute of the same phase, forward or backward, or in series with
   it; the runtime's FSDP2 under pipelining reduce-scatters once a step and holds whole
   weights and gradients meanwhile); the

@@ -22,7 +22,8 @@ held-out set, added after all of that and predicted once with the model unchange
 cost only after it gained trimmed first and last stages, ZeRO-2 reduce-scattering every
 micro-batch and memory per pipeline rank (no constant changed). ``NVIDIA_DGXC_CP`` (NVIDIA's
 Llama 3.1 recipes, context parallel) is a fourth, after the planner gained context
-parallelism, and ``TORCHTITAN_A100`` (PyTorch's torchtitan, FSDP2 on A100) a fifth.
+parallelism, ``TORCHTITAN_A100`` (PyTorch's torchtitan, FSDP2 on A100) a fifth and
+``BIGSCIENCE_BLOOM`` (BLOOM 176B, Megatron-DeepSpeed on A100) a sixth.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ MTNLG = ("Smith et al. 2022, Using DeepSpeed and Megatron to Train Megatron-Turi
 MOSAICML = ("MosaicML 2023, llm-foundry MPT training benchmarks (github.com/mosaicml/llm-foundry, "
             "scripts/train/benchmarking/README.md; shapes from scripts/train/yamls/pretrain/"
             "mpt-*.yaml)")
-BLOOM = ("BigScience 2022, BLOOM: A 176B-Parameter Open-Access Multilingual Language Model "
-         "(arXiv:2211.05100) and the BigScience 176B model card")
+BLOOM = ("BigScience 2022, BLOOM 176B training (github.com/bigscience-workshop/bigscience, "
+         "train/tr11-176B-ml/tr11-176B-ml.slurm @003b25057 and README.md @00327f8: the log "
+         "line of iteration 85376)")
 
 
 @dataclass(frozen=True)
@@ -370,9 +372,9 @@ def dgxc_runs() -> list[PublishedRun]:
 
 # Meta's Llama 3 405B pre-training (Table 4 of the paper: the two rows without context
 # parallelism; the third, CP 16 at 131072 tokens, is left out: its published rate's FLOP
-# count, causal or full attention, moves its step 1.4x). Shape from the paper's Table 3 (126 layers, 16384 wide, SwiGLU of 53248,
-# 128 heads, 8 KV heads, vocabulary 128000 + 256 reserved = 128256), no dropout, untied
-# embeddings. Added after the DGX Cloud set, with the planner's uneven stages, per-rank
+# count, causal or full attention, moves its step 1.4x). Shape from the paper's Table 3
+# (126 layers, 16384 wide, SwiGLU of 53248, 128 heads, 8 KV heads, vocabulary 128000 + 256
+# reserved = 128256), no dropout, untied embeddings. Added after the DGX Cloud set, with the planner's uneven stages, per-rank
 # memory and per micro-batch ZeRO-2 (README, "A third held-out set").
 LLAMA3 = ("Llama Team, AI @ Meta 2024, The Llama 3 Herd of Models (arXiv:2407.21783), "
           "sec. 3.3 and Table 4")
@@ -509,6 +511,34 @@ def torchtitan_runs() -> list[PublishedRun]:
     return runs
 
 
+# BigScience's BLOOM 176B on Jean Zay: 48 nodes of 8 A100 80GB, 4 x 100 Gb/s Omni-Path a
+# node (README "Hardware"); Megatron-DeepSpeed with TP 4, PP 12, DP 8, MBS 2, GBS 2048,
+# every block recomputed (--checkpoint-activations), DeepSpeed's BF16_Optimizer (its own
+# ZeRO-1), 70 layers of 14336 with 112 heads, sequence 2048, vocabulary padded to 250880,
+# tied embeddings, Megatron's default dropout 0.1, GeLU MLP of 4h, fused softmax attention
+# (2022: no FlashAttention); the embedding counted as a block when partitioning: 5 blocks
+# on the first and last stage, 6 on the others (README "Architecture"). The step is the
+# log line at the end of the first epoch: 104.70 s, 149.77 TFLOP/s. Added after the fifth
+# set, predicted once (README, "A sixth held-out set").
+_BLOOM_ASSUMED = ("HGX A100 NVLink (the README's '4 inter-gpu connects' not read as fewer "
+                  "links); DeepSpeed's pipeline: 1F1B, gradients all-reduced after the last "
+                  "micro-batch, no tensor-parallel overlap, no sequence parallelism; its "
+                  "BF16_Optimizer's unsharded fp32 gradient buffer (4 B a parameter) not in "
+                  "the memory figure")
+
+
+def bloom_runs() -> list[PublishedRun]:
+    """BLOOM 176B on 384 A100 80GB (``BLOOM``)."""
+    shape = GPTShape(num_layers=70, hidden=14336, num_heads=112, seq_len=2048, vocab=250880,
+                     flash_attention=False)
+    layout = TrainLayout(tp=4, pp=12, global_batch=2048, microbatch=2, schedule="1f1b",
+                         recompute="full", zero=1, first_stage_layers=5, last_stage_layers=5)
+    return [PublishedRun("BLOOM 176B, 384 A100 80GB", BLOOM, shape,
+                         Cluster(gpu=GPUS["a100-80gb"], num_nodes=48, inter_node_gbps=400.0),
+                         layout, 104.70, "elapsed time per iteration, iteration 85376",
+                         _BLOOM_ASSUMED)]
+
+
 CALIBRATION = _narayanan_table1()
 CHECKS = _narayanan_table2() + _korthikanti() + _mt_nlg() + _narayanan_zero3()
 PUBLISHED_RUNS = CALIBRATION + CHECKS
@@ -524,6 +554,8 @@ META_LLAMA3 = llama3_runs()
 NVIDIA_DGXC_CP = dgxc_cp_runs()
 # A fifth: FSDP2 as PyTorch's torchtitan trains (3 runs).
 TORCHTITAN_A100 = torchtitan_runs()
+# A sixth: BLOOM 176B, Megatron-DeepSpeed (1 run).
+BIGSCIENCE_BLOOM = bloom_runs()
 
 
 def compare(run: PublishedRun, *, rank: bool = True) -> dict:
