@@ -127,6 +127,7 @@ def cmd_estimate(args) -> None:
                          global_batch=args.global_batch * per_example,
                          microbatch=args.microbatch, schedule=args.schedule,
                          virtual_stages=args.virtual_stages, recompute=args.recompute,
+                         recompute_every=args.recompute_every,
                          zero=args.zero, sequence_parallel=args.sequence_parallel,
                          overlap_grad_reduce=args.overlap_grad_reduce,
                          overlap_tp_comm=args.overlap_tp_comm,
@@ -316,6 +317,10 @@ def _add_shape_commands(sub) -> None:
     layout.add_argument("--last-stage-layers", type=int,
                         help="layers on the last pipeline stage (see --first-stage-layers)")
     layout.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    layout.add_argument("--recompute-every", type=int, default=1,
+                        help="with --recompute full: every N-th block recomputed, the others "
+                             "keep their activations (torchtitan's selective layer "
+                             "checkpointing: 2)")
     layout.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3],
                         help="3 = ZeRO-3 / FSDP (the runtime's FSDP2: with "
                              "--deferred-grad-sync)")

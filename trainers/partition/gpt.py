@@ -222,6 +222,9 @@ class TrainLayout:
         micro-batch's backward (PyTorch DDP / FSDP2); else after it (Megatron 2021).
     overlap_tp_comm: the two backward tensor-parallel all-reduces of a layer run behind
         its weight-gradient GEMMs (Korthikanti et al. 2022, sec. 6.2); else exposed.
+    recompute_every: with recompute "full", every this many-th block is recomputed and the
+        others keep their activations (1: every block; 2: every other, torchtitan's
+        selective layer checkpointing, ``ac_freq``), costed as that share of the layers.
     zero3_unit: what ZeRO-3 gathers and reduces at a time, each collective paying its
         ring's dp - 1 step latencies: "layer" (FSDP2's ``fully_shard`` per transformer
         block, as the runtime wraps units) or "module" (DeepSpeed ZeRO-3's pre-forward hook
@@ -271,6 +274,7 @@ class TrainLayout:
     schedule: str = "1f1b"
     virtual_stages: int = 1
     recompute: str = "none"
+    recompute_every: int = 1
     zero: int = 0
     sequence_parallel: bool = False
     overlap_grad_reduce: bool = False
@@ -302,6 +306,10 @@ class TrainLayout:
                              f"{self.schedule}: interleaved_1f1b needs >= 2, the others 1")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"--recompute {self.recompute!r}: valid: {', '.join(RECOMPUTE)}")
+        if self.recompute_every < 1 or (self.recompute_every > 1 and self.recompute != "full"):
+            raise ValueError(f"--recompute-every {self.recompute_every} with --recompute "
+                             f"{self.recompute}: valid: >= 1, and > 1 only with --recompute "
+                             "full")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"--zero {self.zero}: valid: 0, 1, 2, 3")
         if self.logit_bytes not in (2, 4):
@@ -322,12 +330,19 @@ class TrainLayout:
                 raise ValueError(f"{flag} needs a pipeline: --pp {self.pp}, valid: >= 2")
 
     @property
+    def recompute_share(self) -> float:
+        """The share of the blocks full recomputation reruns (0 without it)."""
+        return 1 / self.recompute_every if self.recompute == "full" else 0.0
+
+    @property
     def uneven_stages(self) -> bool:
         return self.first_stage_layers is not None or self.last_stage_layers is not None
 
     def describe(self, dp: int) -> str:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         extras = [f"recompute={self.recompute}"] if self.recompute != "none" else []
+        extras += ([f"recompute-every={self.recompute_every}"] if self.recompute_every > 1
+                   else [])
         extras += [f"zero={self.zero}"] if self.zero else []
         if self.zero == 3:
             extras += ["zero3-per-module"] if self.zero3_unit == "module" else []
@@ -536,10 +551,11 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
     layer_flops = (2 * (shape.layer_params - 4 * shape.hidden) * tokens
                    + 4 * tokens * shape.seq_len * shape.hidden) / layout.tp
     ran = 3 * layer_flops
-    if layout.recompute == "full":
-        compute += forward
-        comm += 2 * f["allreduce"] + forward_kv
-        ran += layer_flops
+    if layout.recompute == "full":  # every block, or the share recompute_every picks
+        share = layout.recompute_share
+        compute += share * forward
+        comm += share * (2 * f["allreduce"] + forward_kv)
+        ran += share * layer_flops
     elif layout.recompute == "selective":
         # the attention core's forward again (Korthikanti et al. sec. 4.2; with flash
         # attention it frees no scores, but Megatron-Core still reruns the fused core, its
@@ -679,6 +695,10 @@ def _rank_memory(shape: GPTShape, layout: TrainLayout, dp: int, m: int, rank: in
     optimizer = params * optimizer_bytes / (dp if zero >= 1 else 1)
     per_layer = shape.activation_bytes(layout.microbatch, layout.tp,
                                        layout.sequence_parallel, layout.recompute) / cp
+    if layout.recompute_every > 1:  # the blocks not recomputed keep all they make
+        share = layout.recompute_share
+        per_layer = share * per_layer + (1 - share) * shape.activation_bytes(
+            layout.microbatch, layout.tp, layout.sequence_parallel, "none") / cp
     act = layers * per_layer * _in_flight(layout, m, rank)
     if layout.recompute == "full" and layers:  # one layer's activations rebuilt at a time
         act += shape.activation_bytes(layout.microbatch, layout.tp,
@@ -740,11 +760,11 @@ def zero3_units(shape: GPTShape, layout: TrainLayout) -> int:
     return layers * zero3_units_per_layer(shape, layout) + 1
 
 
-def zero3_gathers(layout: TrainLayout) -> int:
+def zero3_gathers(layout: TrainLayout) -> float:
     """All-gathers of every unit per micro-batch: forward and backward; DeepSpeed's module
-    hooks fire again for the forward that full recomputation reruns (FSDP2 unshards a
-    block once for its backward, recomputation included)."""
-    return 3 if layout.zero3_unit == "module" and layout.recompute == "full" else 2
+    hooks fire again for the forward that full recomputation reruns, on the blocks it
+    reruns (FSDP2 unshards a block once for its backward, recomputation included)."""
+    return 2 + (layout.recompute_share if layout.zero3_unit == "module" else 0.0)
 
 
 class DataParallelComm(NamedTuple):

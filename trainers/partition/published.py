@@ -473,10 +473,12 @@ def dgxc_cp_runs() -> list[PublishedRun]:
 
 
 # PyTorch's torchtitan (FSDP2 on 64 A100 80GB, docs/performance.md at 0413364): the rows
-# whose activation checkpointing the planner expresses (none, or every block: "full"; the
-# "selective layer" and "selective op" rows checkpoint every other block or keep chosen
-# ops' outputs, which it does not). Added after the fourth set, predicted once (README, "A
-# fifth held-out set"). WPS is tokens per second per GPU: the step is local batch x
+# whose activation checkpointing the planner expresses: none, every block ("full") and,
+# since ``TrainLayout.recompute_every``, every other block ("selective layer", torchtitan's
+# ac_freq 2 as its configs set it; the README does not print the frequency). The
+# "selective op" rows (chosen ops' outputs kept) are left out. Added after the fourth set,
+# predicted once (README, "A fifth held-out set"); the selective-layer rows once the
+# planner took recompute_every. WPS is tokens per second per GPU: the step is local batch x
 # sequence / WPS. Attention is torch's SDPA, whose flash backend is FlashAttention-2.
 TORCHTITAN = ("PyTorch 2024, torchtitan (github.com/pytorch/torchtitan), docs/performance.md "
               "@0413364: Llama 2 / Llama 3 with FSDP2 on 64 A100 (80GB)")
@@ -485,12 +487,17 @@ _TORCHTITAN_ASSUMED = ("FSDP2 as torchtitan configures it: every block its own u
                        "with fp32 sharded parameters, gradient reduce-scatter behind the "
                        "backward; no torch.compile; the cluster's network as DGX A100's "
                        "(8 x 200 Gb/s a node; it is not named)")
+# torchtitan's activation checkpointing: (TrainLayout.recompute, recompute_every, label)
+_TORCHTITAN_AC = {"no": ("none", 1, "no recompute"), "full": ("full", 1, "full recompute"),
+                  "selective layer": ("full", 2, "every 2nd block")}
 # (name, layers, hidden, heads, KV heads, MLP width, vocabulary, sequence, local batch,
 #  activation checkpointing, WPS)
 _TORCHTITAN_ROWS = (
-    ("Llama 2 13B", 40, 5120, 40, 40, 13824, 32000, 4096, 2, "none", 2162),
-    ("Llama 2 70B", 80, 8192, 64, 8, 28672, 32000, 4096, 2, "full", 353),
+    ("Llama 3 8B", 32, 4096, 32, 8, 14336, 128256, 8192, 1, "selective layer", 2904),
     ("Llama 3 70B", 80, 8192, 64, 8, 28672, 128256, 8192, 1, "full", 331),
+    ("Llama 2 13B", 40, 5120, 40, 40, 13824, 32000, 4096, 2, "no", 2162),
+    ("Llama 2 13B", 40, 5120, 40, 40, 13824, 32000, 4096, 2, "selective layer", 1914),
+    ("Llama 2 70B", 80, 8192, 64, 8, 28672, 32000, 4096, 2, "full", 353),
 )
 
 
@@ -501,11 +508,12 @@ def torchtitan_runs() -> list[PublishedRun]:
         shape = GPTShape(num_layers=layers, hidden=hidden, num_heads=heads, num_kv_heads=kv,
                          ffn_hidden=ffn, gated_mlp=True, seq_len=seq, vocab=vocab,
                          dropout=False, tied_embeddings=False, flash_kernel="flash2")
+        recompute, every, label = _TORCHTITAN_AC[ac]
         layout = TrainLayout(global_batch=64 * local, microbatch=local, zero=3,
-                             recompute=ac, overlap_grad_reduce=True)
-        label = "no recompute" if ac == "none" else "full recompute"
+                             recompute=recompute, recompute_every=every,
+                             overlap_grad_reduce=True)
         runs.append(PublishedRun(
-            f"{name} FSDP2, {label}, 64 A100 80GB", TORCHTITAN, shape,
+            f"{name} FSDP2, {label}, 64 A100", TORCHTITAN, shape,
             Cluster(gpu=GPUS["a100-80gb"], num_nodes=8), layout, local * seq / wps,
             f"local batch {local} x {seq} tokens / {wps} WPS", _TORCHTITAN_ASSUMED))
     return runs
