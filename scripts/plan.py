@@ -210,33 +210,30 @@ def cmd_published(args) -> None:
     missed = [r for r in tables if abs(r["error"]) >= 0.20]
     if missed:
         print(format_comparison(missed).replace("(not ranked)", ""))
-    dgxc = [compare(run) for run in NVIDIA_DGXC]
-    print("\nheld out, second set (NVIDIA DGX Cloud benchmarks, H100 BF16; predicted once):")
-    print(format_comparison(dgxc))
-    llama = [compare(run) for run in META_LLAMA3]
-    print("\nheld out, third set (Meta's Llama 3 405B, H100; uneven stages, ZeRO-2):")
-    print(format_comparison(llama))
-    dgxc_cp = [compare(run) for run in NVIDIA_DGXC_CP]
-    print("\nheld out, fourth set (NVIDIA's Llama 3.1 recipes, H100 BF16, context parallel 2):")
-    print(format_comparison(dgxc_cp))
-    titan = [compare(run) for run in TORCHTITAN_A100]
-    print("\nheld out, fifth set (PyTorch's torchtitan, FSDP2 on 64 A100 80GB):")
-    print(format_comparison(titan))
-    bloom = [compare(run) for run in BIGSCIENCE_BLOOM]
-    print("\nheld out, sixth set (BLOOM 176B, Megatron-DeepSpeed on 384 A100 80GB):")
-    print(format_comparison(bloom))
+    # The held-out sets added later, each printed and written under its JSON name
+    later = (("nvidia_dgxc", NVIDIA_DGXC,
+              "second set (NVIDIA DGX Cloud benchmarks, H100 BF16; predicted once)"),
+             ("meta_llama3", META_LLAMA3,
+              "third set (Meta's Llama 3 405B, H100; uneven stages, ZeRO-2)"),
+             ("nvidia_dgxc_cp", NVIDIA_DGXC_CP,
+              "fourth set (NVIDIA's Llama 3.1 recipes, H100 BF16, context parallel 2)"),
+             ("torchtitan_a100", TORCHTITAN_A100,
+              "fifth set (PyTorch's torchtitan, FSDP2 on 64 A100 80GB)"),
+             ("bigscience_bloom", BIGSCIENCE_BLOOM,
+              "sixth set (BLOOM 176B, Megatron-DeepSpeed on 384 A100 80GB)"))
+    groups = [("published", rows), ("held_out", held_out), ("mpt_tables", tables)]
+    for name, runs, title in later:
+        compared = [compare(run) for run in runs]
+        print(f"\nheld out, {title}:")
+        print(format_comparison(compared))
+        groups.append((name, compared))
     if args.json:
+        held = {"held_out"} | {name for name, _, _ in later}
         Path(args.json).write_text(json.dumps([
             {**{k: v for k, v in row.items() if k != "best"},
-             "held_out": name in ("held_out", "nvidia_dgxc", "meta_llama3", "nvidia_dgxc_cp",
-                                  "torchtitan_a100", "bigscience_bloom"),
-             "set": name,
+             "held_out": name in held, "set": name,
              "best": step_dict(row["best"]) if row["best"] else None}
-            for name, group in (("published", rows), ("held_out", held_out),
-                                ("mpt_tables", tables), ("nvidia_dgxc", dgxc),
-                                ("meta_llama3", llama), ("nvidia_dgxc_cp", dgxc_cp),
-                                ("torchtitan_a100", titan), ("bigscience_bloom", bloom))
-            for row in group], indent=1))
+            for name, group in groups for row in group], indent=1))
 
 
 def _shape_and_cluster_flags(p: argparse.ArgumentParser, *, source_case: bool = False) -> None:

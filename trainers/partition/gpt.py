@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 from trainers.partition import hardware
 from trainers.partition.hardware import (
+    FLASH_BACKWARD_RATIO,
     RESERVED_GIB,
     Cluster,
     gemm_seconds,
@@ -478,11 +479,6 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
     return dp
 
 
-# FlashAttention's backward runs five matmuls of the forward's size to its two (it recomputes
-# the scores), so 2.5 x its forward FLOPs (Dao 2023, FlashAttention-2, sec. 4.1).
-FLASH_BACKWARD_RATIO = 2.5
-
-
 def flash_attention_flops(shape: GPTShape, micro: int, tp: int) -> float:
     """Forward FLOPs FlashAttention runs for one layer and micro-batch on one GPU: Q K^T and
     P V, 2 s^2 d each per head, over the causal half of the blocks."""
@@ -693,16 +689,18 @@ def _rank_memory(shape: GPTShape, layout: TrainLayout, dp: int, m: int, rank: in
     if zero == 0:
         grads = params * reduced_bytes  # fp32 main gradients (Megatron) or fp32 grads
     optimizer = params * optimizer_bytes / (dp if zero >= 1 else 1)
-    per_layer = shape.activation_bytes(layout.microbatch, layout.tp,
-                                       layout.sequence_parallel, layout.recompute) / cp
-    if layout.recompute_every > 1:  # the blocks not recomputed keep all they make
+    def kept(recompute: str) -> float:  # one layer's activations for backward
+        return shape.activation_bytes(layout.microbatch, layout.tp,
+                                      layout.sequence_parallel, recompute) / cp
+
+    if layout.recompute == "full":  # the blocks not recomputed keep all they make
         share = layout.recompute_share
-        per_layer = share * per_layer + (1 - share) * shape.activation_bytes(
-            layout.microbatch, layout.tp, layout.sequence_parallel, "none") / cp
+        per_layer = share * kept("full") + (1 - share) * kept("none")
+    else:
+        per_layer = kept(layout.recompute)
     act = layers * per_layer * _in_flight(layout, m, rank)
     if layout.recompute == "full" and layers:  # one layer's activations rebuilt at a time
-        act += shape.activation_bytes(layout.microbatch, layout.tp,
-                                      layout.sequence_parallel, "none") / cp
+        act += kept("none")
     logits = 0.0
     if rank == layout.pp - 1:  # the logits and their gradient
         logits = (2 * layout.logit_bytes * layout.microbatch * shape.seq_len * shape.vocab

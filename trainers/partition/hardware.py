@@ -74,6 +74,9 @@ AMPERE_KERNEL_ON_HOPPER = 0.35 / ((0.50 + 0.73) / 2)
 A100_FLASH2_SHARE = (0.50 + 0.73) / 2
 HOPPER_FLASH2_SHARE = 0.35
 HOPPER_FLASH3_SHARE = HOPPER_FLASH2_SHARE * (1.5 + 2.0) / 2
+# FlashAttention's backward runs five matmuls of the forward's size to its two (it recomputes
+# the scores), so 2.5 x its forward FLOPs (Dao 2023, FlashAttention-2, sec. 4.1).
+FLASH_BACKWARD_RATIO = 2.5
 # cuDNN's fused attention (cuDNN 9, what Transformer Engine runs as "FusedAttention" when
 # NVTE_FUSED_ATTN=1; Hopper only here): its bars in Shah et al. 2024's figures 5 (forward,
 # causal mask) and 6 (backward), head dim 128, BF16, H100 80GB SXM5, TFLOP/s at sequence
@@ -82,10 +85,10 @@ HOPPER_FLASH3_SHARE = HOPPER_FLASH2_SHARE * (1.5 + 2.0) / 2
 # FlashAttention-2 at 0.29-0.34 of it, as HOPPER_FLASH2_SHARE's 35 % says.
 HOPPER_CUDNN_FORWARD_TFLOPS = (484.0, 518.0, 529.0, 539.0)
 HOPPER_CUDNN_BACKWARD_TFLOPS = (465.0, 499.0, 518.0, 516.0)
-_BACKWARD = 2.5  # gpt.FLASH_BACKWARD_RATIO
-HOPPER_CUDNN_SHARE = (1 + _BACKWARD) / (
+HOPPER_CUDNN_SHARE = (1 + FLASH_BACKWARD_RATIO) / (
     len(HOPPER_CUDNN_FORWARD_TFLOPS) / sum(HOPPER_CUDNN_FORWARD_TFLOPS)
-    + _BACKWARD * len(HOPPER_CUDNN_BACKWARD_TFLOPS) / sum(HOPPER_CUDNN_BACKWARD_TFLOPS)) / 989.0
+    + FLASH_BACKWARD_RATIO * len(HOPPER_CUDNN_BACKWARD_TFLOPS)
+    / sum(HOPPER_CUDNN_BACKWARD_TFLOPS)) / 989.0
 FLASH_KERNELS = ("flash", "flash2", "flash3", "cudnn")
 
 
@@ -118,8 +121,8 @@ class GPU:
 
     def attention_share(self, kernel: str) -> float:
         """The share of the peak FlashAttention ``kernel`` reaches on this GPU
-        (``FLASH_KERNELS``: "flash" the first generation, "flash2", "flash3", "cudnn"); refused,
-        naming what is valid, where this GPU has no rate for it."""
+        (``FLASH_KERNELS``: "flash" the first generation, "flash2", "flash3", "cudnn");
+        refused, naming what is valid, where this GPU has no rate for it."""
         share = self._attention_shares().get(kernel)
         if share is None:
             here = [k for k, v in self._attention_shares().items() if v]
