@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainers.errors import run_cli
 from trainers.partition.chain import MemoryModel
 from trainers.partition.draw import draw_partition, draw_timeline
-from trainers.partition.gpt import GPTShape, TrainLayout, estimate_step, rank_layouts
+from trainers.partition.gpt import RECOMPUTE, GPTShape, TrainLayout, estimate_step, rank_layouts
 from trainers.partition.hardware import FLASH_KERNELS, GPUS, Cluster, gpu_spec
 from trainers.partition.partition import PartitionConfig, plan_partition
 from trainers.partition.plan_io import write_json
@@ -141,6 +141,9 @@ def cmd_estimate(args) -> None:
         if args.cp > 1:
             raise ValueError(f"--runtime with --cp {args.cp}: this project's runtime has no "
                              "context parallelism; valid with --runtime: --cp 1")
+        if args.recompute not in ("none", "full"):
+            raise ValueError(f"--runtime with --recompute {args.recompute}: the runtime "
+                             "checkpoints whole blocks; valid with --runtime: none, full")
         dp = args.dp or cluster.num_gpus // (args.tp * args.pp)
         layout = replace(layout, zero=3 if dp > 1 else 0, fp32_params=True,
                          deferred_grad_sync=True, bf16_matmul_params=True)
@@ -313,7 +316,9 @@ def _add_shape_commands(sub) -> None:
                              "others (default: equal stages)")
     layout.add_argument("--last-stage-layers", type=int,
                         help="layers on the last pipeline stage (see --first-stage-layers)")
-    layout.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    layout.add_argument("--recompute", default="none", choices=RECOMPUTE,
+                        help="ops: torchtitan's op-level selective checkpointing (attention's "
+                             "and every other matmul's outputs kept)")
     layout.add_argument("--recompute-every", type=int, default=1,
                         help="with --recompute full: every N-th block recomputed, the others "
                              "keep their activations (torchtitan's selective layer "

@@ -11,7 +11,8 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   ``flash_share`` of the peak, backward 2.5 x forward) or, materialised, two batched GEMMs
   with the s x s scores through HBM. Recomputation adds a forward (full) or the attention
   core's forward (selective: under flash attention it frees nothing, as there are no
-  scores, and costs the rerun all the same, as Megatron-Core runs it).
+  scores, and costs the rerun all the same, as Megatron-Core runs it), or, torchtitan's op
+  policy ("ops"), the elementwise kernels and every other matmul, attention's output kept.
 * Tensor parallelism: 2 all-reduces of the layer's (b, s, h) activation forward and 2
   backward (reduce-scatter + all-gather of the same volume under sequence parallelism),
   on NVLink when tp fits in a node, else hierarchical over the network; the backward ones
@@ -59,7 +60,11 @@ from trainers.partition.hardware import (
 )
 
 GIB = 2**30
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "ops", "full")
+# What the ranking offers (``candidate_layouts``). "ops" is costed when a layout names it,
+# not ranked: it is torch's selective checkpointing as torchtitan configures it, which the
+# Megatron / DeepSpeed layouts of the ranking do not run.
+RANKED_RECOMPUTE = ("none", "selective", "full")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 # Bytes per parameter under bf16 mixed precision with Adam (Rajbhandari et al. 2020, ZeRO,
 # section 3.1: 2 + 2 + K with K = 12: fp32 master, momentum, variance).
@@ -193,11 +198,16 @@ class GPTShape:
         MLP input 2, MLP hidden 2f/h (x 2 gated) twice, dropout masks 2) + 5 a s^2 b for
         materialised scores; only the norms, dropout masks and the inputs of the
         column-parallel GEMMs are whole on every tensor rank unless sequence parallel.
+        Recompute "full" keeps the layer's input only; "ops" that and
+        ``_ops_saved_bytes``.
         """
         s, b, h = self.seq_len, micro, self.hidden
         sbh = s * b * h
+        split_input = 2 * sbh / (tp if sequence_parallel else 1)  # the layer's input
         if recompute == "full":
-            return 2 * sbh / (tp if sequence_parallel else 1)  # the layer's input only
+            return split_input
+        if recompute == "ops":
+            return split_input + self._ops_saved_bytes(micro, tp, sequence_parallel)
         mlp_hidden = 2 * self.ffn / h * (3 if self.gated_mlp else 2)
         masks = 2 if self.dropout else 0
         replicated = 4 + 4 + masks  # two norm inputs, two GEMM inputs, masks
@@ -207,6 +217,32 @@ class GPTShape:
             scores = (5 if self.dropout else 2) * self.num_heads * s * s * b / tp
         split = replicated / tp if sequence_parallel else replicated
         return sbh * (split + sharded / tp) + scores
+
+
+    def ops_matmuls(self) -> tuple[tuple[str, float, float], ...]:
+        """A block's weight matmuls in the order its forward calls them, as (name, output
+        width, input width) per token before tensor parallelism: Q, K and V separate (as
+        torchtitan's and Hugging Face's Llama), the output projection, the MLP's gate and
+        up (gated) or up, and down."""
+        h, kv, f = self.hidden, self.kv_dim, self.ffn
+        mlp = (("gate", f, h), ("up", f, h)) if self.gated_mlp else (("up", f, h),)
+        return (("q", h, h), ("k", kv, h), ("v", kv, h), ("out", h, h)) + mlp + (
+            ("down", h, f),)
+
+    def _ops_saved_bytes(self, micro: int, tp: int, sequence_parallel: bool) -> float:
+        """What ``recompute="ops"`` keeps of a layer beyond its input (torchtitan's "op"
+        selective checkpointing, ``torch.utils.checkpoint`` with a policy that saves the
+        outputs of attention and of every other matmul, the 1st, 3rd, ...; the rest is
+        rerun in the backward): those matmuls' outputs in bf16 (the row-parallel down /
+        out projections' whole before their reduction), the attention output with its fp32
+        log-sum-exp, and under sequence parallelism the two reduce-scatters' outputs."""
+        s, b, h = self.seq_len, micro, self.hidden
+        row_parallel = ("out", "down")
+        matmuls = sum(width / (1 if name in row_parallel else tp)
+                      for i, (name, width, _) in enumerate(self.ops_matmuls()) if i % 2 == 0)
+        attention = (h + 2 * self.num_heads) / tp  # output; log-sum-exp, fp32 a head
+        scatters = 2 * h / tp if sequence_parallel and tp > 1 else 0.0
+        return 2 * s * b * (matmuls + attention + scatters)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -448,6 +484,9 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
     if cp > 1 and not shape.flash_attention:
         raise ValueError(f"--cp {cp} needs flash attention (--attention flash, flash2 or "
                          "flash3); valid with --attention materialized: --cp 1")
+    if layout.recompute == "ops" and not shape.flash_attention:
+        raise ValueError("--recompute ops keeps the fused attention kernel's output; valid "
+                         "with --attention materialized: --recompute none, selective, full")
     if shape.seq_len % (2 * cp):
         valid = [c for c in range(1, shape.seq_len // 2 + 1) if shape.seq_len % (2 * c) == 0]
         raise ValueError(f"--cp {cp}: --seq-len {shape.seq_len} not divisible into 2 x {cp} "
@@ -560,7 +599,29 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
         if shape.flash_attention:
             comm += forward_kv
         ran += 4 * tokens * shape.seq_len * shape.hidden / layout.tp
+    elif layout.recompute == "ops":
+        # every elementwise kernel and every other matmul (``_ops_saved_bytes``) forward
+        # again; attention and, under sequence parallelism, the reduce-scatters are kept,
+        # so only the all-gathers (sp) or all-reduces (no sp) of the forward rerun
+        gemms, flops = _ops_rerun_gemms(shape, cluster, layout, tokens)
+        compute += f["elementwise"] + gemms
+        comm += f["allreduce"] if layout.sequence_parallel else 2 * f["allreduce"]
+        ran += flops
     return compute, comm, ran
+
+
+def _ops_rerun_gemms(shape: GPTShape, cluster: Cluster, layout: TrainLayout,
+                     tokens: float) -> tuple[float, float]:
+    """(seconds, FLOPs) of the matmuls ``recompute="ops"`` reruns on one GPU: the 2nd, 4th,
+    ... of ``GPTShape.ops_matmuls``, column-parallel but for the out and down projections."""
+    seconds = flops = 0.0
+    for i, (name, width, depth) in enumerate(shape.ops_matmuls()):
+        if i % 2 == 1:
+            n, k = (width, depth / layout.tp) if name in ("out", "down") else (
+                width / layout.tp, depth)
+            seconds += gemm_seconds(tokens, n, k, cluster.gpu)
+            flops += 2 * tokens * n * k
+    return seconds, flops
 
 
 def _head_parts(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tuple[float, float]:
@@ -699,7 +760,7 @@ def _rank_memory(shape: GPTShape, layout: TrainLayout, dp: int, m: int, rank: in
     else:
         per_layer = kept(layout.recompute)
     act = layers * per_layer * _in_flight(layout, m, rank)
-    if layout.recompute == "full" and layers:  # one layer's activations rebuilt at a time
+    if layout.recompute in ("full", "ops") and layers:  # one layer's rebuilt at a time
         act += kept("none")
     logits = 0.0
     if rank == layout.pp - 1:  # the logits and their gradient
@@ -903,7 +964,8 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
 
 
 def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
-                      recompute=RECOMPUTE, zero=(0, 1, 2, 3), microbatches=(1, 2, 4, 8),
+                      recompute=RANKED_RECOMPUTE, zero=(0, 1, 2, 3),
+                      microbatches=(1, 2, 4, 8),
                       runtime: bool = False, logit_bytes: int = 4,
                       optimizer_state: str = "fp32",
                       overlap_grad_reduce: bool | None = None,

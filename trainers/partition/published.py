@@ -475,10 +475,11 @@ def dgxc_cp_runs() -> list[PublishedRun]:
 # PyTorch's torchtitan (FSDP2 on 64 A100 80GB, docs/performance.md at 0413364): the rows
 # whose activation checkpointing the planner expresses: none, every block ("full") and,
 # since ``TrainLayout.recompute_every``, every other block ("selective layer", torchtitan's
-# ac_freq 2 as its configs set it; the README does not print the frequency). The
-# "selective op" rows (chosen ops' outputs kept) are left out. Added after the fourth set,
-# predicted once (README, "A fifth held-out set"); the selective-layer rows once the
-# planner took recompute_every. WPS is tokens per second per GPU: the step is local batch x
+# ac_freq 2 as its configs set it; the README does not print the frequency), and since
+# ``recompute="ops"`` its op policy ("selective op": attention's and every other matmul's
+# outputs kept). Added after the fourth set, predicted once (README, "A fifth held-out
+# set"); the selective-layer rows once the planner took recompute_every, the selective-op
+# rows once it took "ops". WPS is tokens per second per GPU: the step is local batch x
 # sequence / WPS. Attention is torch's SDPA, whose flash backend is FlashAttention-2.
 TORCHTITAN = ("PyTorch 2024, torchtitan (github.com/pytorch/torchtitan), docs/performance.md "
               "@0413364: Llama 2 / Llama 3 with FSDP2 on 64 A100 (80GB)")
@@ -489,16 +490,23 @@ _TORCHTITAN_ASSUMED = ("FSDP2 as torchtitan configures it: every block its own u
                        "(8 x 200 Gb/s a node; it is not named)")
 # torchtitan's activation checkpointing: (TrainLayout.recompute, recompute_every, label)
 _TORCHTITAN_AC = {"no": ("none", 1, "no recompute"), "full": ("full", 1, "full recompute"),
-                  "selective layer": ("full", 2, "every 2nd block")}
+                  "selective layer": ("full", 2, "every 2nd block"),
+                  "selective op": ("ops", 1, "selective op")}
 # (name, layers, hidden, heads, KV heads, MLP width, vocabulary, sequence, local batch,
 #  activation checkpointing, WPS)
 _TORCHTITAN_ROWS = (
     ("Llama 3 8B", 32, 4096, 32, 8, 14336, 128256, 8192, 1, "selective layer", 2904),
+    ("Llama 3 8B", 32, 4096, 32, 8, 14336, 128256, 8192, 1, "selective op", 2973),
     ("Llama 3 70B", 80, 8192, 64, 8, 28672, 128256, 8192, 1, "full", 331),
     ("Llama 2 13B", 40, 5120, 40, 40, 13824, 32000, 4096, 2, "no", 2162),
     ("Llama 2 13B", 40, 5120, 40, 40, 13824, 32000, 4096, 2, "selective layer", 1914),
+    ("Llama 2 13B", 40, 5120, 40, 40, 13824, 32000, 4096, 2, "selective op", 1904),
+    ("Llama 2 70B", 80, 8192, 64, 8, 28672, 32000, 4096, 1, "selective op", 355),
     ("Llama 2 70B", 80, 8192, 64, 8, 28672, 32000, 4096, 2, "full", 353),
 )
+# The page's footnote 1: Llama 2 70B at local batch 2 under selective op checkpointing ran
+# out of memory, so its row is at local batch 1 (tests/test_planner.py checks the planner
+# says so).
 
 
 def torchtitan_runs() -> list[PublishedRun]:
@@ -560,7 +568,7 @@ NVIDIA_DGXC = dgxc_runs()
 META_LLAMA3 = llama3_runs()
 # A fourth, after it learned context parallelism (17 runs).
 NVIDIA_DGXC_CP = dgxc_cp_runs()
-# A fifth: FSDP2 as PyTorch's torchtitan trains (3 runs).
+# A fifth: FSDP2 as PyTorch's torchtitan trains (8 runs).
 TORCHTITAN_A100 = torchtitan_runs()
 # A sixth: BLOOM 176B, Megatron-DeepSpeed (1 run).
 BIGSCIENCE_BLOOM = bloom_runs()
