@@ -25,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainers.errors import run_cli
 from trainers.partition.chain import MemoryModel
 from trainers.partition.draw import draw_partition, draw_timeline
-from trainers.partition.gpt import RECOMPUTE, GPTShape, TrainLayout, estimate_step, rank_layouts
+from trainers.partition.gpt import (
+    RANKED_RECOMPUTE,
+    RECOMPUTE,
+    GPTShape,
+    TrainLayout,
+    estimate_step,
+    rank_layouts,
+)
 from trainers.partition.hardware import FLASH_KERNELS, GPUS, Cluster, gpu_spec
 from trainers.partition.partition import PartitionConfig, plan_partition
 from trainers.partition.plan_io import write_json
@@ -159,7 +166,16 @@ def cmd_layouts(args) -> None:
         raise ValueError(f"--runtime with --zero {' '.join(map(str, args.zero))}: the runtime "
                          "shards as it trains (FSDP2 over dp); drop --zero or --runtime")
     zero = (0, 1, 2, 3) if args.zero is None else tuple(sorted(set(args.zero)))
+    recompute = RANKED_RECOMPUTE if args.recompute is None else tuple(
+        r for r in RECOMPUTE if r in args.recompute)
+    if args.runtime and args.recompute is not None:
+        raise ValueError(f"--runtime with --recompute {' '.join(args.recompute)}: the runtime "
+                         "checkpoints whole blocks or none; drop --recompute or --runtime")
+    if "ops" in recompute and not shape.flash_attention:
+        raise ValueError("--recompute ops keeps the fused attention kernel's output; valid "
+                         "with --attention materialized: --recompute none, selective, full")
     ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example, zero=zero,
+                          recompute=recompute,
                           runtime=args.runtime, logit_bytes=args.logit_bytes,
                           optimizer_state=args.optimizer_state,
                           overlap_grad_reduce=args.overlap_grad_reduce,
@@ -357,6 +373,10 @@ def _add_shape_commands(sub) -> None:
                            help="the ZeRO stages it offers (default: all; e.g. 0 1 3 for "
                                 "Megatron-Core or DeepSpeed, which do not run ZeRO-2 under "
                                 "a pipeline)")
+    framework.add_argument("--recompute", nargs="+", choices=RECOMPUTE,
+                           help="the activation checkpointing it offers (default: "
+                                f"{' '.join(RANKED_RECOMPUTE)}; e.g. none ops full for "
+                                "torchtitan)")
     _logit_bytes_flag(lay)
     _optimizer_state_flag(lay)
     lay.set_defaults(func=cmd_layouts)

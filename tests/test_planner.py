@@ -869,6 +869,24 @@ def test_layouts_cli_ranks_only_the_zero_stages_the_framework_offers(tmp_path):
     assert seen == {"all": {0, 1, 2, 3}, "some": {0, 1, 3}}
 
 
+def test_layouts_cli_ranks_the_checkpointing_the_framework_offers(tmp_path):
+    """`layouts` ranks none and full under flash attention (selective frees nothing there),
+    none, selective and full under materialised attention, and torchtitan's op policy only
+    when named: `--recompute none ops full`."""
+    from scripts.plan import main
+
+    seen = {}
+    for name, flags in (("flash", []), ("materialized", ["--attention", "materialized"]),
+                        ("torchtitan", ["--recompute", "none", "ops", "full"])):
+        out = tmp_path / f"{name}.json"
+        main(["layouts", *SHAPE_FLAGS, "--global-batch", "16", "--top", "10000", *flags,
+              "--json", str(out)])
+        seen[name] = {m[1] if (m := re.search(r"recompute=(\w+)", row["layout"])) else "none"
+                      for row in json.loads(out.read_text())}
+    assert seen == {"flash": {"none", "full"}, "materialized": {"none", "selective", "full"},
+                    "torchtitan": {"none", "ops", "full"}}
+
+
 @pytest.mark.parametrize("command, flags, message", [
     ("estimate", ["--nodes", "3", "--gpus-per-node", "1", "--tp", "3", "--global-batch", "9"],
      r"--heads 8 \(--kv-heads 8\) not divisible by --tp 3; valid --tp: \[1, 2, 4, 8\]"),
@@ -892,6 +910,10 @@ def test_layouts_cli_ranks_only_the_zero_stages_the_framework_offers(tmp_path):
       r"--virtual-stages 1 chunks, not divisible; valid: leave a multiple of 3")),
     ("estimate", ["--recompute-every", "2", "--global-batch", "8"],
      r"--recompute-every 2 with --recompute none: valid: >= 1, and > 1 only with"),
+    ("layouts", ["--runtime", "--recompute", "full"],
+     r"--runtime with --recompute full: the runtime checkpoints whole blocks or none; drop"),
+    ("layouts", ["--attention", "materialized", "--recompute", "ops"],
+     r"--recompute ops keeps the fused attention kernel's output; valid with --attention "),
     ("layouts", ["--runtime", "--zero", "1"],
      r"--runtime with --zero 1: the runtime shards as it trains \(FSDP2 over dp\)"),
     ("estimate", ["--gpu", "a100-80gb", "--global-batch", "8", "--attention", "flash3"],

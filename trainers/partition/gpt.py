@@ -218,7 +218,6 @@ class GPTShape:
         split = replicated / tp if sequence_parallel else replicated
         return sbh * (split + sharded / tp) + scores
 
-
     def ops_matmuls(self) -> tuple[tuple[str, float, float], ...]:
         """A block's weight matmuls in the order its forward calls them, as (name, output
         width, input width) per token before tensor parallelism: Q, K and V separate (as
@@ -984,12 +983,18 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     autocast, FSDP2 with deferred sync over dp (zero 3) or no sharding at dp = 1, activation
     checkpointing of every block or none (``recompute`` full / none), and under bf16-mixed
     the attention and MLP weights gathered in bf16 (``bf16_matmul_params``).
+    recompute: the activation checkpointing the framework offers (``RANKED_RECOMPUTE``
+        unless asked: "ops" is ranked only when named).
     logit_bytes: the loss's logit bytes for every candidate (``TrainLayout.logit_bytes``).
     optimizer_state: the framework's Adam state precision for every candidate
         (``TrainLayout.optimizer_state``).
     """
-    if runtime or shape.flash_attention:  # the runtime has none; flash: none, slower
+    if runtime:  # the runtime checkpoints whole blocks or none
+        recompute = tuple(r for r in recompute if r in ("none", "full"))
+    elif shape.flash_attention:  # selective frees nothing there, and is slower
         recompute = tuple(r for r in recompute if r != "selective")
+    else:  # ops keeps the fused attention kernel's output
+        recompute = tuple(r for r in recompute if r != "ops")
     grad_overlaps = (False,) if runtime else _both(overlap_grad_reduce)
     tp_overlaps = (False,) if runtime else _both(overlap_tp_comm)
 
