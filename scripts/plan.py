@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers.errors import run_cli
 from trainers.partition.chain import MemoryModel
-from trainers.partition.draw import draw_partition, draw_timeline
+from trainers.partition.draw import draw_partition, draw_published, draw_timeline
 from trainers.partition.gpt import (
     RANKED_RECOMPUTE,
     RECOMPUTE,
@@ -229,25 +229,31 @@ def cmd_published(args) -> None:
     missed = [r for r in tables if abs(r["error"]) >= 0.20]
     if missed:
         print(format_comparison(missed).replace("(not ranked)", ""))
-    # The held-out sets added later, each printed and written under its JSON name
-    later = (("nvidia_dgxc", NVIDIA_DGXC,
+    # The held-out sets added later, each printed, drawn and written under its JSON name:
+    # (name, runs, the picture's label, the printout's title)
+    later = (("nvidia_dgxc", NVIDIA_DGXC, "NVIDIA DGX Cloud",
               "second set (NVIDIA DGX Cloud benchmarks, H100 BF16; predicted once)"),
-             ("meta_llama3", META_LLAMA3,
+             ("meta_llama3", META_LLAMA3, "Meta's Llama 3 405B",
               "third set (Meta's Llama 3 405B, H100; uneven stages, ZeRO-2)"),
-             ("nvidia_dgxc_cp", NVIDIA_DGXC_CP,
+             ("nvidia_dgxc_cp", NVIDIA_DGXC_CP, "NVIDIA Llama 3.1 CP 2",
               "fourth set (NVIDIA's Llama 3.1 recipes, H100 BF16, context parallel 2)"),
-             ("torchtitan_a100", TORCHTITAN_A100,
+             ("torchtitan_a100", TORCHTITAN_A100, "torchtitan FSDP2",
               "fifth set (PyTorch's torchtitan, FSDP2 on 64 A100 80GB)"),
-             ("bigscience_bloom", BIGSCIENCE_BLOOM,
+             ("bigscience_bloom", BIGSCIENCE_BLOOM, "BLOOM 176B",
               "sixth set (BLOOM 176B, Megatron-DeepSpeed on 384 A100 80GB)"))
     groups = [("published", rows), ("held_out", held_out), ("mpt_tables", tables)]
-    for name, runs, title in later:
+    labels = {"published": "calibration and checks (Megatron, DeepSpeed)",
+              "held_out": "held out: MosaicML", "mpt_tables": "MosaicML's other rows"}
+    for name, runs, label, title in later:
         compared = [compare(run) for run in runs]
         print(f"\nheld out, {title}:")
         print(format_comparison(compared))
         groups.append((name, compared))
+        labels[name] = f"held out: {label}"
+    if args.png:
+        draw_published([(labels[name], group) for name, group in groups], args.png)
     if args.json:
-        held = {"held_out"} | {name for name, _, _ in later}
+        held = {"held_out"} | {name for name, *_ in later}
         Path(args.json).write_text(json.dumps([
             {**{k: v for k, v in row.items() if k != "best"},
              "held_out": name in held, "set": name,
@@ -389,6 +395,7 @@ def _add_shape_commands(sub) -> None:
     published = sub.add_parser("published", help="predicted against published step times "
                                                  "(trainers/partition/published.py)")
     published.add_argument("--json", help="write the rows as JSON here")
+    published.add_argument("--png", help="draw every row's error against its published step")
     published.set_defaults(func=cmd_published)
 
 

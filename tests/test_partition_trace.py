@@ -239,3 +239,28 @@ def test_plan_script_writes_json_and_pictures(measured, tmp_path):
     same = plan(measured, PartitionConfig(num_stages=3, schedule=ScheduleSpec(
         num_microbatches=6)), tied="replicate")
     assert list(same.plan.cuts) == data["optimal"]["cuts"]
+
+
+def test_published_picture_draws_every_row_and_names_the_misses(tmp_path, monkeypatch):
+    """`plan.py published --png`: one marker set per group, the misses (|error| >= 20 %)
+    numbered in published-step order and named beside the plot, the count within 20 % in
+    the title."""
+    import matplotlib.axes
+
+    from trainers.partition.draw import draw_published
+
+    marks, names, titles = [], [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: marks.append(text))
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, x, y, text, *a, **k: names.append(text))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, text, *a, **k: titles.append(text))
+    groups = [("a", [{"run": "ok", "published_s": 2.0, "error": -0.19},
+                     {"run": "slow", "published_s": 5.0, "error": -0.25}]),
+              ("b", [{"run": "fast", "published_s": 9.0, "error": 0.20}])]
+    draw_published(groups, tmp_path / "published.png")
+    assert (tmp_path / "published.png").stat().st_size > 10_000
+    assert marks == ["1", "2"]
+    assert names == ["outside 20 %:\n1 slow: -25.0%\n2 fast: +20.0%"]
+    assert titles == ["planner against published runs: 1 of 3 within 20 % (dashed)"]

@@ -85,3 +85,39 @@ def draw_timeline(plan: LayoutPlan, path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def draw_published(groups: list[tuple[str, list[dict]]], path: str | Path,
+                   title: str = "") -> None:
+    """Every published run's prediction error against its published step: one marker per
+    set (``groups``: a label and the rows ``published.compare`` returns), the 20 % target
+    as dashed lines, the runs outside it named."""
+    fig, ax = plt.subplots(figsize=(13, 6.5))
+    markers = "osD^v<>pP*Xh"
+    for i, (label, rows) in enumerate(groups):
+        ax.scatter([r["published_s"] for r in rows], [100 * r["error"] for r in rows],
+                   s=22, marker=markers[i % len(markers)], color=f"C{i % 10}", alpha=0.75,
+                   label=f"{label} ({len(rows)})", edgecolors="none")
+    missed = sorted((r for _, rows in groups for r in rows if abs(r["error"]) >= 0.20),
+                    key=lambda r: r["published_s"])
+    for j, r in enumerate(missed, 1):  # numbered on the plot, named beside it
+        ax.annotate(str(j), (r["published_s"], 100 * r["error"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if missed:
+        ax.text(1.01, 0.0, "outside 20 %:\n" + "\n".join(
+            f"{j} {r['run']}: {r['error']:+.1%}" for j, r in enumerate(missed, 1)),
+            transform=ax.transAxes, fontsize=7, va="bottom")
+    for target in (-20, 20):
+        ax.axhline(target, color="red", ls="--", lw=0.8)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("published step (s, log scale)")
+    ax.set_ylabel("predicted / published - 1 (%)")
+    total = sum(len(rows) for _, rows in groups)
+    within = sum(abs(r["error"]) < 0.20 for _, rows in groups for r in rows)
+    ax.set_title(title or f"planner against published runs: {within} of {total} within 20 % "
+                          "(dashed)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
