@@ -168,12 +168,16 @@ def cmd_layouts(args) -> None:
     zero = (0, 1, 2, 3) if args.zero is None else tuple(sorted(set(args.zero)))
     recompute = RANKED_RECOMPUTE if args.recompute is None else tuple(
         r for r in RECOMPUTE if r in args.recompute)
-    if args.runtime and args.recompute is not None:
-        raise ValueError(f"--runtime with --recompute {' '.join(args.recompute)}: the runtime "
-                         "checkpoints whole blocks or none; drop --recompute or --runtime")
+    named = " ".join(args.recompute or ())
+    if args.runtime and args.recompute and not set(recompute) <= {"none", "full"}:
+        raise ValueError(f"--runtime with --recompute {named}: the runtime checkpoints whole "
+                         "blocks or none; valid with --runtime: none, full")
     if "ops" in recompute and not shape.flash_attention:
         raise ValueError("--recompute ops keeps the fused attention kernel's output; valid "
                          "with --attention materialized: --recompute none, selective, full")
+    if recompute == ("selective",) and shape.flash_attention:
+        raise ValueError("--recompute selective frees nothing under flash attention, so it "
+                         "is not ranked there; valid: none, ops, full")
     ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example, zero=zero,
                           recompute=recompute,
                           runtime=args.runtime, logit_bytes=args.logit_bytes,

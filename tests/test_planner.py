@@ -552,9 +552,27 @@ def test_recompute_ops_by_hand():
              + gemm_seconds(tokens, 2816 / 2, 1024, A100_40))  # up
     assert ops.time_s["compute"] - none.time_s["compute"] == pytest.approx(
         4 * (elementwise + rerun))
-    # none: 2 all-reduces forward, 2 backward; ops adds the all-gather halves of the forward's
+    # none: 2 all-reduces forward, 2 backward; ops adds the forward's 2 all-gathers (half an
+    # all-reduce each), or without sp the all-reduce after out (early stop skips down's)
     assert ops.time_s["tp_comm"] == pytest.approx(none.time_s["tp_comm"] * 5 / 4)
-    assert ops.hardware_tflops_per_gpu > none.hardware_tflops_per_gpu * none.step_s / ops.step_s
+    no_sp = {r: estimate_step(shape, cluster, TrainLayout(tp=2, global_batch=2, microbatch=2,
+                                                          recompute=r)) for r in ("none", "ops")}
+    assert no_sp["ops"].time_s["tp_comm"] == pytest.approx(
+        no_sp["none"].time_s["tp_comm"] * 5 / 4)
+    # without sp: the input whole, no reduce-scatters
+    assert shape.activation_bytes(2, 2, False, "ops") == pytest.approx(
+        2 * tokens * (1024 + 512 + 128 + 1408 + 1024 + 520))
+    # FLOPs run: the K, out and up matmuls again, on both GPUs, in each of the 4 layers
+    ran = {name: e.hardware_tflops_per_gpu * e.step_s * 2 * 1e12
+           for name, e in (("none", none), ("ops", ops))}
+    assert ran["ops"] - ran["none"] == pytest.approx(
+        4 * 2 * 2 * tokens * (128 * 1024 + 1024 * 512 + 1408 * 1024))
+    # context parallelism: each GPU keeps half of what one GPU would
+    one, halves = (estimate_step(shape, Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=n),
+                                 TrainLayout(cp=n, global_batch=2, microbatch=2,
+                                             recompute="ops")) for n in (1, 2))
+    assert halves.memory_bytes["activations"] == pytest.approx(
+        one.memory_bytes["activations"] / 2)
     with pytest.raises(ValueError, match=r"--recompute ops keeps the fused attention kernel's "
                                          r"output; valid with --attention materialized"):
         estimate_step(replace(shape, flash_attention=False), cluster,
@@ -910,8 +928,15 @@ def test_layouts_cli_ranks_the_checkpointing_the_framework_offers(tmp_path):
       r"--virtual-stages 1 chunks, not divisible; valid: leave a multiple of 3")),
     ("estimate", ["--recompute-every", "2", "--global-batch", "8"],
      r"--recompute-every 2 with --recompute none: valid: >= 1, and > 1 only with"),
-    ("layouts", ["--runtime", "--recompute", "full"],
-     r"--runtime with --recompute full: the runtime checkpoints whole blocks or none; drop"),
+    ("layouts", ["--runtime", "--recompute", "none", "ops"],
+     (r"--runtime with --recompute none ops: the runtime checkpoints whole blocks or none; "
+     r"valid with --runtime: none, full")),
+    ("estimate", ["--recompute", "ops", "--zero", "3", "--zero3-unit", "module",
+                  "--global-batch", "8"],
+     r"--recompute ops is torch's checkpointing under FSDP \(a unit per block\); valid "),
+    ("layouts", ["--recompute", "selective"],
+     (r"--recompute selective frees nothing under flash attention, so it is not ranked "
+     r"there; valid: none, ops, full")),
     ("layouts", ["--attention", "materialized", "--recompute", "ops"],
      r"--recompute ops keeps the fused attention kernel's output; valid with --attention "),
     ("layouts", ["--runtime", "--zero", "1"],

@@ -232,9 +232,10 @@ class GPTShape:
         """What ``recompute="ops"`` keeps of a layer beyond its input (torchtitan's "op"
         selective checkpointing, ``torch.utils.checkpoint`` with a policy that saves the
         outputs of attention and of every other matmul, the 1st, 3rd, ...; the rest is
-        rerun in the backward): those matmuls' outputs in bf16 (the row-parallel down /
-        out projections' whole before their reduction), the attention output with its fp32
-        log-sum-exp, and under sequence parallelism the two reduce-scatters' outputs."""
+        rerun in the backward): those matmuls' outputs in bf16 (Q, V, gate and down under a
+        gated MLP, down's whole before its reduction; Q, V and up without), the attention
+        output with its fp32 log-sum-exp, and under sequence parallelism the two
+        reduce-scatters' outputs."""
         s, b, h = self.seq_len, micro, self.hidden
         row_parallel = ("out", "down")
         matmuls = sum(width / (1 if name in row_parallel else tp)
@@ -486,6 +487,9 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
     if layout.recompute == "ops" and not shape.flash_attention:
         raise ValueError("--recompute ops keeps the fused attention kernel's output; valid "
                          "with --attention materialized: --recompute none, selective, full")
+    if layout.recompute == "ops" and layout.zero == 3 and layout.zero3_unit == "module":
+        raise ValueError("--recompute ops is torch's checkpointing under FSDP (a unit per "
+                         "block); valid with it: --zero3-unit layer")
     if shape.seq_len % (2 * cp):
         valid = [c for c in range(1, shape.seq_len // 2 + 1) if shape.seq_len % (2 * c) == 0]
         raise ValueError(f"--cp {cp}: --seq-len {shape.seq_len} not divisible into 2 x {cp} "
@@ -601,10 +605,13 @@ def _layer_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> tu
     elif layout.recompute == "ops":
         # every elementwise kernel and every other matmul (``_ops_saved_bytes``) forward
         # again; attention and, under sequence parallelism, the reduce-scatters are kept,
-        # so only the all-gathers (sp) or all-reduces (no sp) of the forward rerun
+        # so the forward's two all-gathers rerun (sp: together one all-reduce's volume) or,
+        # without sp, the all-reduce after the out projection (the one after down feeds
+        # only the residual add, past the last tensor the backward needs, where torch's
+        # checkpoint stops its rerun: early stop, on by default)
         gemms, flops = _ops_rerun_gemms(shape, cluster, layout, tokens)
         compute += f["elementwise"] + gemms
-        comm += f["allreduce"] if layout.sequence_parallel else 2 * f["allreduce"]
+        comm += f["allreduce"]
         ran += flops
     return compute, comm, ran
 
@@ -759,7 +766,9 @@ def _rank_memory(shape: GPTShape, layout: TrainLayout, dp: int, m: int, rank: in
     else:
         per_layer = kept(layout.recompute)
     act = layers * per_layer * _in_flight(layout, m, rank)
-    if layout.recompute in ("full", "ops") and layers:  # one layer's rebuilt at a time
+    if layout.recompute in ("full", "ops") and layers:
+        # one layer's activations rebuilt at a time, counted whole on top of what that layer
+        # keeps (its input; under ops also Q, V, gate, down, attention): a slight overcount
         act += kept("none")
     logits = 0.0
     if rank == layout.pp - 1:  # the logits and their gradient
