@@ -101,6 +101,10 @@ def build(args: argparse.Namespace) -> None:
     collective = distributed_collective()
     try:
         build_on(args, collective)
+        if collective.world_size > 1:
+            # leave together: a rank that exits while rank 0 still loads the index closes
+            # its connections under rank 0's process group
+            collective.barrier()
     finally:
         if collective.world_size > 1:
             import torch.distributed as dist

@@ -169,6 +169,7 @@ def test_two_nodes_resume_per_rank(reference, tiny_dirs, tmp_path):
         "dist.init_process_group('gloo')\n"
         "_interrupted_then_resumed(dist.get_rank(), dist.get_world_size(), sys.argv[1], "
         "sys.argv[2])\n"
+        "dist.barrier()\n"  # both ranks leave together, as scripts/build_index.py does
         "dist.destroy_process_group()\n")
     nodes = _two_nodes([str(script), str(out), str(tiny_dirs[0])], cwd=ROOT)
     for node, done in enumerate(nodes):

@@ -29,6 +29,7 @@ def _entry(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # every rank leaves together (not after a failure: that one may hang)
     finally:
         dist.destroy_process_group()
 
