@@ -26,8 +26,10 @@ from trainers.errors import run_cli
 from trainers.partition.chain import MemoryModel
 from trainers.partition.draw import draw_partition, draw_published, draw_timeline
 from trainers.partition.gpt import (
+    OPS_NEEDS_FLASH,
     RANKED_RECOMPUTE,
     RECOMPUTE,
+    RUNTIME_RECOMPUTE,
     GPTShape,
     TrainLayout,
     estimate_step,
@@ -148,7 +150,7 @@ def cmd_estimate(args) -> None:
         if args.cp > 1:
             raise ValueError(f"--runtime with --cp {args.cp}: this project's runtime has no "
                              "context parallelism; valid with --runtime: --cp 1")
-        if args.recompute not in ("none", "full"):
+        if args.recompute not in RUNTIME_RECOMPUTE:
             raise ValueError(f"--runtime with --recompute {args.recompute}: the runtime "
                              "checkpoints whole blocks; valid with --runtime: none, full")
         dp = args.dp or cluster.num_gpus // (args.tp * args.pp)
@@ -168,13 +170,11 @@ def cmd_layouts(args) -> None:
     zero = (0, 1, 2, 3) if args.zero is None else tuple(sorted(set(args.zero)))
     recompute = RANKED_RECOMPUTE if args.recompute is None else tuple(
         r for r in RECOMPUTE if r in args.recompute)
-    named = " ".join(args.recompute or ())
-    if args.runtime and args.recompute and not set(recompute) <= {"none", "full"}:
-        raise ValueError(f"--runtime with --recompute {named}: the runtime checkpoints whole "
-                         "blocks or none; valid with --runtime: none, full")
+    if args.runtime and args.recompute and not set(recompute) <= set(RUNTIME_RECOMPUTE):
+        raise ValueError(f"--runtime with --recompute {' '.join(args.recompute)}: the runtime "
+                         "checkpoints whole blocks or none; valid with --runtime: none, full")
     if "ops" in recompute and not shape.flash_attention:
-        raise ValueError("--recompute ops keeps the fused attention kernel's output; valid "
-                         "with --attention materialized: --recompute none, selective, full")
+        raise ValueError(OPS_NEEDS_FLASH)
     if recompute == ("selective",) and shape.flash_attention:
         raise ValueError("--recompute selective frees nothing under flash attention, so it "
                          "is not ranked there; valid: none, ops, full")

@@ -65,6 +65,14 @@ RECOMPUTE = ("none", "selective", "ops", "full")
 # not ranked: it is torch's selective checkpointing as torchtitan configures it, which the
 # Megatron / DeepSpeed layouts of the ranking do not run.
 RANKED_RECOMPUTE = ("none", "selective", "full")
+# What this project's runtime checkpoints: whole blocks or none.
+RUNTIME_RECOMPUTE = ("none", "full")
+# "ops" keeps the fused attention kernel's output, so it needs one.
+OPS_NEEDS_FLASH = ("--recompute ops keeps the fused attention kernel's output; valid with "
+                   "--attention materialized: --recompute none, selective, full")
+# The matmuls whose tensor-parallel split is of their input (row-parallel); the rest split
+# their output (``GPTShape.ops_matmuls``).
+ROW_PARALLEL_MATMULS = ("out", "down")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 # Bytes per parameter under bf16 mixed precision with Adam (Rajbhandari et al. 2020, ZeRO,
 # section 3.1: 2 + 2 + K with K = 12: fp32 master, momentum, variance).
@@ -237,8 +245,7 @@ class GPTShape:
         output with its fp32 log-sum-exp, and under sequence parallelism the two
         reduce-scatters' outputs."""
         s, b, h = self.seq_len, micro, self.hidden
-        row_parallel = ("out", "down")
-        matmuls = sum(width / (1 if name in row_parallel else tp)
+        matmuls = sum(width / (1 if name in ROW_PARALLEL_MATMULS else tp)
                       for i, (name, width, _) in enumerate(self.ops_matmuls()) if i % 2 == 0)
         attention = (h + 2 * self.num_heads) / tp  # output; log-sum-exp, fp32 a head
         scatters = 2 * h / tp if sequence_parallel and tp > 1 else 0.0
@@ -485,8 +492,7 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
         raise ValueError(f"--cp {cp} needs flash attention (--attention flash, flash2 or "
                          "flash3); valid with --attention materialized: --cp 1")
     if layout.recompute == "ops" and not shape.flash_attention:
-        raise ValueError("--recompute ops keeps the fused attention kernel's output; valid "
-                         "with --attention materialized: --recompute none, selective, full")
+        raise ValueError(OPS_NEEDS_FLASH)
     if layout.recompute == "ops" and layout.zero == 3 and layout.zero3_unit == "module":
         raise ValueError("--recompute ops is torch's checkpointing under FSDP (a unit per "
                          "block); valid with it: --zero3-unit layer")
@@ -623,7 +629,7 @@ def _ops_rerun_gemms(shape: GPTShape, cluster: Cluster, layout: TrainLayout,
     seconds = flops = 0.0
     for i, (name, width, depth) in enumerate(shape.ops_matmuls()):
         if i % 2 == 1:
-            n, k = (width, depth / layout.tp) if name in ("out", "down") else (
+            n, k = (width, depth / layout.tp) if name in ROW_PARALLEL_MATMULS else (
                 width / layout.tp, depth)
             seconds += gemm_seconds(tokens, n, k, cluster.gpu)
             flops += 2 * tokens * n * k
@@ -998,8 +1004,8 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     optimizer_state: the framework's Adam state precision for every candidate
         (``TrainLayout.optimizer_state``).
     """
-    if runtime:  # the runtime checkpoints whole blocks or none
-        recompute = tuple(r for r in recompute if r in ("none", "full"))
+    if runtime:
+        recompute = tuple(r for r in recompute if r in RUNTIME_RECOMPUTE)
     elif shape.flash_attention:  # selective frees nothing there, and is slower
         recompute = tuple(r for r in recompute if r != "selective")
     else:  # ops keeps the fused attention kernel's output
