@@ -27,7 +27,9 @@ from trainers.partition.chain import MemoryModel
 from trainers.partition.draw import draw_partition, draw_published, draw_timeline
 from trainers.partition.gpt import (
     OPS_NEEDS_FLASH,
+    PIPELINE_SCHEDULES,
     RANKED_RECOMPUTE,
+    RANKED_SCHEDULES,
     RECOMPUTE,
     RUNTIME_RECOMPUTE,
     GPTShape,
@@ -39,6 +41,7 @@ from trainers.partition.hardware import FLASH_KERNELS, GPUS, Cluster, gpu_spec
 from trainers.partition.partition import PartitionConfig, plan_partition
 from trainers.partition.plan_io import write_json
 from trainers.partition.report import format_partition, format_step, format_steps, step_dict
+from trainers.partition.schedule import TORCH_ORDERED as SPLIT_BACKWARD
 from trainers.partition.schedule import ScheduleSpec
 from trainers.partition.source_case import format_source_case, source_case
 from trainers.partition.trace import Profile
@@ -153,6 +156,10 @@ def cmd_estimate(args) -> None:
         if args.recompute not in RUNTIME_RECOMPUTE:
             raise ValueError(f"--runtime with --recompute {args.recompute}: the runtime "
                              "checkpoints whole blocks; valid with --runtime: none, full")
+        if args.recompute != "none" and args.schedule in SPLIT_BACKWARD:
+            raise ValueError(f"--runtime with --recompute {args.recompute} and --schedule "
+                             f"{args.schedule}: the runtime does not checkpoint under the "
+                             "split-backward schedules; valid with it: --recompute none")
         dp = args.dp or cluster.num_gpus // (args.tp * args.pp)
         layout = replace(layout, zero=3 if dp > 1 else 0, fp32_params=True,
                          deferred_grad_sync=True, bf16_matmul_params=True)
@@ -178,8 +185,9 @@ def cmd_layouts(args) -> None:
     if recompute == ("selective",) and shape.flash_attention:
         raise ValueError("--recompute selective frees nothing under flash attention, so it "
                          "is not ranked there; valid: none, ops, full")
+    schedules = RANKED_SCHEDULES if args.schedules is None else tuple(args.schedules)
     ranked = rank_layouts(shape, _cluster(args), args.global_batch * per_example, zero=zero,
-                          recompute=recompute,
+                          recompute=recompute, schedules=schedules,
                           runtime=args.runtime, logit_bytes=args.logit_bytes,
                           optimizer_state=args.optimizer_state,
                           overlap_grad_reduce=args.overlap_grad_reduce,
@@ -334,8 +342,9 @@ def _add_shape_commands(sub) -> None:
                         help="context parallelism: each sequence split over cp GPUs "
                              "(needs flash attention)")
     layout.add_argument("--microbatch", type=int, default=1)
-    layout.add_argument("--schedule", default="1f1b",
-                        choices=["1f1b", "gpipe", "interleaved_1f1b"])
+    layout.add_argument("--schedule", default="1f1b", choices=PIPELINE_SCHEDULES,
+                        help="interleaved_zero_bubble / zbv_zero_bubble: the runtime's "
+                             "split-backward schedules, costed in torch's order")
     layout.add_argument("--virtual-stages", type=int, default=1)
     layout.add_argument("--first-stage-layers", type=int,
                         help="layers on the first pipeline stage, the rest equal over the "
@@ -387,6 +396,12 @@ def _add_shape_commands(sub) -> None:
                            help="the activation checkpointing it offers (default: "
                                 f"{' '.join(RANKED_RECOMPUTE)}; e.g. none ops full for "
                                 "torchtitan)")
+    framework.add_argument("--schedules", nargs="+",
+                           choices=[s for s in PIPELINE_SCHEDULES if s != "gpipe"],
+                           help="the pipeline schedules it offers (default: "
+                                f"{' '.join(RANKED_SCHEDULES)}; 1f1b always where a rank "
+                                "has one stage; e.g. add zbv_zero_bubble for torchtitan "
+                                "or this runtime)")
     _logit_bytes_flag(lay)
     _optimizer_state_flag(lay)
     lay.set_defaults(func=cmd_layouts)

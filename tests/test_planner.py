@@ -939,6 +939,10 @@ def test_layouts_cli_ranks_the_checkpointing_the_framework_offers(tmp_path):
      r"there; valid: none, ops, full")),
     ("layouts", ["--attention", "materialized", "--recompute", "ops"],
      r"--recompute ops keeps the fused attention kernel's output; valid with --attention "),
+    ("estimate", ["--runtime", "--recompute", "full", "--pp", "2", "--schedule",
+                  "zbv_zero_bubble", "--virtual-stages", "2", "--global-batch", "8"],
+     (r"--runtime with --recompute full and --schedule zbv_zero_bubble: the runtime does "
+      r"not checkpoint under the split-backward schedules; valid with it: --recompute none")),
     ("layouts", ["--runtime", "--zero", "1"],
      r"--runtime with --zero 1: the runtime shards as it trains \(FSDP2 over dp\)"),
     ("estimate", ["--gpu", "a100-80gb", "--global-batch", "8", "--attention", "flash3"],
@@ -1262,3 +1266,145 @@ def test_runtime_layouts_are_the_ones_the_runtime_trains():
     assert layouts and all(lay.fp32_params and lay.deferred_grad_sync for lay in layouts)
     assert {lay.recompute for lay in layouts} == {"none", "full"}
     assert {(lay.dp > 1, lay.zero) for lay in layouts} == {(True, 3), (False, 0)}
+
+
+def test_split_backward_order_by_hand():
+    """ZB-V (torch's ScheduleZBVZeroBubble) on p = 2 with one micro-batch, every F, I and W
+    1 ms: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2. By hand: F0 [0, 1] on rank 0,
+    F1 [1, 2] and F2 [2, 3] on rank 1, F3 [3, 4], I3 [4, 5], W3 [5, 6] on rank 0, I2 [5, 6],
+    W2 [6, 7], I1 [7, 8], W1 [8, 9] on rank 1, I0 [8, 9] and W0 [9, 10] on rank 0: a 10 ms
+    step, each rank busy 6 ms and holding two stages' activations at its peak. With four
+    micro-batches rank 1 cannot start before stage 0's first forward, and the order loses
+    nothing more: 24 ms of work per rank, a 25 ms step."""
+    from trainers.partition.schedule import simulate_order, torch_order
+
+    orders = torch_order("zbv_zero_bubble", 2, 1, 2)
+    assert orders == (
+        (("F", 0, 0), ("F", 3, 0), ("I", 3, 0), ("W", 3, 0), ("I", 0, 0), ("W", 0, 0)),
+        (("F", 1, 0), ("F", 2, 0), ("I", 2, 0), ("W", 2, 0), ("I", 1, 0), ("W", 1, 0)))
+    one = simulate_order(orders, [1.0] * 4, [1.0] * 4, [1.0] * 4)
+    assert (one.step_ms, one.busy_ms, one.peak_held) == (10.0, (6.0, 6.0), (2, 2))
+    four = simulate_order(torch_order("zbv_zero_bubble", 2, 4, 2), [1.0] * 4, [1.0] * 4,
+                          [1.0] * 4)
+    assert (four.step_ms, four.busy_ms) == (25.0, (24.0, 24.0))
+    with pytest.raises(ValueError, match=r"schedule='interleaved_zero_bubble' with 2 pipeline "
+                                         r"ranks, 2 stages each and 5 micro-batches: torch "
+                                         r"refuses it \(.*multiple of the number of rounds"):
+        torch_order("interleaved_zero_bubble", 2, 5, 2)
+
+
+@pytest.mark.parametrize("name, v", [("1f1b", 1), ("interleaved_1f1b", 2)])
+def test_order_simulation_agrees_with_the_schedule_simulator(name, v):
+    """The simulator of torch's orders, given the planner's own 1F1B / interleaved orders
+    (whole backwards: I = the backward, W = 0), gives the schedule simulator's step."""
+    import random
+
+    from trainers.partition.schedule import ScheduleSpec, _orders, simulate, simulate_order
+
+    rng = random.Random(0)
+    spec = ScheduleSpec(name=name, num_microbatches=8, virtual_stages=v)
+    chunks = 4 * v
+    fwd = [rng.uniform(1, 2) for _ in range(chunks)]
+    bwd = [rng.uniform(2, 4) for _ in range(chunks)]
+    comm = [rng.uniform(0, 0.3) for _ in range(chunks - 1)]
+    expected = simulate(fwd, bwd, comm, spec, num_ranks=4)
+    got = simulate_order(_orders(spec, 4), fwd, bwd, [0.0] * chunks, comm)
+    assert got.step_ms == pytest.approx(expected.step_ms, rel=1e-12)
+    assert got.busy_ms == pytest.approx(expected.busy_ms)
+
+
+def test_split_backward_schedules_in_the_step_by_hand():
+    """pp = 2, 2 stages a rank, 4 micro-batches: the pipeline is torch's order simulated with
+    every stage at half the busiest rank's forward, weight-gradient (its GEMMs' forward and,
+    on the rank with the logits, the logits GEMM) and input-gradient (the rest) times. Under
+    ZB-V the first rank holds the last stage: the logits, the embedding and the output
+    layer are on rank 0; in flight, the stage-micro-batches torch's order holds / 2."""
+    from trainers.partition.gpt import (
+        _forward_seconds,
+        _head_parts,
+        _in_flight,
+        _layer_forward_s,
+        _layer_seconds,
+        _rank_params,
+    )
+    from trainers.partition.schedule import peak_held, simulate_order, torch_order
+
+    shape = GPTShape(num_layers=8, hidden=1024, num_heads=16, seq_len=512, vocab=32000,
+                     dropout=False, tied_embeddings=False)
+    cluster = Cluster(gpu=GPUS["h100-80gb"], num_nodes=1, gpus_per_node=2)
+    one_f1b = estimate_step(shape, cluster, TrainLayout(pp=2, global_batch=4))
+    for name in ("zbv_zero_bubble", "interleaved_zero_bubble"):
+        layout = TrainLayout(pp=2, global_batch=4, schedule=name, virtual_stages=2)
+        e = estimate_step(shape, cluster, layout)
+        head = 0 if name == "zbv_zero_bubble" else 1
+        assert layout.head_rank == head
+        compute, _, _ = _layer_seconds(shape, cluster, layout)
+        gemm, loss = _head_parts(shape, cluster, layout)
+        rank = 4 * compute + 3 * gemm + loss  # the busiest: 4 layers and the logits
+        forward = _forward_seconds(shape, cluster, layout, 4, True)
+        weight = 4 * _layer_forward_s(shape, cluster, layout)["gemm"] + gemm
+        sim = simulate_order(torch_order(name, 2, 4, 2), [forward / 2] * 4,
+                             [(rank - forward - weight) / 2] * 4, [weight / 2] * 4)
+        per_micro = (e.time_s["compute"] + e.time_s["tp_comm"] + e.time_s["pp_p2p"]) / 4
+        assert e.time_s["compute"] == pytest.approx(4 * rank)
+        assert e.time_s["bubble"] == pytest.approx(per_micro * (sim.step_ms / rank - 4))
+        assert 0 < e.time_s["bubble"] < one_f1b.time_s["bubble"]
+        orders = torch_order(name, 2, 4, 2)
+        assert [_in_flight(layout, 4, r) for r in (0, 1)] == [peak_held(o) / 2 for o in orders]
+        edges = [_rank_params(shape, layout, r) - 4 * shape.layer_params for r in (0, 1)]
+        assert edges == ([2 * shape.embedding_params, 0] if head == 0
+                         else [shape.embedding_params] * 2)
+        logits = 2 * 4 * 512 * 32000
+        act = shape.activation_bytes(1, 1, False, "none")
+        memory = memory_per_gpu(shape, layout, 1, 4)
+        assert memory["activations"] == pytest.approx(max(
+            4 * act * _in_flight(layout, 4, r) + (logits if r == head else 0) for r in (0, 1)))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"schedule": "zbv_zero_bubble", "virtual_stages": 4},
+     r"--virtual-stages 4 with --schedule zbv_zero_bubble: valid: 2 \(a V of two stages"),
+    ({"schedule": "interleaved_zero_bubble"},
+     (r"--virtual-stages 1 with --schedule interleaved_zero_bubble: interleaved_1f1b, "
+      r"interleaved_zero_bubble, zbv_zero_bubble need >= 2")),
+    ({"schedule": "interleaved_zero_bubble", "virtual_stages": 2, "global_batch": 9},
+     (r"--schedule interleaved_zero_bubble with --pp 4, --virtual-stages 2 and 9 "
+      r"micro-batches \(global batch / \(dp x microbatch\)\): .*torch refuses it")),
+    ({"schedule": "zbv_zero_bubble", "virtual_stages": 2, "first_stage_layers": 1,
+      "last_stage_layers": 1},
+     (r"--first-stage-layers / --last-stage-layers with --schedule zbv_zero_bubble: valid "
+      r"with equal stages only")),
+])
+def test_bad_split_backward_layouts_name_the_flag(flags, message):
+    shape = GPTShape(num_layers=16, hidden=1024, num_heads=16, seq_len=512, vocab=4096)
+    cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=4)
+    with pytest.raises(ValueError, match=message):
+        estimate_step(shape, cluster, TrainLayout(**{"pp": 4, "global_batch": 16, **flags}))
+
+
+def test_split_backward_schedules_are_ranked_when_offered():
+    """Ranked only when named (the published checks rank Megatron's and DeepSpeed's); for
+    the runtime, never with checkpointing (it refuses that under these schedules)."""
+    shape = GPTShape(num_layers=8, hidden=1024, num_heads=16, seq_len=512, vocab=4096)
+    cluster = Cluster(gpu=A100_40, num_nodes=1, gpus_per_node=4)
+    default = {e.layout.schedule for e in rank_layouts(shape, cluster, 16)}
+    assert default == {"1f1b", "interleaved_1f1b"}
+    offered = rank_layouts(shape, cluster, 16, schedules=("1f1b", "zbv_zero_bubble"))
+    zbv = [e for e in offered if e.layout.schedule == "zbv_zero_bubble"]
+    assert zbv and {e.layout.virtual_stages for e in zbv} == {2}
+    assert {e.layout.schedule for e in offered} == {"1f1b", "zbv_zero_bubble"}
+    runtime = rank_layouts(shape, cluster, 16, runtime=True,
+                           schedules=("1f1b", "interleaved_zero_bubble"))
+    split = [e for e in runtime if e.layout.schedule == "interleaved_zero_bubble"]
+    assert split and all(e.layout.recompute == "none" for e in split)
+
+
+def test_estimate_and_layouts_cli_take_the_split_backward_schedules(capsys):
+    from scripts.plan import main
+
+    main(["estimate", *SHAPE_FLAGS, "--pp", "2", "--schedule", "zbv_zero_bubble",
+          "--virtual-stages", "2", "--global-batch", "8"])
+    assert "zbv_zero_bubble v=2" in capsys.readouterr().out
+    main(["layouts", *SHAPE_FLAGS, "--nodes", "1", "--gpus-per-node", "2", "--global-batch",
+          "8", "--schedules", "zbv_zero_bubble", "--top", "50"])
+    assert "zbv_zero_bubble v=2" in capsys.readouterr().out

@@ -22,6 +22,9 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   logits on the last) plus its point-to-point sends (1/tp of the activation from each
   tensor rank, forward and backward, once per chunk), on the network when neighbouring
   stages sit in different nodes. GPipe has the same bubble and holds all m micro-batches.
+  The split-backward schedules (``TORCH_ORDERED``: the runtime's zero-bubble ones) replace
+  the closed form by torch's own order simulated at the busiest rank's forward, input- and
+  weight-gradient times (``_order_factor``).
 * Data parallelism: gradient all-reduce (ZeRO 0), reduce-scatter + all-gather once a step
   (ZeRO 1), the gradient reduce-scattered every micro-batch (its shard is all it keeps)
   and the parameters all-gathered once a step (ZeRO 2), or, every micro-batch, each
@@ -58,6 +61,13 @@ from trainers.partition.hardware import (
     ring_nvlink_seconds,
     ring_seconds,
 )
+from trainers.partition.schedule import (
+    TORCH_ORDERED,
+    V_SHAPED,
+    peak_held,
+    simulate_order,
+    torch_order,
+)
 
 GIB = 2**30
 RECOMPUTE = ("none", "selective", "ops", "full")
@@ -65,6 +75,10 @@ RECOMPUTE = ("none", "selective", "ops", "full")
 # not ranked: it is torch's selective checkpointing as torchtitan configures it, which the
 # Megatron / DeepSpeed layouts of the ranking do not run.
 RANKED_RECOMPUTE = ("none", "selective", "full")
+# The schedules the ranking offers unless asked for others (``candidate_layouts``): those of
+# Megatron and DeepSpeed, whose runs the model is checked against. The split-backward ones
+# (``TORCH_ORDERED``) are costed when named, in torch's order.
+RANKED_SCHEDULES = ("1f1b", "interleaved_1f1b")
 # What this project's runtime checkpoints: whole blocks or none.
 RUNTIME_RECOMPUTE = ("none", "full")
 # "ops" keeps the fused attention kernel's output, so it needs one.
@@ -73,7 +87,10 @@ OPS_NEEDS_FLASH = ("--recompute ops keeps the fused attention kernel's output; v
 # The matmuls whose tensor-parallel split is of their input (row-parallel); the rest split
 # their output (``GPTShape.ops_matmuls``).
 ROW_PARALLEL_MATMULS = ("out", "down")
-PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "interleaved_zero_bubble",
+                      "zbv_zero_bubble")
+# Schedules with more than one chunk per rank (--virtual-stages); the V one takes exactly 2
+MULTI_CHUNK_SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
 # Bytes per parameter under bf16 mixed precision with Adam (Rajbhandari et al. 2020, ZeRO,
 # section 3.1: 2 + 2 + K with K = 12: fp32 master, momentum, variance).
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
@@ -345,9 +362,16 @@ class TrainLayout:
         if self.schedule not in PIPELINE_SCHEDULES:
             raise ValueError(f"--schedule {self.schedule!r}: valid: "
                              f"{', '.join(PIPELINE_SCHEDULES)}")
-        if (self.schedule == "interleaved_1f1b") != (self.virtual_stages > 1):
+        if (self.schedule in MULTI_CHUNK_SCHEDULES) != (self.virtual_stages > 1):
             raise ValueError(f"--virtual-stages {self.virtual_stages} with --schedule "
-                             f"{self.schedule}: interleaved_1f1b needs >= 2, the others 1")
+                             f"{self.schedule}: {', '.join(MULTI_CHUNK_SCHEDULES)} need >= 2, "
+                             "the others 1")
+        if self.schedule in TORCH_ORDERED and self.uneven_stages:
+            raise ValueError(f"--first-stage-layers / --last-stage-layers with --schedule "
+                             f"{self.schedule}: valid with equal stages only")
+        if self.schedule in V_SHAPED and self.virtual_stages != 2:
+            raise ValueError(f"--virtual-stages {self.virtual_stages} with --schedule "
+                             f"{self.schedule}: valid: 2 (a V of two stages per rank)")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"--recompute {self.recompute!r}: valid: {', '.join(RECOMPUTE)}")
         if self.recompute_every < 1 or (self.recompute_every > 1 and self.recompute != "full"):
@@ -377,6 +401,12 @@ class TrainLayout:
     def recompute_share(self) -> float:
         """The share of the blocks full recomputation reruns (0 without it)."""
         return 1 / self.recompute_every if self.recompute == "full" else 0.0
+
+    @property
+    def head_rank(self) -> int:
+        """The pipeline rank with the logits: the last, or under a V schedule the first (its
+        last stage is the first rank's second)."""
+        return 0 if self.schedule in V_SHAPED else self.pp - 1
 
     @property
     def uneven_stages(self) -> bool:
@@ -515,7 +545,14 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
                          f"x --microbatch {layout.microbatch} = {per_step}; use a multiple "
                          f"of {per_step}")
     m = layout.global_batch // per_step
-    if layout.schedule != "gpipe" and pp > 1 and m < pp:
+    if layout.schedule in TORCH_ORDERED:
+        try:
+            torch_order(layout.schedule, pp, m, layout.virtual_stages)
+        except ValueError as err:
+            raise ValueError(f"--schedule {layout.schedule} with --pp {pp}, --virtual-stages "
+                             f"{layout.virtual_stages} and {m} micro-batches (global batch / "
+                             f"(dp x microbatch)): {err}") from None
+    elif layout.schedule != "gpipe" and pp > 1 and m < pp:
         raise ValueError(f"--schedule {layout.schedule} needs micro-batches (global batch / "
                          f"(dp x microbatch) = {m}) >= --pp {pp}")
     if layout.schedule == "interleaved_1f1b" and m % pp:
@@ -668,17 +705,18 @@ def _busiest_rank(shape: GPTShape, layout: TrainLayout, layer_seconds: float,
                   head_seconds: float) -> int:
     """The pipeline rank with the most compute per micro-batch (its layers, and the logits
     on the last); ties go to the last rank."""
-    last = layout.pp - 1
+    last = layout.head_rank
     times = [n * layer_seconds + (head_seconds if r == last else 0.0)
              for r, n in enumerate(stage_layers(shape, layout))]
-    return max(range(layout.pp), key=lambda r: (times[r], r))
+    return max(range(layout.pp), key=lambda r: (times[r], r == last, r))
 
 
 def _edge_params(shape: GPTShape, layout: TrainLayout, rank: int) -> int:
     """The embedding on the first rank, the output layer on the last (for tied weights a
     copy, as Megatron keeps); one rank holds both when pp = 1 and they are not tied."""
-    if layout.pp == 1:
-        return shape.embedding_params * (1 if shape.tied_embeddings else 2)
+    if layout.pp == 1 or layout.head_rank == 0:  # one rank holds both (a V schedule)
+        both = 1 if shape.tied_embeddings else 2
+        return shape.embedding_params * both if rank == 0 else 0
     return shape.embedding_params if rank in (0, layout.pp - 1) else 0
 
 
@@ -722,6 +760,8 @@ def _in_flight(layout: TrainLayout, m: int, rank: int = 0) -> float:
     p, v = layout.pp, layout.virtual_stages
     if layout.schedule == "gpipe":
         return m
+    if layout.schedule in TORCH_ORDERED:  # the stage-micro-batches torch's order holds
+        return peak_held(torch_order(layout.schedule, p, m, v)[rank]) / v
     if v > 1:
         # Korthikanti et al. 2022, section 4.2.3: the first rank p x (1 + (p - 1) / (p v));
         # rank r runs 2 (p - r - 1) + (v - 1) p warm-up chunks (Megatron's interleaved
@@ -739,6 +779,8 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
     they are: the fullest of them where the first stage is trimmed) and the last (the
     logits)."""
     ranks = sorted({0, min(1, layout.pp - 1), layout.pp - 1})
+    if layout.schedule in TORCH_ORDERED:  # in-flight counts differ rank by rank
+        ranks = range(layout.pp)
     return max((_rank_memory(shape, layout, dp, m, r) for r in ranks),
                key=lambda memory: sum(memory.values()))
 
@@ -777,7 +819,7 @@ def _rank_memory(shape: GPTShape, layout: TrainLayout, dp: int, m: int, rank: in
         # keeps (its input; under ops also Q, V, gate, down, attention): a slight overcount
         act += kept("none")
     logits = 0.0
-    if rank == layout.pp - 1:  # the logits and their gradient
+    if rank == layout.head_rank:  # the logits and their gradient
         logits = (2 * layout.logit_bytes * layout.microbatch * shape.seq_len * shape.vocab
                   / layout.tp / cp)
     return {"params": weights, "grads": grads, "optimizer": optimizer,
@@ -932,7 +974,7 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     # trimmed last stage makes it another
     busiest = _busiest_rank(shape, layout, layer_compute, head)
     layers = stage_layers(shape, layout)[busiest]
-    logits = busiest == p - 1
+    logits = busiest == layout.head_rank
     rank_compute = layers * layer_compute + (head if logits else 0.0)
     rank_comm = layers * layer_comm
     dpc = _dp_seconds(shape, cluster, layout, dp, m)
@@ -952,7 +994,11 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     else:
         exposed_gathers = dpc.forward + dpc.backward
     per_micro = rank_compute + rank_comm + _p2p_seconds(shape, cluster, layout) + exposed_gathers
-    pipeline = (m + (p - 1) / v) * per_micro
+    if layout.schedule in TORCH_ORDERED:
+        pipeline = m * per_micro * _order_factor(shape, cluster, layout, m, layers, logits,
+                                                 rank_compute)
+    else:
+        pipeline = (m + (p - 1) / v) * per_micro
     if layout.overlap_grad_reduce:
         grad_reduce = overlapped_seconds(grad_reduce, dpc.grad_reduce_nvlink,
                                          layers * layer_compute * 2 / 3)
@@ -969,7 +1015,7 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     usable = (cluster.gpu.memory_gib - RESERVED_GIB) * GIB
     time = {"compute": m * rank_compute, "tp_comm": m * rank_comm,
             "pp_p2p": m * _p2p_seconds(shape, cluster, layout),
-            "bubble": (p - 1) / v * per_micro, "fsdp_gather_exposed": m * exposed_gathers,
+            "bubble": pipeline - m * per_micro, "fsdp_gather_exposed": m * exposed_gathers,
             "dp_grad_reduce": grad_reduce, "optimizer": optimizer}
     return StepEstimate(layout.describe(dp), dp, m, step, tokens / step,
                         model_flops / step / cluster.num_gpus / 1e12,
@@ -977,9 +1023,29 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
                         sum(memory.values()) <= usable, memory, time, layout)
 
 
+def _order_factor(shape: GPTShape, cluster: Cluster, layout: TrainLayout, m: int, layers: int,
+                  logits: bool, rank_compute: float) -> float:
+    """A split-backward schedule's step over its busiest rank's work (``TORCH_ORDERED``):
+    torch's order simulated with every stage at that rank's forward, input-gradient and
+    weight-gradient shares. The weight gradients are the GEMMs' second backward product, as
+    long as their forward (the logits' too on the rank holding them); the input gradients
+    the rest of the backward: the other GEMM product, attention's and the elementwise
+    kernels' backward, and any recomputation."""
+    p, v = layout.pp, layout.virtual_stages
+    forward = _forward_seconds(shape, cluster, layout, layers, logits)
+    weight = layers * _layer_forward_s(shape, cluster, layout)["gemm"]
+    if logits:
+        weight += _head_parts(shape, cluster, layout)[0]
+    grad_input = rank_compute - forward - weight
+    stages = p * v
+    sim = simulate_order(torch_order(layout.schedule, p, m, v), [forward / v] * stages,
+                         [grad_input / v] * stages, [weight / v] * stages)
+    return sim.step_ms / (m * rank_compute)
+
+
 def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
                       recompute=RANKED_RECOMPUTE, zero=(0, 1, 2, 3),
-                      microbatches=(1, 2, 4, 8),
+                      microbatches=(1, 2, 4, 8), schedules=RANKED_SCHEDULES,
                       runtime: bool = False, logit_bytes: int = 4,
                       optimizer_state: str = "fp32",
                       overlap_grad_reduce: bool | None = None,
@@ -1000,6 +1066,8 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
     the attention and MLP weights gathered in bf16 (``bf16_matmul_params``).
     recompute: the activation checkpointing the framework offers (``RANKED_RECOMPUTE``
         unless asked: "ops" is ranked only when named).
+    schedules: the pipeline schedules it offers (``RANKED_SCHEDULES`` unless asked; any of
+        ``PIPELINE_SCHEDULES`` but gpipe; one stage per rank falls back to 1f1b).
     logit_bytes: the loss's logit bytes for every candidate (``TrainLayout.logit_bytes``).
     optimizer_state: the framework's Adam state precision for every candidate
         (``TrainLayout.optimizer_state``).
@@ -1023,7 +1091,7 @@ def candidate_layouts(shape: GPTShape, cluster: Cluster, global_batch: int, *,
             continue
         for cp in context_parallel_sizes(shape, n // tp, runtime=runtime):
             yield from _with_cp_and_tp(shape, cluster, global_batch, tp, cp, runtime=runtime,
-                                       recompute=recompute, zero=zero,
+                                       recompute=recompute, zero=zero, schedules=schedules,
                                        microbatches=microbatches, overlaps=overlaps,
                                        logit_bytes=logit_bytes,
                                        optimizer_state=optimizer_state)
@@ -1048,7 +1116,7 @@ def context_parallel_sizes(shape: GPTShape, gpus: int, *, runtime: bool = False)
 
 
 def _with_cp_and_tp(shape, cluster, global_batch, tp, cp, *, runtime, recompute, zero,
-                    microbatches, overlaps, logit_bytes, optimizer_state):
+                    schedules, microbatches, overlaps, logit_bytes, optimizer_state):
     n = cluster.num_gpus
     for pp in (d for d in range(1, n // (tp * cp) + 1) if (n // (tp * cp)) % d == 0):
         split = trimmed_stages(shape.num_layers, pp)
@@ -1061,8 +1129,10 @@ def _with_cp_and_tp(shape, cluster, global_batch, tp, cp, *, runtime, recompute,
             if global_batch % (dp * mb):
                 continue
             m = global_batch // (dp * mb)
-            for schedule, v in _schedules(per_stage, pp, m):
+            for schedule, v in _schedules(per_stage, pp, m, schedules, first is not None):
                 for rc in recompute:
+                    if runtime and rc != "none" and schedule in TORCH_ORDERED:
+                        continue  # the runtime does not checkpoint under these
                     for z in ((3 if dp > 1 else 0,) if runtime else zero):
                         if z and dp * cp == 1:
                             continue
@@ -1099,18 +1169,32 @@ def trimmed_stages(num_layers: int, pp: int) -> tuple[int | None, int | None] | 
     return (first, last) if first <= per_stage else None
 
 
-def _schedules(per_stage: int, pp: int, m: int):
-    """(schedule, chunks per rank) for ``per_stage`` layers on each of the middle ranks."""
+def _schedules(per_stage: int, pp: int, m: int, schedules=RANKED_SCHEDULES,
+               trimmed: bool = False):
+    """(schedule, chunks per rank) for ``per_stage`` layers on each of the middle ranks, of
+    the ``schedules`` offered (split-backward ones only on equal stages, where torch takes
+    the sizes)."""
     if pp == 1:
         yield "1f1b", 1
         return
     if m >= pp:
         yield "1f1b", 1
-        if m % pp:  # the interleaved schedule takes the micro-batches in groups of pp
-            return
-        for v in range(2, per_stage + 1):  # down to one layer per model chunk
-            if per_stage % v == 0:
-                yield "interleaved_1f1b", v
+        if m % pp == 0 and "interleaved_1f1b" in schedules:  # micro-batches in groups of pp
+            for v in range(2, per_stage + 1):  # down to one layer per model chunk
+                if per_stage % v == 0:
+                    yield "interleaved_1f1b", v
+    for name in () if trimmed else (s for s in TORCH_ORDERED if s in schedules):
+        for v in (2,) if name in V_SHAPED else range(2, per_stage + 1):
+            if per_stage % v == 0 and _torch_takes(name, pp, m, v):
+                yield name, v
+
+
+def _torch_takes(name: str, pp: int, m: int, v: int) -> bool:
+    try:
+        torch_order(name, pp, m, v)
+    except ValueError:
+        return False
+    return True
 
 
 def rank_layouts(shape: GPTShape, cluster: Cluster, global_batch: int,

@@ -1,4 +1,6 @@
-"""Pipeline schedule simulator: GPipe, 1F1B and interleaved 1F1B.
+"""Pipeline schedule simulator: GPipe, 1F1B and interleaved 1F1B; and (``simulate_order``)
+any per-rank order of forwards, input- and weight-gradient backwards, as torch's
+split-backward schedule classes run them (``torch_order``).
 
 The chain is cut into ``num_ranks * virtual_stages`` chunks; chunk ``k`` lives on rank
 ``k % num_ranks`` (round robin, as in Megatron's interleaved schedule). Each rank runs
@@ -217,3 +219,135 @@ def inflight_microbatches(spec: ScheduleSpec, num_ranks: int, rank: int) -> int:
     if spec.name == "1f1b":
         return min(num_ranks - rank, m)
     raise ValueError("inflight_microbatches is per stage; interleaved peaks depend on chunks")
+
+
+# The runtime's split-backward schedules (``trainers.parallel.pipeline.SCHEDULES``), costed in
+# the order torch runs them: each backward is an input-gradient part (I) and a weight-gradient
+# part (W) that the schedule places apart to fill the bubble (Qi et al. 2024, "Zero Bubble
+# Pipeline Parallelism", ICLR; ZB-V: two stages per rank in a V, rank r holding stages r and
+# 2p - 1 - r). name -> torch.distributed.pipelining schedule class name.
+TORCH_ORDERED = {"interleaved_zero_bubble": "InterleavedZeroBubble",
+                 "zbv_zero_bubble": "ZBVZeroBubble"}
+V_SHAPED = ("zbv_zero_bubble",)
+
+
+@lru_cache(maxsize=128)
+def torch_order(name: str, num_ranks: int, num_microbatches: int,
+                stages_per_rank: int) -> tuple[tuple[tuple[str, int, int], ...], ...]:
+    """Per rank, the compute actions of the runtime schedule ``name`` (``TORCH_ORDERED``) as
+    (kind, stage, micro-batch) in the order torch's schedule class runs them; kind F, I, W or
+    B (a whole backward). The class is built for every rank at once from stand-in stages, as
+    it only reads their count and the pipeline size. ValueError where torch refuses the
+    sizes, with its reason."""
+    from unittest import mock
+
+    from torch.distributed.pipelining.schedules import get_schedule_class
+    from torch.distributed.pipelining.stage import PipelineStage
+
+    if name not in TORCH_ORDERED:
+        raise ValueError(f"schedule={name!r}: valid: {', '.join(TORCH_ORDERED)}")
+    stage = mock.create_autospec(PipelineStage, instance=True)
+    stage.group_rank, stage.group_size, stage.submod = 0, num_ranks, None
+    stage.num_stages = num_ranks * stages_per_rank
+    try:
+        schedule = get_schedule_class(TORCH_ORDERED[name])([stage] * stages_per_rank,
+                                                            num_microbatches)
+    except (ValueError, RuntimeError, AssertionError) as err:
+        raise ValueError(f"schedule={name!r} with {num_ranks} pipeline ranks, "
+                         f"{stages_per_rank} stages each and {num_microbatches} "
+                         f"micro-batches: torch refuses it ({err})") from None
+    orders = []
+    for rank in range(num_ranks):
+        actions = []
+        for action in schedule.pipeline_order[rank]:
+            if action is None:
+                continue
+            kind = str(action.computation_type.value)
+            if kind not in ("F", "I", "W", "B"):
+                raise ValueError(f"schedule={name!r}: action {action} is not costed here")
+            actions.append((kind, action.stage_index, action.microbatch_index))
+        orders.append(tuple(actions))
+    return tuple(orders)
+
+
+@dataclass(frozen=True)
+class OrderSimulation:
+    """A step of a schedule given as per-rank action orders (``simulate_order``)."""
+
+    step_ms: float
+    bubble: float  # idle share of rank time: 1 - busy / (ranks * step)
+    busy_ms: tuple[float, ...]  # per rank
+    peak_held: tuple[int, ...]  # most (stage, micro-batch) activations a rank holds at once
+
+
+def simulate_order(orders, fwd_ms, input_ms, weight_ms, comm_ms=None) -> OrderSimulation:
+    """Simulate one step of per-rank action orders (``torch_order``).
+
+    fwd_ms, input_ms, weight_ms: per stage, per micro-batch: the forward, the backward's
+    input-gradient part and its weight-gradient part (a whole backward, B, is the two).
+    comm_ms: per boundary (one fewer than stages), the transfer from stage s to s + 1 when
+    they are on different ranks (None: free). A forward waits for the previous stage's; an I
+    or B waits for the next stage's and for its own forward; a W for its own I. A rank runs
+    its actions in order, each as soon as its inputs are there. Activations are held from a
+    forward until that stage and micro-batch's W or B.
+    """
+    num_stages = len(fwd_ms)
+    assert len(input_ms) == num_stages == len(weight_ms)
+    comm = [0.0] * (num_stages - 1) if comm_ms is None else list(comm_ms)
+    assert len(comm) == num_stages - 1
+    owner = {stage: r for r, order in enumerate(orders) for _, stage, _ in order}
+    duration = {"F": fwd_ms, "I": input_ms, "W": weight_ms,
+                "B": [i + w for i, w in zip(input_ms, weight_ms)]}
+    end: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * len(orders)
+    busy = [0.0] * len(orders)
+    pos = [0] * len(orders)
+    remaining = sum(len(order) for order in orders)
+    while remaining:
+        progressed = False
+        for r, order in enumerate(orders):
+            while pos[r] < len(order):
+                kind, s, i = order[pos[r]]
+                ready = _ready(kind, s, i, end, owner, comm, num_stages)
+                if ready is None:
+                    break
+                start = max(ready, free[r])
+                free[r] = end[(kind, s, i)] = start + duration[kind][s]
+                busy[r] += duration[kind][s]
+                pos[r] += 1
+                remaining -= 1
+                progressed = True
+        assert progressed, "schedule deadlocked"
+    step = max(free)
+    bubble = 1.0 - sum(busy) / (len(orders) * step) if step > 0 else 0.0
+    return OrderSimulation(step, bubble, tuple(busy), tuple(peak_held(o) for o in orders))
+
+
+def _ready(kind, s, i, end, owner, comm, num_stages) -> float | None:
+    """When action (kind, s, i)'s inputs are there, or None while one is still to run."""
+    if kind == "F":
+        deps = [] if s == 0 else [(("F", s - 1, i), s - 1)]
+    elif kind == "W":
+        deps = [(("I", s, i), None)]
+    else:  # I or B: the next stage's input gradient (from its I or its B) and its own forward
+        deps = [(("F", s, i), None)]
+        if s < num_stages - 1:
+            later = ("I", s + 1, i) if ("I", s + 1, i) in end else ("B", s + 1, i)
+            deps.append((later, s))
+    ready = 0.0
+    for key, boundary in deps:
+        if key not in end:
+            return None
+        moved = boundary is not None and owner[boundary] != owner[boundary + 1]
+        ready = max(ready, end[key] + (comm[boundary] if moved else 0.0))
+    return ready
+
+
+def peak_held(order) -> int:
+    """The most (stage, micro-batch) activations one rank's order holds at once: from a
+    forward to that stage and micro-batch's W or B."""
+    held = peak = 0
+    for kind, _, _ in order:
+        held += 1 if kind == "F" else -1 if kind in ("W", "B") else 0
+        peak = max(peak, held)
+    return peak
