@@ -704,7 +704,8 @@ def _forward_seconds(shape: GPTShape, cluster: Cluster, layout: TrainLayout, lay
 def _busiest_rank(shape: GPTShape, layout: TrainLayout, layer_seconds: float,
                   head_seconds: float) -> int:
     """The pipeline rank with the most compute per micro-batch (its layers, and the logits
-    on the last); ties go to the last rank."""
+    on ``head_rank``: the last, or the first under a V schedule); ties go to the rank with
+    the logits, then to the later one."""
     last = layout.head_rank
     times = [n * layer_seconds + (head_seconds if r == last else 0.0)
              for r, n in enumerate(stage_layers(shape, layout))]
@@ -713,7 +714,8 @@ def _busiest_rank(shape: GPTShape, layout: TrainLayout, layer_seconds: float,
 
 def _edge_params(shape: GPTShape, layout: TrainLayout, rank: int) -> int:
     """The embedding on the first rank, the output layer on the last (for tied weights a
-    copy, as Megatron keeps); one rank holds both when pp = 1 and they are not tied."""
+    copy, as Megatron keeps); the first rank holds both, one copy if tied, when pp = 1 or
+    under a V schedule (its last stage is there)."""
     if layout.pp == 1 or layout.head_rank == 0:  # one rank holds both (a V schedule)
         both = 1 if shape.tied_embeddings else 2
         return shape.embedding_params * both if rank == 0 else 0
