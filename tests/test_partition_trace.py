@@ -164,6 +164,27 @@ def test_analytic_times_are_derived_from_flops(analytic):
     assert slower.root.fwd_ms == pytest.approx(2 * profile.root.fwd_ms, rel=1e-5)
 
 
+def test_weight_gradients_are_the_matmuls_second_product(measured):
+    """What a split-backward schedule runs apart as W: the weight-gradient GEMM of every
+    matmul by a parameter, as long as that matmul's forward (compute-bound device: exact
+    from FLOPs); none for layer norms and embedding lookups. The chain's units share it
+    out as they share the backward."""
+    fast_memory = DeviceSpec(mem_gb_per_s=1e12)
+    with torch.device("meta"):
+        profile = trace_model(TiedLM(), IDS, analytic=True, device=fast_memory)
+    rate = fast_memory.tflops * 1e12 * fast_memory.matmul_efficiency / 1e3  # FLOPs per ms
+    tokens, h, vocab = 4 * 16, 32, 50
+    mods = profile.modules
+    assert mods["blocks.0"].wgrad_ms == pytest.approx(2 * tokens * 9 * h * h / rate, rel=1e-5)
+    assert mods["head"].wgrad_ms == pytest.approx(2 * tokens * h * vocab / rate, rel=1e-5)
+    assert mods["blocks.0.norm"].wgrad_ms == mods["emb"].wgrad_ms == 0.0
+    chain = chain_from_profile(profile, max_unit_share=0.05)
+    assert sum(u.weight_grad_ms for u in chain.units) == pytest.approx(profile.root.wgrad_ms)
+    assert all(0 <= u.weight_grad_ms <= u.bwd_ms for u in chain.units)
+    timed = measured.modules["blocks.0"]
+    assert 0 < timed.wgrad_ms < timed.bwd_ms
+
+
 def test_analytic_trace_leaves_a_meta_model_on_meta():
     with torch.device("meta"):
         model = TiedLM()

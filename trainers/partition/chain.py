@@ -28,6 +28,10 @@ class UnitCost:
         0 when it is not checkpointed.
     out_bytes: bytes of the output sent to the next unit (a stage boundary's transfer).
     flops: forward + backward floating point operations, when known.
+    weight_grad_ms: the part of ``bwd_ms`` that computes weight gradients of matmul weights
+        (their GEMMs' second backward product, as long as their forward GEMM); a schedule
+        that splits the backward runs it apart, as a W action, and the rest (``bwd_ms -
+        weight_grad_ms``) as the I action. 0 when unknown: the whole backward is I.
     modules: names of the modules the unit covers.
     is_layer: part of a "layer" (a repeated block) for the equal-layer-count baseline.
     layer: the layer (or other whole item) this unit is a piece of; consecutive units with
@@ -45,6 +49,7 @@ class UnitCost:
     recompute_bytes: float = 0.0
     out_bytes: float = 0.0
     flops: float = 0.0
+    weight_grad_ms: float = 0.0
     modules: tuple[str, ...] = ()
     is_layer: bool = True
     layer: str | None = None
@@ -52,9 +57,12 @@ class UnitCost:
     def __post_init__(self) -> None:
         for key in ("fwd_ms", "bwd_ms", "param_count", "param_bytes",
                     "low_precision_param_count", "state_bytes",
-                    "act_bytes", "recompute_bytes", "out_bytes", "flops"):
+                    "act_bytes", "recompute_bytes", "out_bytes", "flops", "weight_grad_ms"):
             if getattr(self, key) < 0:
                 raise ValueError(f"unit {self.name!r}: {key}={getattr(self, key)} must be >= 0")
+        if self.weight_grad_ms > self.bwd_ms * (1 + 1e-9):
+            raise ValueError(f"unit {self.name!r}: weight_grad_ms={self.weight_grad_ms} exceeds "
+                             f"bwd_ms={self.bwd_ms}, of which it is a part")
 
     @property
     def compute_ms(self) -> float:
@@ -169,6 +177,7 @@ class CostChain:
     def scaled(self, factor: float) -> CostChain:
         """Costs for micro-batches ``factor`` times larger (time and activations linear)."""
         units = tuple(replace(u, fwd_ms=u.fwd_ms * factor, bwd_ms=u.bwd_ms * factor,
+                              weight_grad_ms=u.weight_grad_ms * factor,
                               act_bytes=u.act_bytes * factor, out_bytes=u.out_bytes * factor,
                               recompute_bytes=u.recompute_bytes * factor,
                               flops=u.flops * factor) for u in self.units)

@@ -5,9 +5,11 @@ Every top-level torch call is an *op*. A ``TorchFunctionMode`` times each op's f
 nodes the op created; hooks on those nodes time the backward of the same op. Saved-tensor
 hooks count the activation bytes each op keeps for backward (each storage once, parameters
 excluded). Summing ops gives each module's inclusive forward/backward time, FLOPs and
-activation bytes; ops a parent runs itself between its children ("glue": a residual add,
-the loss) are kept apart, keyed by the child that runs next, so a unit chain can hand them
-to the right unit. Parameters reached from several modules are found by identity.
+activation bytes, and the part of the backward that is weight gradients (``wgrad_ms``: half
+the backward of a matmul by a parameter, its second GEMM product); ops a parent runs itself
+between its children ("glue": a residual add, the loss) are kept apart, keyed by the child
+that runs next, so a unit chain can hand them to the right unit. Parameters reached from
+several modules are found by identity.
 
 ``analytic=True`` costs the same pass from shapes instead of clocks (``costs.ShapeOnlyMode``),
 so a model built on the meta device is costed on a CPU.
@@ -46,6 +48,7 @@ class GlueCost:
     bwd_ms: float = 0.0
     flops: float = 0.0
     act_bytes: float = 0.0
+    wgrad_ms: float = 0.0
 
 
 @dataclass
@@ -70,6 +73,7 @@ class ModuleRecord:
     bwd_ms: float = 0.0
     flops: float = 0.0
     act_bytes: float = 0.0
+    wgrad_ms: float = 0.0  # the part of bwd_ms that computes matmul weights' gradients
     order: int = -1  # position of its first call; -1 if never called
     calls: int = 0
     glue: list[GlueCost] = field(default_factory=list)
@@ -111,6 +115,13 @@ class Profile:
         return cls(**{**data, "modules": modules})
 
 
+# Torch calls that multiply by their weight: with a parameter of 2 or more dimensions among
+# the arguments, their backward is two products of the forward's size, one for the input's
+# gradient and one for the weight's (a split-backward schedule's I and W).
+WEIGHT_MATMULS = frozenset({"linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "einsum",
+                            "__matmul__", "__rmatmul__", "conv1d", "conv2d", "conv3d"})
+
+
 @dataclass
 class _Op:
     stack: tuple[str, ...]
@@ -119,6 +130,11 @@ class _Op:
     bwd_ms: float = 0.0
     flops: float = 0.0
     act_bytes: float = 0.0
+    weight_matmul: bool = False
+
+    @property
+    def wgrad_ms(self) -> float:
+        return self.bwd_ms / 2 if self.weight_matmul else 0.0
 
 
 class _Recorder(TorchFunctionMode):
@@ -160,8 +176,11 @@ class _Recorder(TorchFunctionMode):
             return out
         if self.device is None:
             self.ops[index].fwd_ms += elapsed * 1e3
-        self.ops[index].params = tuple(id(t) for t in tree_flatten((args, kwargs))[0]
-                                       if isinstance(t, nn.Parameter) and id(t) in self.param_names)
+        params = [t for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, nn.Parameter) and id(t) in self.param_names]
+        self.ops[index].params = tuple(id(t) for t in params)
+        self.ops[index].weight_matmul = (getattr(func, "__name__", None) in WEIGHT_MATMULS
+                                         and any(t.dim() >= 2 for t in params))
         self._tag(leaves, index)
         return out
 
@@ -346,8 +365,9 @@ def _aggregate(recorder: _Recorder) -> dict[str, dict]:
     for name in recorder.first_call:
         io = recorder.io[name] + ([], 0.0) * (len(recorder.io[name]) == 2)
         out[name] = {"fwd_ms": 0.0, "bwd_ms": 0.0, "flops": 0.0, "act_bytes": 0.0,
-                     "order": recorder.first_call[name], "calls": recorder.calls[name],
-                     "io": io, "glue": defaultdict(lambda: [0.0, 0.0, 0.0, 0.0]), "uses": {}}
+                     "wgrad_ms": 0.0, "order": recorder.first_call[name],
+                     "calls": recorder.calls[name], "io": io,
+                     "glue": defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0.0]), "uses": {}}
     next_child: dict[str, str] = {}
     for op in reversed(recorder.ops):
         if not op.stack:
@@ -364,8 +384,9 @@ def _aggregate(recorder: _Recorder) -> dict[str, dict]:
             rec["bwd_ms"] += op.bwd_ms
             rec["flops"] += op.flops
             rec["act_bytes"] += op.act_bytes
+            rec["wgrad_ms"] += op.wgrad_ms
         glue = out[op.stack[-1]]["glue"][next_child.get(op.stack[-1])]
-        for i, value in enumerate((op.fwd_ms, op.bwd_ms, op.flops, op.act_bytes)):
+        for i, value in enumerate((op.fwd_ms, op.bwd_ms, op.flops, op.act_bytes, op.wgrad_ms)):
             glue[i] += value
         for outer, inner in zip(op.stack, op.stack[1:]):
             next_child[outer] = inner
@@ -393,7 +414,7 @@ def _module_records(model: nn.Module, runs: list[dict]) -> dict[str, ModuleRecor
             rec.input_shapes, rec.input_bytes = in_shapes, in_bytes
             rec.output_shapes, rec.output_bytes = out_shapes, out_bytes
             rec.order, rec.calls = first[name]["order"], first[name]["calls"]
-            for key in ("fwd_ms", "bwd_ms", "flops", "act_bytes"):
+            for key in ("fwd_ms", "bwd_ms", "flops", "act_bytes", "wgrad_ms"):
                 setattr(rec, key, median([r[name][key] for r in runs if name in r]))
             keys = sorted(first[name]["glue"], key=lambda k: (k is None, str(k)))
             uses = first[name]["uses"]
@@ -402,7 +423,7 @@ def _module_records(model: nn.Module, runs: list[dict]) -> dict[str, ModuleRecor
                                "used": pname in uses, "next_child": uses.get(pname)}
                               for pname, p in module.named_parameters(recurse=False)]
             rec.glue = [GlueCost(k, *(median([r[name]["glue"][k][i] for r in runs
-                                               if name in r]) for i in range(4)))
+                                               if name in r]) for i in range(5)))
                         for k in keys]
         records[name] = rec
     return dict(sorted(records.items(), key=lambda kv: (kv[1].order < 0, kv[1].order)))

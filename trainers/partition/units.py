@@ -160,7 +160,8 @@ def _check_names(profile: Profile, names, what: str) -> None:
 
 def _unit_costs(profile: Profile, units: list[str], tied: str) -> tuple[UnitCost, ...]:
     mods = profile.modules
-    extra = {u: [0.0, 0.0, 0.0, 0.0, 0, 0] for u in units}  # fwd, bwd, flops, act, count, bytes
+    # fwd, bwd, flops, act, parameter count, parameter bytes, weight-gradient part of bwd
+    extra = {u: [0.0, 0.0, 0.0, 0.0, 0, 0, 0.0] for u in units}
     above = [n for n in mods if n not in units and any(_inside(u, n) and u != n for u in units)]
     for name in above:
         rec = mods[name]
@@ -171,6 +172,7 @@ def _unit_costs(profile: Profile, units: list[str], tied: str) -> tuple[UnitCost
             target = _glue_target(profile, units, under, glue.next_child)
             for i, value in enumerate((glue.fwd_ms, glue.bwd_ms, glue.flops, glue.act_bytes)):
                 extra[target][i] += value
+            extra[target][6] += glue.wgrad_ms
         first = min(under, key=lambda u: _first_order(profile, u))
         placed_count = placed_bytes = 0
         for param in rec.own_params:  # to the unit running when the parameter is first used
@@ -190,6 +192,7 @@ def _unit_costs(profile: Profile, units: list[str], tied: str) -> tuple[UnitCost
                  param_count=counts[u] + extra[u][4], param_bytes=sizes[u] + extra[u][5],
                  state_bytes=mods[u].buffer_bytes, act_bytes=mods[u].act_bytes + extra[u][3],
                  out_bytes=mods[u].output_bytes, flops=mods[u].flops + extra[u][2],
+                 weight_grad_ms=min(mods[u].wgrad_ms + extra[u][6], mods[u].bwd_ms + extra[u][1]),
                  modules=(u,), is_layer=layers[u] is not None, layer=layers[u])
         for u in units)
 
