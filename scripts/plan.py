@@ -447,7 +447,10 @@ def main(argv=None) -> None:
     part.add_argument("--stages", type=int, required=True)
     part.add_argument("--microbatches", type=int, default=8)
     part.add_argument("--schedule", default="1f1b",
-                      choices=["1f1b", "gpipe", "interleaved_1f1b"])
+                      choices=["1f1b", "gpipe", "interleaved_1f1b", *SPLIT_BACKWARD],
+                      help="interleaved_zero_bubble / zbv_zero_bubble: torch's order and "
+                           "stage placement (a V for zbv: rank 0 holds the first and the last "
+                           "stage), each backward split into input and weight gradients")
     part.add_argument("--virtual-stages", type=int, default=1)
     part.add_argument("--batch-size", type=int, help="samples per step (rescales the costs)")
     part.add_argument("--memory-cap-gib", type=float)

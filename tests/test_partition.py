@@ -10,7 +10,7 @@ import math
 from itertools import pairwise
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from trainers.partition.chain import (
@@ -29,7 +29,15 @@ from trainers.partition.partition import (
     make_problem,
     plan_partition,
 )
-from trainers.partition.schedule import ScheduleSpec, simulate
+from trainers.partition.schedule import (
+    TORCH_ORDERED,
+    V_SHAPED,
+    ScheduleSpec,
+    simulate,
+    simulate_order,
+    stage_ranks,
+    torch_order,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -39,7 +47,9 @@ SETTINGS = settings(max_examples=60, deadline=None,
 def chains(draw, min_units=2, max_units=9):
     n = draw(st.integers(min_units, max_units))
     floats = st.floats(0.1, 10.0, allow_nan=False)
-    units = tuple(UnitCost(name=f"u{i}", fwd_ms=draw(floats), bwd_ms=draw(floats),
+    backward = [draw(floats) for _ in range(n)]
+    units = tuple(UnitCost(name=f"u{i}", fwd_ms=draw(floats), bwd_ms=backward[i],
+                           weight_grad_ms=backward[i] * draw(st.floats(0.0, 0.7)),
                            param_count=draw(st.integers(0, 1000)),
                            param_bytes=draw(st.integers(0, 4000)),
                            act_bytes=draw(st.integers(0, 500)),
@@ -69,6 +79,20 @@ def brute_force(chain, config):
     return best
 
 
+def assert_search_is_brute_force(chain, config):
+    """The search's plan has brute force's objective, or both find nothing that fits;
+    the plan (None when nothing fits)."""
+    expected = brute_force(chain, config)
+    if expected is None:
+        with pytest.raises(InfeasibleError):
+            plan_partition(chain, config)
+        return None
+    result = plan_partition(chain, config)
+    assert result.exact
+    assert objective_of(result) == pytest.approx(expected[0], rel=1e-9)
+    return result
+
+
 def objective_of(result):
     problem = make_problem(result.chain, result.config)
     return problem.objective(result.plan.step_ms, max(result.plan.rank_memory_bytes))
@@ -94,14 +118,7 @@ def _config(chain, data, schedule_names=("1f1b", "gpipe"), max_v=1):
 @given(chain=chains(), data=st.data())
 def test_search_matches_brute_force(chain, data):
     config = _config(chain, data)
-    expected = brute_force(chain, config)
-    if expected is None:
-        with pytest.raises(InfeasibleError):
-            plan_partition(chain, config)
-        return
-    result = plan_partition(chain, config)
-    assert result.exact
-    assert objective_of(result) == pytest.approx(expected[0], rel=1e-9)
+    assert_search_is_brute_force(chain, config)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -113,14 +130,132 @@ def test_interleaved_search_matches_brute_force(chain, data):
         memory_cap_bytes=data.draw(st.one_of(st.none(), st.floats(2000, 60000))),
         schedule=ScheduleSpec(name="interleaved_1f1b", num_microbatches=p * data.draw(
             st.integers(1, 2)), virtual_stages=2), link_gb_per_s=100.0)
-    expected = brute_force(chain, config)
-    if expected is None:
-        with pytest.raises(InfeasibleError):
-            plan_partition(chain, config)
+    assert_search_is_brute_force(chain, config)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chain=chains(min_units=2, max_units=9), data=st.data())
+def test_split_backward_search_matches_brute_force(chain, data):
+    """torch's zero-bubble orders (chunks placed where torch runs them: a V under ZB-V and
+    DualPipeV) are searched exactly: the search's bound is weaker there (a rank may defer
+    its weight gradients), never wrong."""
+    name = data.draw(st.sampled_from(sorted(TORCH_ORDERED)))
+    v = 2 if name in V_SHAPED else data.draw(st.integers(1, 2))
+    if chain.num_segments() < v:
         return
-    result = plan_partition(chain, config)
-    assert result.exact
-    assert objective_of(result) == pytest.approx(expected[0], rel=1e-9)
+    p = data.draw(st.integers(1, min(3, chain.num_segments() // v)))
+    spec = ScheduleSpec(name=name, num_microbatches=p * data.draw(st.integers(1, 2)),
+                        virtual_stages=v)
+    try:
+        spec.check(p)
+    except ValueError:
+        assume(False)  # sizes torch refuses (DualPipeV: m >= 2p)
+    config = PartitionConfig(
+        num_stages=p, optimize=data.draw(st.sampled_from(["speed", "memory", 0.3])),
+        memory_cap_bytes=data.draw(st.one_of(st.none(), st.floats(2000, 60000))),
+        schedule=spec, link_gb_per_s=100.0)
+    result = assert_search_is_brute_force(chain, config)
+    if result is not None:
+        assert [s.rank for s in result.plan.stages] == list(stage_ranks(spec, p))
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_split_backward_start_bound_never_exceeds_the_step(data):
+    """What the search prunes with under torch's orders: a rank's work cannot start before
+    the forward through every stage before its first one, so ``T >= fwd_prefix + m * load``
+    (search._Interleaved with split_backward)."""
+    name = data.draw(st.sampled_from(sorted(TORCH_ORDERED)))
+    v = 2 if name in V_SHAPED else data.draw(st.integers(1, 2))
+    p = data.draw(st.integers(2, 3))
+    spec = ScheduleSpec(name=name, num_microbatches=p * data.draw(st.integers(1, 2)),
+                        virtual_stages=v)
+    try:
+        spec.check(p)
+    except ValueError:
+        assume(False)
+    n, m = p * v, spec.num_microbatches
+    times = st.floats(0.1, 5.0, allow_nan=False)
+    f, i, w = ([data.draw(times) for _ in range(n)] for _ in range(3))
+    comm = [data.draw(st.floats(0.0, 2.0)) for _ in range(n - 1)]
+    ranks = stage_ranks(spec, p)
+    step = simulate_order(torch_order(name, p, m, v), f, i, w, comm).step_ms
+    for r in range(p):
+        first = ranks.index(r)
+        moved = sum(comm[k] for k in range(first) if ranks[k] != ranks[k + 1])
+        load = sum(f[k] + i[k] + w[k] for k in range(n) if ranks[k] == r)
+        assert sum(f[:first]) + moved + m * load <= step * (1 + 1e-9)
+
+
+def test_round_trip_bound_would_be_wrong_under_split_backward():
+    """Why the search's start bound counts only the forward there: under 1F1B a rank's last
+    backward still has to travel back through the stages before it, but under ZB-V rank 1
+    defers weight gradients past its last input gradient while rank 0 finishes, so the step
+    (52.5 ms) is below prefix round trip + its work (4.5 + 52)."""
+    f, i, w = [0.5, 0.5, 4.0, 1.5], [1.0, 3.0, 2.0, 2.5], [3.0, 2.0, 1.5, 3.0]
+    step = simulate_order(torch_order("zbv_zero_bubble", 2, 4, 2), f, i, w).step_ms
+    rank1 = 4 * sum(f[k] + i[k] + w[k] for k in (1, 2))
+    assert step == pytest.approx(52.5)
+    assert f[0] + rank1 <= step < f[0] + i[0] + w[0] + rank1
+
+
+def _even_chain(n, weight_grad_ms=1.0):
+    return CostChain(units=tuple(
+        UnitCost(name=f"u{i}", fwd_ms=1.0, bwd_ms=2.0, weight_grad_ms=weight_grad_ms,
+                 param_count=10, param_bytes=40 * (i + 1), act_bytes=100.0)
+        for i in range(n)))
+
+
+def test_zbv_plan_by_hand():
+    """Two ranks, four equal stages (F = I = W = 1 ms), one micro-batch, free links. Rank 0
+    holds stages 0 and 3, rank 1 stages 1 and 2. Forwards down the V end at 4 ms; then
+    I3 [4, 5] and W3 on rank 0; I2 [5, 6], W2 [6, 7] (torch's order puts it before I1),
+    I1 [7, 8] on rank 1; I0 [8, 9] and W0 [9, 10] on rank 0: a 10 ms step. Rank 0 holds
+    the first and the last stage's parameters, and both activations at once."""
+    chain = _even_chain(4)
+    config = PartitionConfig(num_stages=2, link_latency_ms=0.0, schedule=ScheduleSpec(
+        name="zbv_zero_bubble", num_microbatches=1, virtual_stages=2))
+    plan = plan_partition(chain, config).plan
+    assert [s.rank for s in plan.stages] == [0, 1, 1, 0]
+    assert plan.step_ms == pytest.approx(10.0)
+    assert plan.rank_compute_ms == (6.0, 6.0)
+    static = [MemoryModel().static_bytes(u) for u in chain.units]
+    assert plan.rank_memory_bytes == (static[0] + static[3] + 200.0,
+                                      static[1] + static[2] + 200.0)
+    ops = {(op.kind, op.chunk): (op.start_ms, op.end_ms) for op in plan.simulation.ops}
+    assert [ops[key] for key in (("F", 3), ("W", 2), ("I", 1), ("I", 0), ("W", 0))] == [
+        (3.0, 4.0), (6.0, 7.0), (7.0, 8.0), (8.0, 9.0), (9.0, 10.0)]
+    # With no weight-gradient time known (W = 0, I = 2 ms) the backwards run back to back
+    # up the V: 4 F + 4 I = 12 ms.
+    whole = plan_partition(_even_chain(4, weight_grad_ms=0.0), config).plan
+    assert whole.step_ms == pytest.approx(12.0)
+
+
+def test_split_backward_refuses_checkpointing_like_the_runtime():
+    with pytest.raises(ValueError, match="activation_checkpointing='full' with schedule="
+                                         "'zbv_zero_bubble'"):
+        PartitionConfig(num_stages=2, activation_checkpointing="full", schedule=ScheduleSpec(
+            name="zbv_zero_bubble", num_microbatches=4, virtual_stages=2))
+
+
+def test_torch_refusal_is_named():
+    with pytest.raises(ValueError, match="torch refuses it"):
+        plan_partition(_even_chain(8), PartitionConfig(num_stages=2, schedule=ScheduleSpec(
+            name="interleaved_zero_bubble", num_microbatches=5, virtual_stages=2)))
+
+
+def test_runtime_and_planner_place_stages_alike():
+    """partition='auto' plans each runtime schedule with the stages on the ranks the
+    runtime puts them on (trainers.parallel.pipeline.stage_ranks)."""
+    from trainers.parallel import pipeline
+    from trainers.parallel.auto import planner_schedule
+
+    for name, (_, per_rank, _) in pipeline.SCHEDULES.items():
+        for p in (2, 3, 4):
+            spec = planner_schedule(name, 2 * p)
+            chunks = p * spec.virtual_stages
+            assert (per_rank == "one") == (spec.virtual_stages == 1), name
+            assert stage_ranks(spec, p) == tuple(pipeline.stage_ranks(chunks, p, name)), name
 
 
 @SETTINGS
@@ -412,3 +547,23 @@ def test_auto_partition_refuses_a_memory_budget_no_layout_meets():
     assert fitting > 2
     auto_partition(model_config("1b"), pp_size=fitting, schedule="1f1b",
                    num_microbatches=fitting, batch_size=fitting, device=small)
+
+
+def test_auto_partition_cuts_for_the_v_under_zbv():
+    """partition='auto' with the runtime's zbv_zero_bubble: the 1b model cut for torch's
+    order and its V (rank 0 holds the first and the last stage, so the retrieval, the
+    embedding and the head), never slower than the cut interleaved 1F1B would choose, run
+    under the same schedule (exact search over both)."""
+    from rag_mm.config import model_config
+    from trainers.parallel.auto import auto_plan
+
+    kwargs = {"pp_size": 2, "num_microbatches": 4, "batch_size": 8, "device": "h100-80gb"}
+    zbv = auto_plan(model_config("1b"), schedule="zbv_zero_bubble", **kwargs)
+    looped = auto_plan(model_config("1b"), schedule="interleaved_1f1b", **kwargs)
+    stages = zbv.plan.stages
+    assert zbv.config.schedule.name == "zbv_zero_bubble" and zbv.exact
+    assert [s.rank for s in stages] == [0, 1, 1, 0]
+    assert stages[0].units[0] == "retrieval" and stages[-1].units[-1] == "head"
+    assert all(0 < s.weight_grad_ms < s.bwd_ms for s in stages)
+    as_looped = evaluate_split(zbv.chain, looped.plan.cuts, zbv.config, method="looped")
+    assert zbv.plan.step_ms <= as_looped.step_ms

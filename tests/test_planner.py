@@ -1366,7 +1366,7 @@ def test_split_backward_schedules_in_the_step_by_hand():
      r"--virtual-stages 4 with --schedule zbv_zero_bubble: valid: 2 \(a V of two stages"),
     ({"schedule": "interleaved_zero_bubble"},
      (r"--virtual-stages 1 with --schedule interleaved_zero_bubble: interleaved_1f1b, "
-      r"interleaved_zero_bubble, zbv_zero_bubble need >= 2")),
+      r"interleaved_zero_bubble, zbv_zero_bubble(, dualpipev)? need >= 2")),
     ({"schedule": "interleaved_zero_bubble", "virtual_stages": 2, "global_batch": 9},
      (r"--schedule interleaved_zero_bubble with --pp 4, --virtual-stages 2 and 9 "
       r"micro-batches \(global batch / \(dp x microbatch\)\): .*torch refuses it")),

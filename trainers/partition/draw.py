@@ -61,9 +61,11 @@ def _rank_static(plan: LayoutPlan) -> list[float]:
 
 
 def draw_timeline(plan: LayoutPlan, path: str | Path, title: str = "") -> None:
-    """Which micro-batch each rank runs when: forward light, backward dark, one colour per
-    chunk (interleaved schedules), micro-batch number inside each box."""
+    """Which micro-batch each rank runs when: forward light, backward dark (a split
+    backward's weight-gradient part hatched), one colour per chunk (interleaved and V
+    schedules), micro-batch number inside each box."""
     ops = plan.simulation.ops
+    split = any(op.kind == "W" for op in ops)
     num_ranks = len(plan.rank_compute_ms)
     fig, ax = plt.subplots(figsize=(12, 0.6 * num_ranks + 1.5))
     cmap = plt.get_cmap("tab10")
@@ -71,7 +73,7 @@ def draw_timeline(plan: LayoutPlan, path: str | Path, title: str = "") -> None:
         colour = cmap((op.chunk // num_ranks) % 10)
         ax.barh(op.rank, op.end_ms - op.start_ms, left=op.start_ms, height=0.8,
                 color=colour, alpha=0.45 if op.kind == "F" else 0.95, edgecolor="black",
-                linewidth=0.3)
+                linewidth=0.3, hatch="///" if op.kind == "W" else None)
         if op.end_ms - op.start_ms > plan.step_ms / 150:
             ax.text((op.start_ms + op.end_ms) / 2, op.rank, str(op.microbatch), ha="center",
                     va="center", fontsize=6)
@@ -81,7 +83,7 @@ def draw_timeline(plan: LayoutPlan, path: str | Path, title: str = "") -> None:
     ax.set_xlabel("time (ms)")
     ax.set_title(title or f"{METHOD_LABELS.get(plan.method, plan.method)}: step "
                  f"{plan.step_ms:.1f} ms, bubble {plan.bubble:.1%} (light: forward, dark: "
-                 f"backward)")
+                 f"backward{', hatched: weight gradients' if split else ''})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -87,10 +87,9 @@ OPS_NEEDS_FLASH = ("--recompute ops keeps the fused attention kernel's output; v
 # The matmuls whose tensor-parallel split is of their input (row-parallel); the rest split
 # their output (``GPTShape.ops_matmuls``).
 ROW_PARALLEL_MATMULS = ("out", "down")
-PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "interleaved_zero_bubble",
-                      "zbv_zero_bubble")
-# Schedules with more than one chunk per rank (--virtual-stages); the V one takes exactly 2
-MULTI_CHUNK_SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", *TORCH_ORDERED)
+# Schedules with more than one chunk per rank (--virtual-stages); the V ones take exactly 2
+MULTI_CHUNK_SCHEDULES = ("interleaved_1f1b", *TORCH_ORDERED)
 # Bytes per parameter under bf16 mixed precision with Adam (Rajbhandari et al. 2020, ZeRO,
 # section 3.1: 2 + 2 + K with K = 12: fp32 master, momentum, variance).
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12

@@ -18,8 +18,19 @@ import math
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
-from trainers.partition.chain import CostChain, MemoryModel, with_activation_checkpointing
-from trainers.partition.schedule import ScheduleSpec, Simulation, simulate
+from trainers.partition.chain import (
+    CostChain,
+    MemoryModel,
+    with_activation_checkpointing,
+)
+from trainers.partition.schedule import (
+    ScheduleSpec,
+    Simulation,
+    simulate,
+    simulate_order,
+    stage_ranks,
+    torch_order,
+)
 from trainers.partition.search import Problem, Score, SearchResult, fits_memory, search
 
 OPTIMIZE = {"speed": 0.0, "memory": 1.0}
@@ -50,6 +61,7 @@ class PartitionConfig:
         "off", "full" = every block, n = every n-th block, or block names; see
         ``chain.with_activation_checkpointing``): they keep only their input for backward,
         recompute their forward in it, and hold one block's activations while they do.
+        Refused under the split-backward schedules, as the runtime refuses it there.
     max_nodes: search budget; past it the answer is the best found, marked not exact.
     """
 
@@ -77,6 +89,12 @@ class PartitionConfig:
                              f"link_latency_ms={self.link_latency_ms} >= 0")
         if self.memory_cap_bytes is not None and self.memory_cap_bytes <= 0:
             raise ValueError(f"memory_cap_bytes={self.memory_cap_bytes} must be > 0")
+        if self.schedule.split_backward and self.activation_checkpointing not in (
+                None, "off", 0, ()):
+            raise ValueError(f"activation_checkpointing={self.activation_checkpointing!r} with "
+                             f"schedule={self.schedule.name!r}: that schedule splits the "
+                             f"backward, and each part reruns a checkpointed block's forward; "
+                             f"use 'off' or a schedule that does not split it")
         m = self.schedule.num_microbatches
         if self.batch_size is not None and (self.batch_size < 1 or self.batch_size % m):
             raise ValueError(f"batch_size={self.batch_size} is not divisible by "
@@ -105,6 +123,7 @@ class StagePlan:
     static_bytes: float
     act_bytes: float
     recompute_bytes: float = 0.0  # the most one checkpointed unit rebuilds for its backward
+    weight_grad_ms: float = 0.0  # the part of bwd_ms a split-backward schedule runs as W
 
     @property
     def compute_ms(self) -> float:
@@ -178,7 +197,8 @@ def _item_level_cuts(chain: CostChain, config: PartitionConfig) -> tuple[int, ..
                              state_bytes=sum(u.state_bytes for u in part),
                              act_bytes=sum(u.act_bytes for u in part), out_bytes=part[-1].out_bytes,
                              recompute_bytes=max(u.recompute_bytes for u in part),
-                             flops=sum(u.flops for u in part), layer=None))
+                             flops=sum(u.flops for u in part),
+                             weight_grad_ms=sum(u.weight_grad_ms for u in part), layer=None))
     where = {a: i for i, a in enumerate(starts)}
     groups = tuple(tuple(sorted({where[max(s for s in starts if s <= k)] for k in g}))
                    for g in chain.groups)
@@ -226,10 +246,11 @@ def make_problem(chain: CostChain, config: PartitionConfig) -> Problem:
     """Prefix sums and bounds' inputs for ``search``."""
     p, sched = config.num_stages, config.schedule
     m = sched.num_microbatches
-    pf, pc, ps, pa = [0.0], [0.0], [0.0], [0.0]
+    pf, pc, ps, pa, pw = [0.0], [0.0], [0.0], [0.0], [0.0]
     for unit in chain.units:
         pf.append(pf[-1] + unit.fwd_ms)
         pc.append(pc[-1] + unit.compute_ms)
+        pw.append(pw[-1] + unit.weight_grad_ms)
         ps.append(ps[-1] + config.memory.static_bytes(unit))
         pa.append(pa[-1] + unit.act_bytes)
     comm = (0.0,) + tuple(transfer_ms(chain.units[k - 1].out_bytes, config)
@@ -241,10 +262,13 @@ def make_problem(chain: CostChain, config: PartitionConfig) -> Problem:
     memory_ref = (ps[-1] + pa[-1] * min(p, m)) / p if ps[-1] + pa[-1] > 0 else 1.0
     cap = math.inf if config.memory_cap_bytes is None else float(config.memory_cap_bytes)
     return Problem(num_units=len(chain), num_ranks=p, virtual_stages=sched.virtual_stages,
-                   num_microbatches=m, fwd_prefix=tuple(pf), compute_prefix=tuple(pc), static_prefix=tuple(ps),
+                   num_microbatches=m, fwd_prefix=tuple(pf), compute_prefix=tuple(pc),
+                   static_prefix=tuple(ps),
                    act_prefix=tuple(pa), comm_ms=comm, allowed_cuts=chain.allowed_cuts(),
                    inflight=inflight, schedule=sched.name, memory_cap=cap, alpha=config.alpha,
-                   time_ref=time_ref, memory_ref=memory_ref, recompute_bytes=recompute)
+                   time_ref=time_ref, memory_ref=memory_ref, recompute_bytes=recompute,
+                   stage_rank=stage_ranks(sched, p), split_backward=sched.split_backward,
+                   weight_prefix=tuple(pw))
 
 
 def transfer_ms(num_bytes: float, config: PartitionConfig) -> float:
@@ -261,14 +285,16 @@ def _score(chain, cuts, config, problem: Problem) -> Score | None:
     pairs = list(pairwise(bounds))
     fwd = [pf[e] - pf[a] for a, e in pairs]
     bwd = [pc[e] - pc[a] - f for (a, e), f in zip(pairs, fwd)]
+    weight = [problem.weight_prefix[e] - problem.weight_prefix[a] for a, e in pairs]
     comm = [problem.comm_ms[b] if p > 1 else 0.0 for b in bounds[1:-1]]
-    sim = simulate(fwd, bwd, comm, config.schedule, num_ranks=p,
-                   act_bytes=[pa[e] - pa[a] for a, e in pairs], keep_ops=False)
+    sim = _simulate(fwd, bwd, weight, comm, [pa[e] - pa[a] for a, e in pairs], config,
+                    keep_ops=False)
     memory = list(sim.peak_act_bytes)
     rebuilt = [0.0] * p
     for k, (a, e) in enumerate(pairs):
-        memory[k % p] += ps[e] - ps[a]
-        rebuilt[k % p] = max(rebuilt[k % p], problem.recompute_peak(a, e))
+        r = problem.stage_rank[k]
+        memory[r] += ps[e] - ps[a]
+        rebuilt[r] = max(rebuilt[r], problem.recompute_peak(a, e))
     memory = [mem + extra for mem, extra in zip(memory, rebuilt)]
     worst = max(memory)
     if worst > problem.memory_cap:
@@ -283,13 +309,14 @@ def evaluate_split(chain: CostChain, cuts, config: PartitionConfig, *, method: s
     bounds = (0,) + tuple(cuts) + (len(chain),)
     assert len(bounds) == config.num_chunks + 1 and all(
         a < b for a, b in pairwise(bounds)), f"bad cuts {cuts}"
-    stages = tuple(_stage(chain, k, k % p, bounds[k], bounds[k + 1], config.memory)
+    ranks = stage_ranks(config.schedule, p)
+    stages = tuple(_stage(chain, k, ranks[k], bounds[k], bounds[k + 1], config.memory)
                    for k in range(config.num_chunks))
     comm = [transfer_ms(chain.units[b - 1].out_bytes, config) if p > 1 else 0.0
             for b in bounds[1:-1]]
-    sim = simulate([s.fwd_ms for s in stages], [s.bwd_ms for s in stages], comm,
-                   config.schedule, num_ranks=p, act_bytes=[s.act_bytes for s in stages],
-                   keep_ops=keep_ops)
+    sim = _simulate([s.fwd_ms for s in stages], [s.bwd_ms for s in stages],
+                    [s.weight_grad_ms for s in stages], comm, [s.act_bytes for s in stages],
+                    config, keep_ops=keep_ops)
     compute = [0.0] * p
     memory = list(sim.peak_act_bytes)
     rebuilt = [0.0] * p
@@ -306,6 +333,20 @@ def evaluate_split(chain: CostChain, cuts, config: PartitionConfig, *, method: s
                       cap is None or max(memory) <= cap, sim)
 
 
+def _simulate(fwd, bwd, weight, comm, act, config: PartitionConfig, *,
+              keep_ops: bool) -> Simulation:
+    """One step of the configured schedule over per-chunk costs: ``schedule.simulate``, or
+    for a split-backward schedule torch's order (``simulate_order``: I = bwd - weight)."""
+    sched, p = config.schedule, config.num_stages
+    if not sched.split_backward:
+        return simulate(fwd, bwd, comm, sched, num_ranks=p, act_bytes=act, keep_ops=keep_ops)
+    orders = torch_order(sched.name, p, sched.num_microbatches, sched.virtual_stages)
+    sim = simulate_order(orders, fwd, [b - w for b, w in zip(bwd, weight)], weight, comm,
+                         act_bytes=act, keep_ops=keep_ops)
+    return Simulation(sim.step_ms, sim.bubble, sim.busy_ms, sim.peak_held,
+                      sim.peak_act_bytes, sim.ops)
+
+
 def _stage(chain, chunk, rank, a, e, memory: MemoryModel) -> StagePlan:
     units = chain.units[a:e]
     return StagePlan(chunk, rank, tuple(u.name for u in units),
@@ -313,7 +354,8 @@ def _stage(chain, chunk, rank, a, e, memory: MemoryModel) -> StagePlan:
                      sum(u.fwd_ms for u in units), sum(u.bwd_ms for u in units),
                      sum(u.param_count for u in units),
                      sum(memory.static_bytes(u) for u in units), sum(u.act_bytes for u in units),
-                     max((u.recompute_bytes for u in units), default=0.0))
+                     max((u.recompute_bytes for u in units), default=0.0),
+                     min(sum(u.weight_grad_ms for u in units), sum(u.bwd_ms for u in units)))
 
 
 def _ratio(values) -> float:

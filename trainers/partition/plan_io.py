@@ -7,19 +7,20 @@ Format (all times per micro-batch unless named ``step``; bytes per GPU)::
      "config": {"num_stages", "schedule", "num_microbatches", "virtual_stages",
                 "memory_cap_bytes", "optimize", "link_gb_per_s", "link_latency_ms"},
      "exact": bool, "search_nodes": int,
-     "units": [{"name", "modules", "fwd_ms", "bwd_ms", "param_count", "act_bytes",
-                "out_bytes", "flops", "layer"}],
+     "units": [{"name", "modules", "fwd_ms", "bwd_ms", "weight_grad_ms", "param_count",
+                "act_bytes", "out_bytes", "flops", "layer"}],
      "groups": [[unit name, ...]],
      "optimal": PLAN, "baselines": {"equal_layers": PLAN | null, "balanced_params": PLAN | null}}
 
     PLAN = {"method", "cuts", "step_ms", "bubble", "imbalance", "memory_imbalance",
             "max_memory_bytes", "fits", "comm_bytes",
             "stages": [{"stage", "rank", "units", "modules", "fwd_ms", "bwd_ms",
-                        "compute_ms", "param_count", "static_bytes",
+                        "weight_grad_ms", "compute_ms", "param_count", "static_bytes",
                         "act_bytes_per_microbatch", "recompute_bytes", "memory_bytes"}]}
 
 ``imbalance`` is max / mean of per-rank compute; a stage's ``memory_bytes`` is its rank's
-peak (parameters, gradients, optimizer state and in-flight activations).
+peak (parameters, gradients, optimizer state and in-flight activations); ``weight_grad_ms``
+the part of ``bwd_ms`` a split-backward schedule runs apart (W).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def plan_to_dict(plan: LayoutPlan) -> dict:
         "comm_bytes": plan.comm_bytes,
         "stages": [{"stage": s.chunk, "rank": s.rank, "units": list(s.units),
                     "modules": list(s.modules), "fwd_ms": s.fwd_ms, "bwd_ms": s.bwd_ms,
-                    "compute_ms": s.compute_ms, "param_count": s.param_count,
+                    "weight_grad_ms": s.weight_grad_ms, "compute_ms": s.compute_ms,
+                    "param_count": s.param_count,
                     "static_bytes": s.static_bytes, "act_bytes_per_microbatch": s.act_bytes,
                     "recompute_bytes": s.recompute_bytes,
                     "memory_bytes": plan.rank_memory_bytes[s.rank]} for s in plan.stages]}
@@ -66,7 +68,8 @@ def result_to_dict(result: PartitionResult) -> dict:
                    "activation_checkpointing": _jsonable(config.activation_checkpointing)},
         "exact": result.exact, "search_nodes": result.search_nodes,
         "units": [{"name": u.name, "modules": list(u.modules), "fwd_ms": u.fwd_ms,
-                   "bwd_ms": u.bwd_ms, "param_count": u.param_count, "act_bytes": u.act_bytes,
+                   "bwd_ms": u.bwd_ms, "weight_grad_ms": u.weight_grad_ms,
+                   "param_count": u.param_count, "act_bytes": u.act_bytes,
                    "out_bytes": u.out_bytes, "flops": u.flops, "layer": u.layer}
                   for u in chain.units],
         "groups": [[chain.units[i].name for i in g] for g in chain.groups],

@@ -17,7 +17,8 @@ def _units(stage) -> str:
 
 
 def format_partition(result: PartitionResult) -> str:
-    """The optimal split beside both baselines: per stage units, ms, GiB; then totals."""
+    """The optimal split beside both baselines: per stage units, ms, GiB (of the rank that
+    holds it, rN where ranks hold several stages); then totals."""
     plans: dict[str, LayoutPlan | None] = {"optimal": result.plan, **result.baselines}
     sched = result.config.schedule
     v = f", v={sched.virtual_stages}" if sched.virtual_stages > 1 else ""
@@ -38,7 +39,8 @@ def format_partition(result: PartitionResult) -> str:
             stage = plan.stages[k]
             cells.append(f"{_units(stage):<23}{stage.compute_ms:9.2f} ms "
                          f"{plan.rank_memory_bytes[stage.rank] / GIB:6.2f}G ")
-        lines.append(f"{'stage ' + str(k):<12}" + "".join(cells))
+        label = f"stage {k}" + (f" r{result.plan.stages[k].rank}" if v else "")
+        lines.append(f"{label:<12}" + "".join(cells))
     for label, fn in (("step ms", lambda p: f"{p.step_ms:.2f}"),
                       ("imbalance", lambda p: f"{p.imbalance:.3f}"),
                       ("bubble", lambda p: f"{p.bubble:.1%}"),

@@ -3,7 +3,8 @@ any per-rank order of forwards, input- and weight-gradient backwards, as torch's
 split-backward schedule classes run them (``torch_order``).
 
 The chain is cut into ``num_ranks * virtual_stages`` chunks; chunk ``k`` lives on rank
-``k % num_ranks`` (round robin, as in Megatron's interleaved schedule). Each rank runs
+``k % num_ranks`` (round robin, as in Megatron's interleaved schedule), or, under the
+V-shaped schedules, where torch's order puts it (``stage_ranks``). Each rank runs
 its operations in the fixed order of the schedule; an operation starts when its rank is
 free and its input has arrived (forward: the previous chunk's forward plus the boundary
 transfer; backward: the next chunk's backward plus the transfer). Transfers overlap
@@ -16,16 +17,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from torch.distributed import pipelining
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+# The runtime's split-backward schedules (``trainers.parallel.pipeline.SCHEDULES``), costed in
+# the order torch runs them: each backward is an input-gradient part (I) and a weight-gradient
+# part (W) that the schedule places apart to fill the bubble (Qi et al. 2024, "Zero Bubble
+# Pipeline Parallelism", ICLR; ZB-V: two stages per rank in a V, rank r holding stages r and
+# 2p - 1 - r). name -> torch.distributed.pipelining schedule class name.
+# DualPipeV (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", section 3.2.1: DualPipe; its
+# V-shaped half as torch builds it) where this torch has it, as the runtime offers it: its
+# overlapped forward-and-backward pairs run one after the other, as torch's runtime runs them.
+TORCH_ORDERED = {"interleaved_zero_bubble": "InterleavedZeroBubble",
+                 "zbv_zero_bubble": "ZBVZeroBubble"}
+V_SHAPED = ("zbv_zero_bubble",)
+if hasattr(pipelining, "ScheduleDualPipeV"):
+    TORCH_ORDERED["dualpipev"] = "DualPipeV"
+    V_SHAPED += ("dualpipev",)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleSpec:
     """Which pipeline schedule to simulate.
 
-    name: one of ``SCHEDULES``.
+    name: one of ``SCHEDULES``, or of ``TORCH_ORDERED`` (simulated in torch's own order).
     num_microbatches: micro-batches per step (``m``).
-    virtual_stages: chunks per rank (``v``); > 1 only for ``interleaved_1f1b``.
+    virtual_stages: chunks per rank (``v``); >= 2 for ``interleaved_1f1b``, 2 for the
+        V-shaped ones, any for ``interleaved_zero_bubble``, else 1.
     """
 
     name: str = "1f1b"
@@ -33,8 +52,9 @@ class ScheduleSpec:
     virtual_stages: int = 1
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise ValueError(f"schedule={self.name!r} is unknown; valid: {', '.join(SCHEDULES)}")
+        if self.name not in SCHEDULES and self.name not in TORCH_ORDERED:
+            raise ValueError(f"schedule={self.name!r} is unknown; valid: "
+                             f"{', '.join((*SCHEDULES, *TORCH_ORDERED))}")
         if self.num_microbatches < 1:
             raise ValueError(f"num_microbatches={self.num_microbatches} must be >= 1")
         if self.virtual_stages < 1:
@@ -42,13 +62,24 @@ class ScheduleSpec:
         if self.name == "interleaved_1f1b" and self.virtual_stages < 2:
             raise ValueError("schedule='interleaved_1f1b' needs virtual_stages >= 2; "
                              "use schedule='1f1b' for one chunk per rank")
-        if self.name != "interleaved_1f1b" and self.virtual_stages != 1:
-            raise ValueError(f"virtual_stages={self.virtual_stages} needs "
-                             f"schedule='interleaved_1f1b', not {self.name!r}")
+        if self.name in V_SHAPED and self.virtual_stages != 2:
+            raise ValueError(f"schedule={self.name!r} runs 2 stages per rank in a V; got "
+                             f"virtual_stages={self.virtual_stages}")
+        if self.name in ("gpipe", "1f1b") and self.virtual_stages != 1:
+            raise ValueError(f"virtual_stages={self.virtual_stages} needs an interleaved or "
+                             f"V schedule, not {self.name!r}")
+
+    @property
+    def split_backward(self) -> bool:
+        """Whether the schedule runs each backward as an I and a W action (torch's order)."""
+        return self.name in TORCH_ORDERED
 
     def check(self, num_ranks: int) -> None:
         """Raise ValueError when this schedule cannot run on ``num_ranks`` ranks."""
         m = self.num_microbatches
+        if self.split_backward:
+            torch_order(self.name, num_ranks, m, self.virtual_stages)
+            return
         if self.name in ("1f1b", "interleaved_1f1b") and m < num_ranks:
             raise ValueError(f"schedule={self.name!r} needs num_microbatches >= num_stages; got "
                              f"num_microbatches={m} < num_stages={num_ranks}")
@@ -59,7 +90,9 @@ class ScheduleSpec:
 
 @dataclass(frozen=True)
 class Op:
-    """One scheduled operation: forward ('F') or backward ('B') of a chunk on a micro-batch."""
+    """One scheduled operation of a chunk on a micro-batch: forward ('F'), backward ('B'),
+    or, under a split-backward schedule, its input-gradient ('I') or weight-gradient ('W')
+    part."""
 
     rank: int
     chunk: int
@@ -221,14 +254,16 @@ def inflight_microbatches(spec: ScheduleSpec, num_ranks: int, rank: int) -> int:
     raise ValueError("inflight_microbatches is per stage; interleaved peaks depend on chunks")
 
 
-# The runtime's split-backward schedules (``trainers.parallel.pipeline.SCHEDULES``), costed in
-# the order torch runs them: each backward is an input-gradient part (I) and a weight-gradient
-# part (W) that the schedule places apart to fill the bubble (Qi et al. 2024, "Zero Bubble
-# Pipeline Parallelism", ICLR; ZB-V: two stages per rank in a V, rank r holding stages r and
-# 2p - 1 - r). name -> torch.distributed.pipelining schedule class name.
-TORCH_ORDERED = {"interleaved_zero_bubble": "InterleavedZeroBubble",
-                 "zbv_zero_bubble": "ZBVZeroBubble"}
-V_SHAPED = ("zbv_zero_bubble",)
+def stage_ranks(spec: ScheduleSpec, num_ranks: int) -> tuple[int, ...]:
+    """The rank holding each of the ``num_ranks * virtual_stages`` chunks: where torch's
+    order runs it for the split-backward schedules (a V for ``V_SHAPED``), else round
+    robin (``k % num_ranks``)."""
+    chunks = num_ranks * spec.virtual_stages
+    if not spec.split_backward:
+        return tuple(k % num_ranks for k in range(chunks))
+    orders = torch_order(spec.name, num_ranks, spec.num_microbatches, spec.virtual_stages)
+    owner = {stage: r for r, order in enumerate(orders) for _, stage, _ in order}
+    return tuple(owner[k] for k in range(chunks))
 
 
 @lru_cache(maxsize=128)
@@ -262,10 +297,11 @@ def torch_order(name: str, num_ranks: int, num_microbatches: int,
         for action in schedule.pipeline_order[rank]:
             if action is None:
                 continue
-            kind = str(action.computation_type.value)
-            if kind not in ("F", "I", "W", "B"):
-                raise ValueError(f"schedule={name!r}: action {action} is not costed here")
-            actions.append((kind, action.stage_index, action.microbatch_index))
+            for part in getattr(action, "sub_actions", None) or (action,):  # OVERLAP_F_B
+                kind = str(part.computation_type.value)
+                if kind not in ("F", "I", "W", "B"):
+                    raise ValueError(f"schedule={name!r}: action {part} is not costed here")
+                actions.append((kind, part.stage_index, part.microbatch_index))
         orders.append(tuple(actions))
     return tuple(orders)
 
@@ -278,9 +314,12 @@ class OrderSimulation:
     bubble: float  # idle share of rank time: 1 - busy / (ranks * step)
     busy_ms: tuple[float, ...]  # per rank
     peak_held: tuple[int, ...]  # most (stage, micro-batch) activations a rank holds at once
+    peak_act_bytes: tuple[float, ...] = ()  # their bytes at the rank's peak (given act_bytes)
+    ops: tuple[Op, ...] = ()  # every action's start and end (keep_ops)
 
 
-def simulate_order(orders, fwd_ms, input_ms, weight_ms, comm_ms=None) -> OrderSimulation:
+def simulate_order(orders, fwd_ms, input_ms, weight_ms, comm_ms=None, *, act_bytes=None,
+                   keep_ops: bool = False) -> OrderSimulation:
     """Simulate one step of per-rank action orders (``torch_order``).
 
     fwd_ms, input_ms, weight_ms: per stage, per micro-batch: the forward, the backward's
@@ -290,57 +329,85 @@ def simulate_order(orders, fwd_ms, input_ms, weight_ms, comm_ms=None) -> OrderSi
     or B waits for the next stage's and for its own forward; a W for its own I. A rank runs
     its actions in order, each as soon as its inputs are there. Activations are held from a
     forward until that stage and micro-batch's W or B.
+    act_bytes: per stage, the activation bytes one micro-batch holds there; with it,
+    ``peak_act_bytes`` is each rank's most held at once.
     """
     num_stages = len(fwd_ms)
     assert len(input_ms) == num_stages == len(weight_ms)
     comm = [0.0] * (num_stages - 1) if comm_ms is None else list(comm_ms)
     assert len(comm) == num_stages - 1
-    owner = {stage: r for r, order in enumerate(orders) for _, stage, _ in order}
     duration = {"F": fwd_ms, "I": input_ms, "W": weight_ms,
                 "B": [i + w for i, w in zip(input_ms, weight_ms)]}
-    end: dict[tuple[str, int, int], float] = {}
+    plan = _compiled_order(tuple(tuple(order) for order in orders))
+    end = [0.0] * len(plan)
     free = [0.0] * len(orders)
     busy = [0.0] * len(orders)
-    pos = [0] * len(orders)
+    for j, (r, kind, s, _, deps) in enumerate(plan):
+        ready = 0.0
+        for dep, boundary in deps:
+            ready = max(ready, end[dep] + (comm[boundary] if boundary >= 0 else 0.0))
+        dur = duration[kind][s]
+        end[j] = free[r] = max(ready, free[r]) + dur
+        busy[r] += dur
+    step = max(free)
+    bubble = 1.0 - sum(busy) / (len(orders) * step) if step > 0 else 0.0
+    peak_bytes = () if act_bytes is None else tuple(_peak_bytes(o, act_bytes) for o in orders)
+    ops = tuple(Op(r, s, i, kind, end[j] - duration[kind][s], end[j])
+                for j, (r, kind, s, i, _) in enumerate(plan)) if keep_ops else ()
+    return OrderSimulation(step, bubble, tuple(busy), tuple(peak_held(o) for o in orders),
+                           peak_bytes, ops)
+
+
+@lru_cache(maxsize=256)
+def _compiled_order(orders):
+    """The actions of ``orders`` in an order where each comes after those it waits for:
+    (rank, kind, stage, micro-batch, ((index of an action it waits for, boundary whose
+    transfer it waits for or -1), ...)). Ranks keep their order; computed once per order."""
+    num_stages = 1 + max(s for order in orders for _, s, _ in order)
+    owner = {stage: r for r, order in enumerate(orders) for _, stage, _ in order}
+    present = {(kind, s, i) for order in orders for kind, s, i in order}
+    index: dict[tuple[str, int, int], int] = {}
+    plan, pos = [], [0] * len(orders)
     remaining = sum(len(order) for order in orders)
     while remaining:
         progressed = False
         for r, order in enumerate(orders):
             while pos[r] < len(order):
                 kind, s, i = order[pos[r]]
-                ready = _ready(kind, s, i, end, owner, comm, num_stages)
-                if ready is None:
+                needs = _needs(kind, s, i, present, num_stages)
+                if any(key not in index for key, _ in needs):
                     break
-                start = max(ready, free[r])
-                free[r] = end[(kind, s, i)] = start + duration[kind][s]
-                busy[r] += duration[kind][s]
+                deps = tuple((index[key], b if b is not None and owner[b] != owner[b + 1]
+                              else -1) for key, b in needs)
+                index[(kind, s, i)] = len(plan)
+                plan.append((r, kind, s, i, deps))
                 pos[r] += 1
                 remaining -= 1
                 progressed = True
         assert progressed, "schedule deadlocked"
-    step = max(free)
-    bubble = 1.0 - sum(busy) / (len(orders) * step) if step > 0 else 0.0
-    return OrderSimulation(step, bubble, tuple(busy), tuple(peak_held(o) for o in orders))
+    return tuple(plan)
 
 
-def _ready(kind, s, i, end, owner, comm, num_stages) -> float | None:
-    """When action (kind, s, i)'s inputs are there, or None while one is still to run."""
+def _needs(kind, s, i, present, num_stages):
+    """What action (kind, s, i) waits for: (action, boundary it crosses or None)."""
     if kind == "F":
-        deps = [] if s == 0 else [(("F", s - 1, i), s - 1)]
-    elif kind == "W":
-        deps = [(("I", s, i), None)]
-    else:  # I or B: the next stage's input gradient (from its I or its B) and its own forward
-        deps = [(("F", s, i), None)]
-        if s < num_stages - 1:
-            later = ("I", s + 1, i) if ("I", s + 1, i) in end else ("B", s + 1, i)
-            deps.append((later, s))
-    ready = 0.0
-    for key, boundary in deps:
-        if key not in end:
-            return None
-        moved = boundary is not None and owner[boundary] != owner[boundary + 1]
-        ready = max(ready, end[key] + (comm[boundary] if moved else 0.0))
-    return ready
+        return [] if s == 0 else [(("F", s - 1, i), s - 1)]
+    if kind == "W":
+        return [(("I", s, i), None)]
+    # I or B: its own forward, and the next stage's input gradient (from its I or its B)
+    needs = [(("F", s, i), None)]
+    if s < num_stages - 1:
+        later = ("I", s + 1, i) if ("I", s + 1, i) in present else ("B", s + 1, i)
+        needs.append((later, s))
+    return needs
+
+
+def _peak_bytes(order, act_bytes) -> float:
+    held = peak = 0.0
+    for kind, s, _ in order:
+        held += act_bytes[s] if kind == "F" else -act_bytes[s] if kind in ("W", "B") else 0.0
+        peak = max(peak, held)
+    return peak
 
 
 def peak_held(order) -> int:

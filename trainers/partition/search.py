@@ -29,6 +29,11 @@ true value, so no split that could win is ever skipped:
   level it can reach bounds the final maximum); static bytes bound the memory. Still exact,
   but the search can grow with p * v; ``max_nodes`` caps it and the result then says
   ``exact=False``.
+* Split-backward schedules (torch's zero-bubble orders, any v; chunk k on rank
+  ``stage_rank[k]``, a V under ZB-V): the same search as interleaved, with a weaker start:
+  a rank may defer its weight gradients past its last input gradient, so nothing is owed
+  after its work but the forward before its first chunk, and the transfers there where the
+  ranks differ, are owed before it: ``T >= fwd_prefix(start_r) + m * load_r``.
 """
 
 from __future__ import annotations
@@ -79,6 +84,12 @@ class Problem:
     time_ref: float
     memory_ref: float
     recompute_bytes: tuple[float, ...] = ()  # per unit; empty when nothing is checkpointed
+    stage_rank: tuple[int, ...] = ()  # rank of each chunk; empty: round robin (k % p)
+    split_backward: bool = False  # torch's I/W order (``schedule.TORCH_ORDERED``)
+    weight_prefix: tuple[float, ...] = ()  # length n + 1, weight-gradient part of the backward
+
+    def rank_of(self, chunk: int) -> int:
+        return self.stage_rank[chunk] if self.stage_rank else chunk % self.num_ranks
 
     def recompute_peak(self, a: int, e: int) -> float:
         """The most bytes one checkpointed unit among a..e-1 rebuilds for its backward."""
@@ -123,8 +134,8 @@ def search(problem: Problem, evaluate: Callable[[tuple[int, ...]], Score | None]
 
     seeds: splits to score first (good ones prune more; they never change the answer).
     """
-    finder = (_Pipeline if problem.virtual_stages == 1 else _Interleaved)(
-        problem, evaluate, max_nodes)
+    one_each = problem.virtual_stages == 1 and not problem.split_backward
+    finder = (_Pipeline if one_each else _Interleaved)(problem, evaluate, max_nodes)
     for cuts in seeds:
         finder.best.offer(tuple(cuts), evaluate(tuple(cuts)))
     return finder.run()
@@ -251,7 +262,7 @@ def _water_level(bases, receivers, amount: float) -> float:
 
 
 class _Interleaved:
-    """Branch and bound over p * v contiguous chunks, chunk k on rank k % p."""
+    """Branch and bound over p * v contiguous chunks, chunk k on rank ``rank_of(k)``."""
 
     def __init__(self, problem: Problem, evaluate, max_nodes: int) -> None:
         self.pb, self.evaluate, self.max_nodes = problem, evaluate, max_nodes
@@ -280,18 +291,20 @@ class _Interleaved:
         if self.nodes > self.max_nodes:
             self.exact = False
             return
-        p, m, pc, ps = pb.num_ranks, pb.num_microbatches, pb.compute_prefix, pb.static_prefix
-        r = chunk % p
-        offset = offsets[r] if offsets[r] is not None else pc[a] + comm_before
+        m, pc, ps = pb.num_microbatches, pb.compute_prefix, pb.static_prefix
+        before = pb.fwd_prefix if pb.split_backward else pc  # owed before a rank's first chunk
+        r = pb.rank_of(chunk)
+        offset = offsets[r] if offsets[r] is not None else before[a] + comm_before
         children = []
         for e in self._ends(a, chunk):
             static = statics[r] + ps[e] - ps[a]
             if static > pb.memory_cap:
                 continue
             load = loads[r] + pc[e] - pc[a]
-            bases = [(o + m * l) if o is not None else pc[e] for o, l in zip(offsets, loads)]
+            bases = [(o + m * l) if o is not None else before[e]
+                     for o, l in zip(offsets, loads)]
             bases[r] = offset + m * load
-            receivers = {j % p for j in range(chunk + 1, self.num_chunks)}
+            receivers = {pb.rank_of(j) for j in range(chunk + 1, self.num_chunks)}
             bound_t = _water_level(bases, receivers, m * (pc[pb.num_units] - pc[e]))
             bound_m = max(max(statics), static)
             children.append((pb.objective(bound_t, bound_m), bound_m, e, load, static))
@@ -306,4 +319,13 @@ class _Interleaved:
             new_loads, new_statics, new_offsets = list(loads), list(statics), list(offsets)
             new_loads[r], new_statics[r], new_offsets[r] = load, static, offset
             self._dfs(chunk + 1, e, new_loads, new_statics, new_offsets,
-                      comm_before + 2 * pb.comm_ms[e], cuts + (e,))
+                      comm_before + self._crossing(chunk, e), cuts + (e,))
+
+    def _crossing(self, chunk: int, e: int) -> float:
+        """What the cut at unit e (after ``chunk``) adds to the wait before later chunks: the
+        round trip; under a split-backward schedule the forward transfer alone, and nothing
+        between chunks on one rank (simulate_order moves nothing there)."""
+        pb = self.pb
+        if not pb.split_backward:
+            return 2 * pb.comm_ms[e]
+        return pb.comm_ms[e] if pb.rank_of(chunk) != pb.rank_of(chunk + 1) else 0.0
