@@ -41,8 +41,8 @@ from trainers.partition.hardware import FLASH_KERNELS, GPUS, Cluster, gpu_spec
 from trainers.partition.partition import PartitionConfig, plan_partition
 from trainers.partition.plan_io import write_json
 from trainers.partition.report import format_partition, format_step, format_steps, step_dict
+from trainers.partition.schedule import TORCH_CLASSES, ScheduleSpec
 from trainers.partition.schedule import TORCH_ORDERED as SPLIT_BACKWARD
-from trainers.partition.schedule import ScheduleSpec
 from trainers.partition.source_case import format_source_case, source_case
 from trainers.partition.trace import Profile
 from trainers.partition.units import chain_from_profile
@@ -447,10 +447,10 @@ def main(argv=None) -> None:
     part.add_argument("--stages", type=int, required=True)
     part.add_argument("--microbatches", type=int, default=8)
     part.add_argument("--schedule", default="1f1b",
-                      choices=["1f1b", "gpipe", "interleaved_1f1b", *SPLIT_BACKWARD],
-                      help="interleaved_zero_bubble / zbv_zero_bubble: torch's order and "
-                           "stage placement (a V for zbv: rank 0 holds the first and the last "
-                           "stage), each backward split into input and weight gradients")
+                      choices=["1f1b", "gpipe", "interleaved_1f1b", *TORCH_CLASSES],
+                      help="looped_bfs and the zero-bubble ones: torch's order and stage "
+                           "placement (a V for zbv_zero_bubble and dualpipev: rank 0 holds "
+                           "the first and the last stage)")
     part.add_argument("--virtual-stages", type=int, default=1)
     part.add_argument("--batch-size", type=int, help="samples per step (rescales the costs)")
     part.add_argument("--memory-cap-gib", type=float)

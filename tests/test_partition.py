@@ -30,6 +30,7 @@ from trainers.partition.partition import (
     plan_partition,
 )
 from trainers.partition.schedule import (
+    TORCH_CLASSES,
     TORCH_ORDERED,
     V_SHAPED,
     ScheduleSpec,
@@ -135,11 +136,11 @@ def test_interleaved_search_matches_brute_force(chain, data):
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chain=chains(min_units=2, max_units=9), data=st.data())
-def test_split_backward_search_matches_brute_force(chain, data):
-    """torch's zero-bubble orders (chunks placed where torch runs them: a V under ZB-V and
-    DualPipeV) are searched exactly: the search's bound is weaker there (a rank may defer
-    its weight gradients), never wrong."""
-    name = data.draw(st.sampled_from(sorted(TORCH_ORDERED)))
+def test_torch_ordered_search_matches_brute_force(chain, data):
+    """torch's own orders (looped BFS and the zero-bubble ones; chunks placed where torch
+    runs them: a V under ZB-V and DualPipeV) are searched exactly: the search's bound is
+    weaker under a split backward (a rank may defer its weight gradients), never wrong."""
+    name = data.draw(st.sampled_from(sorted(TORCH_CLASSES)))
     v = 2 if name in V_SHAPED else data.draw(st.integers(1, 2))
     if chain.num_segments() < v:
         return
@@ -229,6 +230,20 @@ def test_zbv_plan_by_hand():
     # up the V: 4 F + 4 I = 12 ms.
     whole = plan_partition(_even_chain(4, weight_grad_ms=0.0), config).plan
     assert whole.step_ms == pytest.approx(12.0)
+
+
+def test_looped_bfs_holds_every_microbatch():
+    """Looped BFS (torch's order) runs all m micro-batches through a rank's first chunk
+    before its second, so at its peak a rank holds m x v activations, where interleaved
+    1F1B holds fewer; the planner counted it as interleaved 1F1B before."""
+    chain = _even_chain(4)
+    static = [MemoryModel().static_bytes(u) for u in chain.units]
+    plans = {name: plan_partition(chain, PartitionConfig(num_stages=2, schedule=ScheduleSpec(
+        name=name, num_microbatches=4, virtual_stages=2))).plan
+        for name in ("looped_bfs", "interleaved_1f1b")}
+    assert [s.rank for s in plans["looped_bfs"].stages] == [0, 1, 0, 1]
+    assert plans["looped_bfs"].rank_memory_bytes[0] == static[0] + static[2] + 8 * 100.0
+    assert plans["interleaved_1f1b"].rank_memory_bytes[0] < static[0] + static[2] + 8 * 100.0
 
 
 def test_split_backward_refuses_checkpointing_like_the_runtime():

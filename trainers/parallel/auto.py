@@ -5,9 +5,9 @@ trains on (`hardware.local_device_spec`: the named GPU spec under CUDA, a fixed 
 otherwise, the same on every rank; or a GPU named by the caller), at the batch size it
 trains with, with FSDP2 over dp as the runtime runs it and the blocks it checkpoints, cut by
 `trainers.partition.plan_partition` under that device's memory and the planner schedule
-of the same shape as the pipeline schedule (the zero-bubble ones as themselves, placed as
-torch places them), and returned as unit-name lists in stage order (chunk c of an
-interleaved plan is stage c).
+of the run (those with several stages a rank at 2 each, the ones torch orders itself
+simulated in its order and placement), and returned as unit-name lists in stage order
+(chunk c of an interleaved plan is stage c).
 """
 
 from __future__ import annotations
@@ -18,19 +18,15 @@ from trainers.parallel.pipeline import SCHEDULES
 
 
 def planner_schedule(schedule: str, num_microbatches: int):
-    """The planner's ScheduleSpec for the runtime's `schedule`: the split-backward ones
-    (`trainers.partition.schedule.TORCH_ORDERED`) as themselves, in torch's order and stage
-    placement, 2 stages per rank; otherwise one stage per rank -> 1F1B (GPipe for gpipe),
-    several -> interleaved 1F1B with 2 stages per rank (looped BFS places them alike)."""
-    from trainers.partition.schedule import TORCH_ORDERED, ScheduleSpec
+    """The planner's ScheduleSpec for the runtime's `schedule`: the same schedule, with 2
+    stages per rank where it takes several (those of
+    `trainers.partition.schedule.TORCH_CLASSES`, looped BFS and the split-backward ones,
+    simulated in torch's own order and stage placement)."""
+    from trainers.partition.schedule import ScheduleSpec
 
-    if schedule in TORCH_ORDERED:
-        return ScheduleSpec(name=schedule, num_microbatches=num_microbatches, virtual_stages=2)
-    if SCHEDULES[schedule][1] == "one":
-        name = "gpipe" if schedule == "gpipe" else "1f1b"
-        return ScheduleSpec(name=name, num_microbatches=num_microbatches)
-    return ScheduleSpec(name="interleaved_1f1b", num_microbatches=num_microbatches,
-                        virtual_stages=2)
+    stages_per_rank = 1 if SCHEDULES[schedule][1] == "one" else 2
+    return ScheduleSpec(name=schedule, num_microbatches=num_microbatches,
+                        virtual_stages=stages_per_rank)
 
 
 def auto_partition(config, *, pp_size: int, schedule: str, num_microbatches: int,

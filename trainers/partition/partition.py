@@ -336,10 +336,13 @@ def evaluate_split(chain: CostChain, cuts, config: PartitionConfig, *, method: s
 def _simulate(fwd, bwd, weight, comm, act, config: PartitionConfig, *,
               keep_ops: bool) -> Simulation:
     """One step of the configured schedule over per-chunk costs: ``schedule.simulate``, or
-    for a split-backward schedule torch's order (``simulate_order``: I = bwd - weight)."""
+    torch's order (``simulate_order``; I = bwd - weight and W = weight under a
+    split-backward schedule, whole backwards otherwise)."""
     sched, p = config.schedule, config.num_stages
-    if not sched.split_backward:
+    if not sched.torch_ordered:
         return simulate(fwd, bwd, comm, sched, num_ranks=p, act_bytes=act, keep_ops=keep_ops)
+    if not sched.split_backward:
+        weight = [0.0] * len(bwd)
     orders = torch_order(sched.name, p, sched.num_microbatches, sched.virtual_stages)
     sim = simulate_order(orders, fwd, [b - w for b, w in zip(bwd, weight)], weight, comm,
                          act_bytes=act, keep_ops=keep_ops)

@@ -35,13 +35,17 @@ V_SHAPED = ("zbv_zero_bubble",)
 if hasattr(pipelining, "ScheduleDualPipeV"):
     TORCH_ORDERED["dualpipev"] = "DualPipeV"
     V_SHAPED += ("dualpipev",)
+# Every runtime schedule the partitioner simulates in torch's order: the split-backward ones
+# and looped BFS (Lamy-Poirier 2021, "Breadth-First Pipeline Parallelism": each rank runs
+# every micro-batch through one chunk before the next, so it holds all m x v at its peak).
+TORCH_CLASSES = {**TORCH_ORDERED, "looped_bfs": "LoopedBFS"}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleSpec:
     """Which pipeline schedule to simulate.
 
-    name: one of ``SCHEDULES``, or of ``TORCH_ORDERED`` (simulated in torch's own order).
+    name: one of ``SCHEDULES``, or of ``TORCH_CLASSES`` (simulated in torch's own order).
     num_microbatches: micro-batches per step (``m``).
     virtual_stages: chunks per rank (``v``); >= 2 for ``interleaved_1f1b``, 2 for the
         V-shaped ones, any for ``interleaved_zero_bubble``, else 1.
@@ -52,9 +56,9 @@ class ScheduleSpec:
     virtual_stages: int = 1
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES and self.name not in TORCH_ORDERED:
+        if self.name not in SCHEDULES and self.name not in TORCH_CLASSES:
             raise ValueError(f"schedule={self.name!r} is unknown; valid: "
-                             f"{', '.join((*SCHEDULES, *TORCH_ORDERED))}")
+                             f"{', '.join((*SCHEDULES, *TORCH_CLASSES))}")
         if self.num_microbatches < 1:
             raise ValueError(f"num_microbatches={self.num_microbatches} must be >= 1")
         if self.virtual_stages < 1:
@@ -74,10 +78,16 @@ class ScheduleSpec:
         """Whether the schedule runs each backward as an I and a W action (torch's order)."""
         return self.name in TORCH_ORDERED
 
+    @property
+    def torch_ordered(self) -> bool:
+        """Whether the step is simulated in the order torch's schedule class runs
+        (``TORCH_CLASSES``), not in one derived here."""
+        return self.name in TORCH_CLASSES
+
     def check(self, num_ranks: int) -> None:
         """Raise ValueError when this schedule cannot run on ``num_ranks`` ranks."""
         m = self.num_microbatches
-        if self.split_backward:
+        if self.torch_ordered:
             torch_order(self.name, num_ranks, m, self.virtual_stages)
             return
         if self.name in ("1f1b", "interleaved_1f1b") and m < num_ranks:
@@ -259,7 +269,7 @@ def stage_ranks(spec: ScheduleSpec, num_ranks: int) -> tuple[int, ...]:
     order runs it for the split-backward schedules (a V for ``V_SHAPED``), else round
     robin (``k % num_ranks``)."""
     chunks = num_ranks * spec.virtual_stages
-    if not spec.split_backward:
+    if not spec.torch_ordered:
         return tuple(k % num_ranks for k in range(chunks))
     orders = torch_order(spec.name, num_ranks, spec.num_microbatches, spec.virtual_stages)
     owner = {stage: r for r, order in enumerate(orders) for _, stage, _ in order}
@@ -269,7 +279,7 @@ def stage_ranks(spec: ScheduleSpec, num_ranks: int) -> tuple[int, ...]:
 @lru_cache(maxsize=128)
 def torch_order(name: str, num_ranks: int, num_microbatches: int,
                 stages_per_rank: int) -> tuple[tuple[tuple[str, int, int], ...], ...]:
-    """Per rank, the compute actions of the runtime schedule ``name`` (``TORCH_ORDERED``) as
+    """Per rank, the compute actions of the runtime schedule ``name`` (``TORCH_CLASSES``) as
     (kind, stage, micro-batch) in the order torch's schedule class runs them; kind F, I, W or
     B (a whole backward). The class is built for every rank at once from stand-in stages, as
     it only reads their count and the pipeline size. ValueError where torch refuses the
@@ -279,13 +289,13 @@ def torch_order(name: str, num_ranks: int, num_microbatches: int,
     from torch.distributed.pipelining.schedules import get_schedule_class
     from torch.distributed.pipelining.stage import PipelineStage
 
-    if name not in TORCH_ORDERED:
-        raise ValueError(f"schedule={name!r}: valid: {', '.join(TORCH_ORDERED)}")
+    if name not in TORCH_CLASSES:
+        raise ValueError(f"schedule={name!r}: valid: {', '.join(TORCH_CLASSES)}")
     stage = mock.create_autospec(PipelineStage, instance=True)
     stage.group_rank, stage.group_size, stage.submod = 0, num_ranks, None
     stage.num_stages = num_ranks * stages_per_rank
     try:
-        schedule = get_schedule_class(TORCH_ORDERED[name])([stage] * stages_per_rank,
+        schedule = get_schedule_class(TORCH_CLASSES[name])([stage] * stages_per_rank,
                                                             num_microbatches)
     except (ValueError, RuntimeError, AssertionError) as err:
         raise ValueError(f"schedule={name!r} with {num_ranks} pipeline ranks, "

@@ -134,7 +134,7 @@ def search(problem: Problem, evaluate: Callable[[tuple[int, ...]], Score | None]
 
     seeds: splits to score first (good ones prune more; they never change the answer).
     """
-    one_each = problem.virtual_stages == 1 and not problem.split_backward
+    one_each = problem.virtual_stages == 1 and problem.schedule in ("gpipe", "1f1b")
     finder = (_Pipeline if one_each else _Interleaved)(problem, evaluate, max_nodes)
     for cuts in seeds:
         finder.best.offer(tuple(cuts), evaluate(tuple(cuts)))
