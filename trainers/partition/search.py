@@ -29,11 +29,13 @@ true value, so no split that could win is ever skipped:
   level it can reach bounds the final maximum); static bytes bound the memory. Still exact,
   but the search can grow with p * v; ``max_nodes`` caps it and the result then says
   ``exact=False``.
-* Split-backward schedules (torch's zero-bubble orders, any v; chunk k on rank
-  ``stage_rank[k]``, a V under ZB-V): the same search as interleaved, with a weaker start:
-  a rank may defer its weight gradients past its last input gradient, so nothing is owed
-  after its work but the forward before its first chunk, and the transfers there where the
-  ranks differ, are owed before it: ``T >= fwd_prefix(start_r) + m * load_r``.
+* Schedules in torch's own order (``schedule.TORCH_CLASSES``, any v; chunk k on rank
+  ``stage_rank[k]``, a V under ZB-V and DualPipeV): the interleaved search. Looped BFS runs
+  whole backwards, so its bounds hold as they are. Under a split backward the start bound
+  is weaker: a rank may run weight gradients after its last input gradient while the ranks
+  before it finish, so nothing is owed after its work, and before it only the forward
+  through the chunks before its first and the transfers between them where ranks differ:
+  ``T >= fwd_prefix(start_r) + comm + m * load_r``.
 """
 
 from __future__ import annotations
@@ -323,9 +325,9 @@ class _Interleaved:
 
     def _crossing(self, chunk: int, e: int) -> float:
         """What the cut at unit e (after ``chunk``) adds to the wait before later chunks: the
-        round trip; under a split-backward schedule the forward transfer alone, and nothing
-        between chunks on one rank (simulate_order moves nothing there)."""
+        round trip (under a split backward the forward transfer alone); nothing between
+        chunks on one rank, where nothing is moved."""
         pb = self.pb
-        if not pb.split_backward:
-            return 2 * pb.comm_ms[e]
-        return pb.comm_ms[e] if pb.rank_of(chunk) != pb.rank_of(chunk + 1) else 0.0
+        if pb.rank_of(chunk) == pb.rank_of(chunk + 1):
+            return 0.0
+        return pb.comm_ms[e] if pb.split_backward else 2 * pb.comm_ms[e]
