@@ -84,7 +84,9 @@ class PipelineStrategy(ModelParallelStrategy):
     Args:
         partition: unit names per pipeline stage, in chain order, or "auto": the
             partitioner's plan (`trainers.parallel.auto`), made at setup for this replica's
-            loader batch size, FSDP2's sharding over dp and `partition_device`.
+            loader batch size, FSDP2's sharding over dp, `partition_device` and the
+            schedule as torch runs it (its order and stage placement, 2 stages a rank
+            where it takes several).
         partition_device: for "auto", the GPU to cost for, a name of
             `trainers.partition.hardware.GPUS`, or "measured" (this machine timed, the
             slowest rank's rates); None: the named spec of the device this process runs on.
