@@ -1,10 +1,10 @@
 """Pipeline schedule simulator: GPipe, 1F1B and interleaved 1F1B; and (``simulate_order``)
-any per-rank order of forwards, input- and weight-gradient backwards, as torch's
-split-backward schedule classes run them (``torch_order``).
+any per-rank order of forwards, whole backwards and input- and weight-gradient backwards, as
+torch's schedule classes run them (``torch_order``: looped BFS and the split-backward ones).
 
 The chain is cut into ``num_ranks * virtual_stages`` chunks; chunk ``k`` lives on rank
 ``k % num_ranks`` (round robin, as in Megatron's interleaved schedule), or, under the
-V-shaped schedules, where torch's order puts it (``stage_ranks``). Each rank runs
+schedules torch orders, where its order puts it (``stage_ranks``: a V for ``V_SHAPED``). Each rank runs
 its operations in the fixed order of the schedule; an operation starts when its rank is
 free and its input has arrived (forward: the previous chunk's forward plus the boundary
 transfer; backward: the next chunk's backward plus the transfer). Transfers overlap
@@ -48,7 +48,7 @@ class ScheduleSpec:
     name: one of ``SCHEDULES``, or of ``TORCH_CLASSES`` (simulated in torch's own order).
     num_microbatches: micro-batches per step (``m``).
     virtual_stages: chunks per rank (``v``); >= 2 for ``interleaved_1f1b``, 2 for the
-        V-shaped ones, any for ``interleaved_zero_bubble``, else 1.
+        V-shaped ones, any for ``interleaved_zero_bubble`` and ``looped_bfs``, else 1.
     """
 
     name: str = "1f1b"
@@ -266,8 +266,8 @@ def inflight_microbatches(spec: ScheduleSpec, num_ranks: int, rank: int) -> int:
 
 def stage_ranks(spec: ScheduleSpec, num_ranks: int) -> tuple[int, ...]:
     """The rank holding each of the ``num_ranks * virtual_stages`` chunks: where torch's
-    order runs it for the split-backward schedules (a V for ``V_SHAPED``), else round
-    robin (``k % num_ranks``)."""
+    order runs it for ``TORCH_CLASSES`` (a V for ``V_SHAPED``), else round robin
+    (``k % num_ranks``)."""
     chunks = num_ranks * spec.virtual_stages
     if not spec.torch_ordered:
         return tuple(k % num_ranks for k in range(chunks))
