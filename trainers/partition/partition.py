@@ -358,7 +358,7 @@ def _stage(chain, chunk, rank, a, e, memory: MemoryModel) -> StagePlan:
                      sum(u.param_count for u in units),
                      sum(memory.static_bytes(u) for u in units), sum(u.act_bytes for u in units),
                      max((u.recompute_bytes for u in units), default=0.0),
-                     min(sum(u.weight_grad_ms for u in units), sum(u.bwd_ms for u in units)))
+                     sum(u.weight_grad_ms for u in units))
 
 
 def _ratio(values) -> float:
