@@ -220,6 +220,7 @@ def cmd_published(args) -> None:
         MPT_TABLES,
         NVIDIA_DGXC,
         NVIDIA_DGXC_CP,
+        OPEN_RECIPES,
         PUBLISHED_RUNS,
         TORCHTITAN_A100,
         compare,
@@ -252,7 +253,9 @@ def cmd_published(args) -> None:
              ("torchtitan_a100", TORCHTITAN_A100, "torchtitan FSDP2",
               "fifth set (PyTorch's torchtitan, FSDP2 on 64 A100 80GB)"),
              ("bigscience_bloom", BIGSCIENCE_BLOOM, "BLOOM 176B",
-              "sixth set (BLOOM 176B, Megatron-DeepSpeed on 384 A100 80GB)"))
+              "sixth set (BLOOM 176B, Megatron-DeepSpeed on 384 A100 80GB)"),
+             ("open_recipes", OPEN_RECIPES, "Megatron-LM / GPT-NeoX recipes",
+              "seventh set (Megatron-LM's GPT-3 175B example, GPT-NeoX-20B; A100)"))
     groups = [("published", rows), ("held_out", held_out), ("mpt_tables", tables)]
     labels = {"published": "calibration and checks (Megatron, DeepSpeed)",
               "held_out": "held out: MosaicML", "mpt_tables": "MosaicML's other rows"}

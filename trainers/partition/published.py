@@ -23,7 +23,8 @@ cost only after it gained trimmed first and last stages, ZeRO-2 reduce-scatterin
 micro-batch and memory per pipeline rank (no constant changed). ``NVIDIA_DGXC_CP`` (NVIDIA's
 Llama 3.1 recipes, context parallel) is a fourth, after the planner gained context
 parallelism, ``TORCHTITAN_A100`` (PyTorch's torchtitan, FSDP2 on A100) a fifth and
-``BIGSCIENCE_BLOOM`` (BLOOM 176B, Megatron-DeepSpeed on A100) a sixth.
+``BIGSCIENCE_BLOOM`` (BLOOM 176B, Megatron-DeepSpeed on A100) a sixth and ``OPEN_RECIPES``
+(Megatron-LM's GPT-3 175B example and EleutherAI's GPT-NeoX-20B, both on A100) a seventh.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ MOSAICML = ("MosaicML 2023, llm-foundry MPT training benchmarks (github.com/mosa
 BLOOM = ("BigScience 2022, BLOOM 176B training (github.com/bigscience-workshop/bigscience, "
          "train/tr11-176B-ml/tr11-176B-ml.slurm @003b25057 and README.md @00327f8: the log "
          "line of iteration 85376)")
+
+MEGATRON_README = ("NVIDIA, Megatron-LM (github.com/NVIDIA/Megatron-LM), README.md 'GPT-3 "
+                   "Example' and examples/pretrain_gpt3_175B.sh")
+NEOX = ("Black et al. 2022, GPT-NeoX-20B: An Open-Source Autoregressive Language Model "
+        "(arXiv:2204.06745), sec. 3; layout from github.com/EleutherAI/gpt-neox "
+        "configs/20B.yml")
 
 
 @dataclass(frozen=True)
@@ -555,6 +562,54 @@ def bloom_runs() -> list[PublishedRun]:
                          _BLOOM_ASSUMED)]
 
 
+# Megatron-LM's README, "GPT-3 Example": examples/pretrain_gpt3_175B.sh trains GPT-3 175B
+# (96 x 12288, 96 heads, sequence 2048) on 128 nodes with TP 8, PP 16 (DP 8), micro-batch
+# 1, global batch 1536, fp16, --checkpoint-activations and no virtual pipeline stages
+# (Megatron's plain 1F1B); "each iteration takes around 32 seconds resulting in 138
+# teraFLOPs per GPU" (eq. 3 gives 31.9 s at 138). The GPUs are "A100"; the 80 GB DGX A100
+# of Selene is assumed, as in Narayanan et al.
+_MEGATRON_README_ASSUMED = ("Selene's DGX A100 80 GB nodes (8 x 200 Gb/s HDR); Megatron's "
+                            "defaults of 2020-21: dropout 0.1, fused softmax, fp32 "
+                            "gradient all-reduce after the backward, no ZeRO, no sequence "
+                            "parallelism")
+# EleutherAI's GPT-NeoX-20B (Black et al. 2022): 12 nodes of 8 A100-SXM4-40GB, four
+# ConnectX-6 InfiniBand adapters a node (sec. 3). configs/20B.yml, "as it was trained on
+# 96x 40GB A100": 44 x 6144, 64 heads, sequence 2048, TP 2, PP 4 (DP 12), micro-batch 4,
+# 32 accumulated (global batch 1536; the paper's "1538 contexts" rounds 3.15M tokens), every
+# layer recomputed, ZeRO-1, fp16, no dropout, untied embeddings, vocabulary padded to 50432
+# (to a multiple of 128 x TP), GeLU MLP of 4h, fused softmax (PyTorch 1.10, 2022: no
+# FlashAttention). The paper: 117 TFLOP/s per GPU, "achieved and maintained", without its
+# FLOP count. The step is eq. 3's count at that rate, fixed before the row was predicted;
+# gpt-neox's logger counts with eq. 3 only since September 2023 (PR #1044), and the count
+# it logged in 2022 (an attention term with a constant 60, issue #981) is not checked here
+# (README: "A seventh held-out set").
+_NEOX_ASSUMED = ("HDR 200 Gb/s per adapter (800 Gb/s a node); NVSwitch inside the node "
+                 "(HGX A100 board); DeepSpeed's pipeline: 1F1B, gradients reduced after "
+                 "the last micro-batch, no tensor-parallel overlap; the GPT-J parallel "
+                 "residual costed as the sequential layer (2 tensor-parallel all-reduces "
+                 "a forward where the run does 1); rotary on a quarter of the head costed "
+                 "as learned positions; the config's synchronize-each-layer not costed")
+
+
+def open_recipe_runs() -> list[PublishedRun]:
+    """Megatron-LM's GPT-3 175B example on 1024 A100 and GPT-NeoX-20B on 96 A100 40GB."""
+    gpt3 = _gpt(96, 12288, 96)
+    gpt3_layout = TrainLayout(tp=8, pp=16, global_batch=1536, microbatch=1, schedule="1f1b",
+                              recompute="full")
+    neox = GPTShape(num_layers=44, hidden=6144, num_heads=64, seq_len=2048, vocab=50432,
+                    flash_attention=False, dropout=False, tied_embeddings=False)
+    neox_layout = TrainLayout(tp=2, pp=4, global_batch=1536, microbatch=4, schedule="1f1b",
+                              recompute="full", zero=1)
+    neox_step = megatron_flops(neox, 1536) / (96 * 117e12)
+    return [PublishedRun("GPT-3 175B, 1024 A100 (Megatron-LM README)", MEGATRON_README,
+                         gpt3, _selene(1024), gpt3_layout, 32.0,
+                         "'each iteration takes around 32 seconds'", _MEGATRON_README_ASSUMED),
+            PublishedRun("GPT-NeoX-20B, 96 A100 40GB", NEOX, neox,
+                         Cluster(gpu=GPUS["a100-40gb"], num_nodes=12, inter_node_gbps=800.0),
+                         neox_layout, neox_step, "eq. 3 FLOPs / (96 x 117 TFLOP/s)",
+                         _NEOX_ASSUMED)]
+
+
 CALIBRATION = _narayanan_table1()
 CHECKS = _narayanan_table2() + _korthikanti() + _mt_nlg() + _narayanan_zero3()
 PUBLISHED_RUNS = CALIBRATION + CHECKS
@@ -572,6 +627,8 @@ NVIDIA_DGXC_CP = dgxc_cp_runs()
 TORCHTITAN_A100 = torchtitan_runs()
 # A sixth: BLOOM 176B, Megatron-DeepSpeed (1 run).
 BIGSCIENCE_BLOOM = bloom_runs()
+# A seventh: two open recipes with a published rate, Megatron-LM's and GPT-NeoX's (2 runs).
+OPEN_RECIPES = open_recipe_runs()
 
 
 def compare(run: PublishedRun, *, rank: bool = True) -> dict:
