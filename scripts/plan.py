@@ -36,13 +36,13 @@ from trainers.partition.gpt import (
     TrainLayout,
     estimate_step,
     rank_layouts,
+    runtime_trains,
 )
 from trainers.partition.hardware import FLASH_KERNELS, GPUS, Cluster, gpu_spec
 from trainers.partition.partition import PartitionConfig, plan_partition
 from trainers.partition.plan_io import write_json
 from trainers.partition.report import format_partition, format_step, format_steps, step_dict
 from trainers.partition.schedule import TORCH_CLASSES, ScheduleSpec
-from trainers.partition.schedule import TORCH_ORDERED as SPLIT_BACKWARD
 from trainers.partition.source_case import format_source_case, source_case
 from trainers.partition.trace import Profile
 from trainers.partition.units import chain_from_profile
@@ -156,7 +156,7 @@ def cmd_estimate(args) -> None:
         if args.recompute not in RUNTIME_RECOMPUTE:
             raise ValueError(f"--runtime with --recompute {args.recompute}: the runtime "
                              "checkpoints whole blocks; valid with --runtime: none, full")
-        if args.recompute != "none" and args.schedule in SPLIT_BACKWARD:
+        if not runtime_trains(args.schedule, args.recompute):
             raise ValueError(f"--runtime with --recompute {args.recompute} and --schedule "
                              f"{args.schedule}: the runtime does not checkpoint under the "
                              "split-backward schedules; valid with it: --recompute none")

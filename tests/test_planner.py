@@ -1381,18 +1381,54 @@ def test_split_backward_schedules_in_the_step_by_hand():
             4 * act * _in_flight(layout, 4, r) + (logits if r == head else 0) for r in (0, 1)))
 
 
+def test_looped_bfs_in_the_step_by_hand():
+    """Looped BFS (torch's ScheduleLoopedBFS), pp = 2, 2 stages a rank, 4 micro-batches: every
+    micro-batch through a rank's first chunk, then through its second, then the backwards in
+    reverse, whole. With every stage at half the busiest rank's forward and backward the
+    order's step is the interleaved closed form, (m + (p - 1) / v) micro-batches of the
+    busiest rank, 4.5 here; but each rank holds all m micro-batches of both its chunks at
+    its peak: GPipe's activations, not interleaved 1F1B's."""
+    from trainers.partition.gpt import _in_flight
+    from trainers.partition.schedule import peak_held, torch_order
+
+    shape = GPTShape(num_layers=8, hidden=1024, num_heads=16, seq_len=512, vocab=32000,
+                     dropout=False, tied_embeddings=False)
+    cluster = Cluster(gpu=GPUS["h100-80gb"], num_nodes=1, gpus_per_node=2)
+    orders = torch_order("looped_bfs", 2, 4, 2)
+    assert [kind for kind, _, _ in orders[0]] == ["F"] * 8 + ["B"] * 8
+    assert [s for _, s, _ in orders[0]] == [0] * 4 + [2] * 4 + [2] * 4 + [0] * 4
+    assert [peak_held(o) for o in orders] == [8, 8]
+    step = {}
+    for name in ("looped_bfs", "interleaved_1f1b", "gpipe"):
+        v = 1 if name == "gpipe" else 2
+        layout = TrainLayout(pp=2, global_batch=4, schedule=name, virtual_stages=v)
+        step[name] = estimate_step(shape, cluster, layout)
+        if name == "looped_bfs":
+            assert [_in_flight(layout, 4, r) for r in (0, 1)] == [4, 4]
+    loop, inter, gpipe = step["looped_bfs"], step["interleaved_1f1b"], step["gpipe"]
+    per_micro = sum(inter.time_s[k] for k in ("compute", "tp_comm", "pp_p2p")) / 4
+    assert inter.time_s["bubble"] == pytest.approx(per_micro * (2 - 1) / 2)
+    assert loop.time_s["bubble"] == pytest.approx(inter.time_s["bubble"], rel=1e-9)
+    assert loop.memory_bytes["activations"] == pytest.approx(gpipe.memory_bytes["activations"])
+    assert loop.memory_bytes["activations"] > inter.memory_bytes["activations"]
+
+
 @pytest.mark.parametrize("flags, message", [
     ({"schedule": "zbv_zero_bubble", "virtual_stages": 4},
      r"--virtual-stages 4 with --schedule zbv_zero_bubble: valid: 2 \(a V of two stages"),
     ({"schedule": "interleaved_zero_bubble"},
      (r"--virtual-stages 1 with --schedule interleaved_zero_bubble: interleaved_1f1b, "
-      r"interleaved_zero_bubble, zbv_zero_bubble(, dualpipev)? need >= 2")),
+      r"interleaved_zero_bubble, zbv_zero_bubble(, dualpipev)?, looped_bfs need >= 2")),
     ({"schedule": "interleaved_zero_bubble", "virtual_stages": 2, "global_batch": 9},
      (r"--schedule interleaved_zero_bubble with --pp 4, --virtual-stages 2 and 9 "
       r"micro-batches \(global batch / \(dp x microbatch\)\): .*torch refuses it")),
     ({"schedule": "zbv_zero_bubble", "virtual_stages": 2, "first_stage_layers": 1,
       "last_stage_layers": 1},
      (r"--first-stage-layers / --last-stage-layers with --schedule zbv_zero_bubble: valid "
+      r"with equal stages only")),
+    ({"schedule": "looped_bfs", "virtual_stages": 2, "first_stage_layers": 1,
+      "last_stage_layers": 1},
+     (r"--first-stage-layers / --last-stage-layers with --schedule looped_bfs: valid "
       r"with equal stages only")),
 ])
 def test_bad_split_backward_layouts_name_the_flag(flags, message):
@@ -1428,3 +1464,6 @@ def test_estimate_and_layouts_cli_take_the_split_backward_schedules(capsys):
     main(["layouts", *SHAPE_FLAGS, "--nodes", "1", "--gpus-per-node", "2", "--global-batch",
           "8", "--schedules", "zbv_zero_bubble", "--top", "50"])
     assert "zbv_zero_bubble v=2" in capsys.readouterr().out
+    main(["layouts", *SHAPE_FLAGS, "--nodes", "1", "--gpus-per-node", "2", "--global-batch",
+          "8", "--schedules", "looped_bfs", "--runtime", "--top", "50"])
+    assert "looped_bfs v=2 recompute=full" in capsys.readouterr().out  # runtime checkpoints it

@@ -22,9 +22,10 @@ mesh (trainers/parallel/mesh.py: tp fastest, dp slowest). The pieces:
   logits on the last) plus its point-to-point sends (1/tp of the activation from each
   tensor rank, forward and backward, once per chunk), on the network when neighbouring
   stages sit in different nodes. GPipe has the same bubble and holds all m micro-batches.
-  The split-backward schedules (``TORCH_ORDERED``: the runtime's zero-bubble ones) replace
-  the closed form by torch's own order simulated at the busiest rank's forward, input- and
-  weight-gradient times (``_order_factor``).
+  The schedules torch orders itself (``TORCH_CLASSES``: looped BFS and the runtime's
+  split-backward zero-bubble ones, ``TORCH_ORDERED``) replace the closed form by torch's
+  own order simulated at the busiest rank's forward, input- and weight-gradient times
+  (``_order_factor``; looped BFS runs whole backwards).
 * Data parallelism: gradient all-reduce (ZeRO 0), reduce-scatter + all-gather once a step
   (ZeRO 1), the gradient reduce-scattered every micro-batch (its shard is all it keeps)
   and the parameters all-gathered once a step (ZeRO 2), or, every micro-batch, each
@@ -62,6 +63,7 @@ from trainers.partition.hardware import (
     ring_seconds,
 )
 from trainers.partition.schedule import (
+    TORCH_CLASSES,
     TORCH_ORDERED,
     V_SHAPED,
     peak_held,
@@ -76,20 +78,29 @@ RECOMPUTE = ("none", "selective", "ops", "full")
 # Megatron / DeepSpeed layouts of the ranking do not run.
 RANKED_RECOMPUTE = ("none", "selective", "full")
 # The schedules the ranking offers unless asked for others (``candidate_layouts``): those of
-# Megatron and DeepSpeed, whose runs the model is checked against. The split-backward ones
-# (``TORCH_ORDERED``) are costed when named, in torch's order.
+# Megatron and DeepSpeed, whose runs the model is checked against. Looped BFS and the
+# split-backward ones (``TORCH_CLASSES``) are costed when named, in torch's order.
 RANKED_SCHEDULES = ("1f1b", "interleaved_1f1b")
 # What this project's runtime checkpoints: whole blocks or none.
 RUNTIME_RECOMPUTE = ("none", "full")
+
+
+def runtime_trains(schedule: str, recompute: str) -> bool:
+    """Whether this project's runtime trains ``recompute`` under ``schedule``: whole blocks
+    or none (``RUNTIME_RECOMPUTE``), and none under the split-backward schedules
+    (``TORCH_ORDERED``), which it does not checkpoint (``trainers.parallel.checkpointing``)."""
+    return recompute in RUNTIME_RECOMPUTE and (recompute == "none"
+                                               or schedule not in TORCH_ORDERED)
+
 # "ops" keeps the fused attention kernel's output, so it needs one.
 OPS_NEEDS_FLASH = ("--recompute ops keeps the fused attention kernel's output; valid with "
                    "--attention materialized: --recompute none, selective, full")
 # The matmuls whose tensor-parallel split is of their input (row-parallel); the rest split
 # their output (``GPTShape.ops_matmuls``).
 ROW_PARALLEL_MATMULS = ("out", "down")
-PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", *TORCH_ORDERED)
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", *TORCH_CLASSES)
 # Schedules with more than one chunk per rank (--virtual-stages); the V ones take exactly 2
-MULTI_CHUNK_SCHEDULES = ("interleaved_1f1b", *TORCH_ORDERED)
+MULTI_CHUNK_SCHEDULES = ("interleaved_1f1b", *TORCH_CLASSES)
 # Bytes per parameter under bf16 mixed precision with Adam (Rajbhandari et al. 2020, ZeRO,
 # section 3.1: 2 + 2 + K with K = 12: fp32 master, momentum, variance).
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
@@ -365,7 +376,7 @@ class TrainLayout:
             raise ValueError(f"--virtual-stages {self.virtual_stages} with --schedule "
                              f"{self.schedule}: {', '.join(MULTI_CHUNK_SCHEDULES)} need >= 2, "
                              "the others 1")
-        if self.schedule in TORCH_ORDERED and self.uneven_stages:
+        if self.schedule in TORCH_CLASSES and self.uneven_stages:
             raise ValueError(f"--first-stage-layers / --last-stage-layers with --schedule "
                              f"{self.schedule}: valid with equal stages only")
         if self.schedule in V_SHAPED and self.virtual_stages != 2:
@@ -544,7 +555,7 @@ def check_layout(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> int:
                          f"x --microbatch {layout.microbatch} = {per_step}; use a multiple "
                          f"of {per_step}")
     m = layout.global_batch // per_step
-    if layout.schedule in TORCH_ORDERED:
+    if layout.schedule in TORCH_CLASSES:
         try:
             torch_order(layout.schedule, pp, m, layout.virtual_stages)
         except ValueError as err:
@@ -761,7 +772,7 @@ def _in_flight(layout: TrainLayout, m: int, rank: int = 0) -> float:
     p, v = layout.pp, layout.virtual_stages
     if layout.schedule == "gpipe":
         return m
-    if layout.schedule in TORCH_ORDERED:  # the stage-micro-batches torch's order holds
+    if layout.schedule in TORCH_CLASSES:  # the stage-micro-batches torch's order holds
         return peak_held(torch_order(layout.schedule, p, m, v)[rank]) / v
     if v > 1:
         # Korthikanti et al. 2022, section 4.2.3: the first rank p x (1 + (p - 1) / (p v));
@@ -780,7 +791,7 @@ def memory_per_gpu(shape: GPTShape, layout: TrainLayout, dp: int, m: int) -> dic
     they are: the fullest of them where the first stage is trimmed) and the last (the
     logits)."""
     ranks = sorted({0, min(1, layout.pp - 1), layout.pp - 1})
-    if layout.schedule in TORCH_ORDERED:  # in-flight counts differ rank by rank
+    if layout.schedule in TORCH_CLASSES:  # in-flight counts differ rank by rank
         ranks = range(layout.pp)
     return max((_rank_memory(shape, layout, dp, m, r) for r in ranks),
                key=lambda memory: sum(memory.values()))
@@ -995,7 +1006,7 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
     else:
         exposed_gathers = dpc.forward + dpc.backward
     per_micro = rank_compute + rank_comm + _p2p_seconds(shape, cluster, layout) + exposed_gathers
-    if layout.schedule in TORCH_ORDERED:
+    if layout.schedule in TORCH_CLASSES:
         pipeline = m * per_micro * _order_factor(shape, cluster, layout, m, layers, logits,
                                                  rank_compute)
     else:
@@ -1026,12 +1037,13 @@ def estimate_step(shape: GPTShape, cluster: Cluster, layout: TrainLayout) -> Ste
 
 def _order_factor(shape: GPTShape, cluster: Cluster, layout: TrainLayout, m: int, layers: int,
                   logits: bool, rank_compute: float) -> float:
-    """A split-backward schedule's step over its busiest rank's work (``TORCH_ORDERED``):
+    """A torch-ordered schedule's step over its busiest rank's work (``TORCH_CLASSES``):
     torch's order simulated with every stage at that rank's forward, input-gradient and
-    weight-gradient shares. The weight gradients are the GEMMs' second backward product, as
-    long as their forward (the logits' too on the rank holding them); the input gradients
-    the rest of the backward: the other GEMM product, attention's and the elementwise
-    kernels' backward, and any recomputation."""
+    weight-gradient shares, or their sum, a whole backward, where the order does not split
+    it (looped BFS). The weight gradients are the GEMMs' second backward product, as long as
+    their forward (the logits' too on the rank holding them); the input gradients the rest
+    of the backward: the other GEMM product, attention's and the elementwise kernels'
+    backward, and any recomputation."""
     p, v = layout.pp, layout.virtual_stages
     forward = _forward_seconds(shape, cluster, layout, layers, logits)
     weight = layers * _layer_forward_s(shape, cluster, layout)["gemm"]
@@ -1132,8 +1144,8 @@ def _with_cp_and_tp(shape, cluster, global_batch, tp, cp, *, runtime, recompute,
             m = global_batch // (dp * mb)
             for schedule, v in _schedules(per_stage, pp, m, schedules, first is not None):
                 for rc in recompute:
-                    if runtime and rc != "none" and schedule in TORCH_ORDERED:
-                        continue  # the runtime does not checkpoint under these
+                    if runtime and not runtime_trains(schedule, rc):
+                        continue
                     for z in ((3 if dp > 1 else 0,) if runtime else zero):
                         if z and dp * cp == 1:
                             continue
@@ -1184,7 +1196,7 @@ def _schedules(per_stage: int, pp: int, m: int, schedules=RANKED_SCHEDULES,
             for v in range(2, per_stage + 1):  # down to one layer per model chunk
                 if per_stage % v == 0:
                     yield "interleaved_1f1b", v
-    for name in () if trimmed else (s for s in TORCH_ORDERED if s in schedules):
+    for name in () if trimmed else (s for s in TORCH_CLASSES if s in schedules):
         for v in (2,) if name in V_SHAPED else range(2, per_stage + 1):
             if per_stage % v == 0 and _torch_takes(name, pp, m, v):
                 yield name, v
